@@ -1,0 +1,228 @@
+"""The daemon: start-up order, the signal/SHUTDOWN path, and teardown in reverse.
+
+Start-up: pid-file lock -> state (SQLite) -> bus -> observers -> socket (accepting, so
+HEALTH_CHECK answers at once) -> LiteLLM import and warm-up in the background (SPAWN
+waits for it; nothing else does).
+
+Shutdown (SIGTERM, SIGINT or SHUTDOWN take the same path): stop accepting -> let running
+turns finish within ``shutdown_grace_s``, then cancel them (which kills their process
+groups) -> stop warm CLI processes -> stop observers -> close connections -> close the
+store -> remove the socket and pid file. A second signal skips the grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from daemon import __version__, logs
+from daemon.bus import EventBus
+from daemon.commands import build_registry
+from daemon.observers import ObserverHost
+from daemon.protocol import iso_from_epoch
+from daemon.server import Server
+from daemon.settings import Settings
+from daemon.spawner import Spawner
+from daemon.state import StateManager
+from daemon.store import Store
+
+log = structlog.get_logger("ksi.daemon")
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+        self.store = Store(settings.state_path / "ksi.sqlite3")
+        self.state = StateManager(self.store)
+        self.bus = EventBus(self.store, history_size=settings.event_history)
+        self.registry = build_registry()
+        self.server = Server(self)
+        self.spawner = Spawner(self)
+        self.observers = ObserverHost(self)
+        self.stopping = False
+        self._shutdown: asyncio.Event | None = None
+        self._force = False
+        self._pid_fd: int | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._shutdown = asyncio.Event()
+        self._acquire_pidfile()
+        try:
+            await self.store.open()
+            await self.state.load()
+            await self.bus.load()
+            await self.observers.start()
+            self._install_signals()
+            await self.server.start()
+            log.info("daemon.ready", socket=str(self.server.path), pid=os.getpid(),
+                     version=__version__, startup_ms=round((time.time() - self.started_at)
+                                                           * 1000, 1))
+            self.spawner.start()
+            await self._shutdown.wait()
+            await self._teardown()
+        finally:
+            self._release_pidfile()
+        log.info("daemon.stopped")
+        return 0
+
+    def request_shutdown(self, reason: str) -> None:
+        if self._shutdown is None:
+            return
+        if self._shutdown.is_set():
+            self._force = True
+            self.spawner.force_stop()
+            return
+        log.info("daemon.shutting_down", reason=reason)
+        self.stopping = True
+        self._shutdown.set()
+
+    async def _teardown(self) -> None:
+        await self.server.stop_accepting()
+        grace = 0.0 if self._force else self.settings.shutdown_grace_s
+        await self.spawner.shutdown(grace)
+        await self.observers.stop()
+        await self.server.close_all()
+        await self.store.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.server.path.unlink()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown, signal.Signals(sig).name)
+
+    # -- pid file ---------------------------------------------------------------------------
+
+    def _acquire_pidfile(self) -> None:
+        """Hold an exclusive lock on the pid file for the daemon's whole life.
+
+        The lock, not the file's existence, says whether a daemon runs: a crashed daemon's
+        lock is released by the kernel, so its leftovers are stale and safe to remove.
+        """
+        pid_path = self.settings.pid_path
+        pid_path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(pid_path.parent, 0o700)
+        fd = os.open(pid_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            healthy = probe_health(self.settings.socket_path)
+            state = "is running and healthy" if healthy else "holds the lock but does not answer"
+            raise AlreadyRunning(
+                f"another daemon (pid {other}) {state} on {self.settings.socket_path}"
+            ) from None
+        sock = self.settings.socket_path
+        if sock.exists() or sock.is_symlink():
+            log.warning("daemon.stale_socket_removed", socket=str(sock))
+            sock.unlink()
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._pid_fd = fd
+
+    def _release_pidfile(self) -> None:
+        if self._pid_fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.settings.pid_path.unlink()
+        os.close(self._pid_fd)
+        self._pid_fd = None
+
+    # -- health ---------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        sp = self.spawner
+        return {
+            "status": "shutting_down" if self.stopping else "healthy",
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": iso_from_epoch(self.started_at),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "socket": str(self.server.path),
+            "counts": {
+                "connections": len(self.server.connections),
+                "subscribers": len(self.bus.subscribers),
+                "observers": len(self.observers.running),
+                "agents": len(self.state.agents),
+                "sessions": len(self.state.sessions),
+                "shared_keys": len(self.state.shared),
+                "processes_running": sp.running_count,
+                "processes_queued": len(sp.queue),
+                "events_published": self.bus.published,
+                "last_seq": self.bus.seq,
+            },
+            "litellm": sp.litellm_status(),
+            "claude": sp.claude_status(),
+            "warm": sp.warm_status(),
+        }
+
+
+def probe_health(path: Path, timeout: float = 1.0) -> bool:
+    """True if a daemon answers HEALTH_CHECK on ``path`` (blocking; used before start-up)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(b'{"command":"HEALTH_CHECK"}\n')
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return bool(orjson.loads(data).get("status") == "success")
+    except (OSError, ValueError):
+        return False
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    ap = argparse.ArgumentParser(prog="daemon.py", description="KSI daemon: runs the Claude "
+                                 "Code CLI for local programs over a Unix socket.")
+    ap.add_argument("--socket", help="socket path (env KSI_SOCKET)")
+    ap.add_argument("--state-dir", help="SQLite state directory (env KSI_STATE_DIR)")
+    ap.add_argument("--log-dir", help="JSONL turn logs (env KSI_LOG_DIR)")
+    ap.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                    help="env KSI_LOG_LEVEL")
+    ap.add_argument("--log-format", choices=["auto", "json", "console"])
+    ap.add_argument("--claude-bin", help="Claude CLI executable (env KSI_CLAUDE_BIN)")
+    ap.add_argument("--default-model", help="model for SPAWN without one (env KSI_DEFAULT_MODEL)")
+    ap.add_argument("--max-concurrency", type=int, help="concurrent CLI runs (default 4)")
+    ap.add_argument("--observer", action="append", dest="observers",
+                    help="observer plugin 'module:factory' (repeatable; env KSI_OBSERVERS)")
+    ap.add_argument("--warm-default", action=argparse.BooleanOptionalAction,
+                    help="SPAWN uses a warm CLI process unless told otherwise")
+    ap.add_argument("--warm-pool-size", type=int, help="pre-warmed CLI processes to keep")
+    args = ap.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        return asyncio.run(Daemon(settings).run())
+    except AlreadyRunning as exc:
+        log.error("daemon.already_running", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,236 @@
+"""The message bus: every event gets a monotonic ``seq``, is kept in a bounded history
+(persisted, so ``GET_EVENTS`` survives a restart) and is fanned out to subscribers.
+
+Publishing never waits: each subscriber has its own bounded inbox, and a full inbox is the
+subscriber's problem, not the publisher's. Socket subscribers are told and disconnected
+(``policy="disconnect"``: they can catch up with ``GET_EVENTS since_seq``); observers lose
+the overflowing events and the loss is counted and logged (``policy="drop"``).
+
+An event is encoded to its wire line once, however many subscribers receive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+import structlog
+
+from daemon.protocol import encode_event, utc_now_iso
+from daemon.store import Store
+
+log = structlog.get_logger("ksi.bus")
+
+OverflowPolicy = Literal["disconnect", "drop"]
+
+
+@dataclass(slots=True)
+class Event:
+    seq: int
+    event_type: str
+    data: dict[str, Any]
+    timestamp: str
+    from_agent: str | None = None
+    to_agent: str | None = None
+    wire: bytes = b""
+    delivered: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"event": self.event_type, "data": self.data, "seq": self.seq,
+                               "timestamp": self.timestamp}
+        if self.from_agent is not None:
+            out["from_agent"] = self.from_agent
+        if self.to_agent is not None:
+            out["to_agent"] = self.to_agent
+        return out
+
+
+class Patterns:
+    """A set of event-type patterns: exact names, or globs such as ``PROCESS_*`` and ``*``."""
+
+    def __init__(self, patterns: Iterable[str] = ()) -> None:
+        self.items: set[str] = set()
+        self._exact: set[str] = set()
+        self._regex: re.Pattern[str] | None = None
+        self.update(add=patterns)
+
+    def update(self, *, add: Iterable[str] = (), remove: Iterable[str] = ()) -> None:
+        self.items.update(add)
+        self.items.difference_update(remove)
+        self._exact = {p for p in self.items if not _is_glob(p)}
+        globs = [fnmatch.translate(p) for p in self.items if _is_glob(p)]
+        self._regex = re.compile("|".join(globs)) if globs else None
+
+    def match(self, event_type: str) -> bool:
+        if event_type in self._exact:
+            return True
+        return self._regex is not None and self._regex.match(event_type) is not None
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+class Subscriber:
+    """A bounded inbox of the events that match its patterns."""
+
+    def __init__(
+        self,
+        name: str,
+        patterns: Iterable[str] = (),
+        *,
+        maxsize: int,
+        agent_id: str | None = None,
+        policy: OverflowPolicy = "disconnect",
+        sees_directed: bool = False,
+    ) -> None:
+        self.name = name
+        self.patterns = Patterns(patterns)
+        self.maxsize = maxsize
+        self.agent_id = agent_id
+        self.policy = policy
+        # Observers see directed events too; socket subscribers only those sent to them.
+        self.sees_directed = sees_directed
+        self.inbox: deque[Event] = deque()
+        self.dropped = False  # disconnected for being too slow
+        self.lost = 0  # events lost under policy "drop"
+        self.last_seq = 0  # last seq handed to the consumer
+        self._wakeup = asyncio.Event()
+
+    def wants(self, event: Event) -> bool:
+        if event.to_agent is not None and not self.sees_directed and (
+            self.agent_id != event.to_agent
+        ):
+            return False
+        return self.patterns.match(event.event_type)
+
+    def offer(self, event: Event) -> bool:
+        """Queue an event; False if the inbox is full (the bus then applies the policy)."""
+        if len(self.inbox) >= self.maxsize:
+            return False
+        self.inbox.append(event)
+        self._wakeup.set()
+        return True
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def next_batch(self) -> list[Event]:
+        """Wait for events and take all that are queued (empty once dropped)."""
+        while not self.inbox and not self.dropped:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        batch = list(self.inbox)
+        self.inbox.clear()
+        if batch:
+            self.last_seq = batch[-1].seq
+        return batch
+
+
+class EventBus:
+    PRUNE_EVERY = 1000
+
+    def __init__(self, store: Store | None, *, history_size: int) -> None:
+        self.store = store
+        self.history: deque[Event] = deque(maxlen=history_size)
+        self.subscribers: set[Subscriber] = set()
+        self.seq = 0
+        self.published = 0
+        self._since_prune = 0
+
+    async def load(self) -> None:
+        """Restore the history and the seq counter from the store."""
+        if self.store is None:
+            return
+        rows = await self.store.query(
+            "SELECT seq, event_type, timestamp, from_agent, to_agent, data FROM events "
+            "ORDER BY seq DESC LIMIT ?",
+            (self.history.maxlen,),
+        )
+        for row in reversed(rows):
+            data = orjson.loads(row["data"])
+            ev = Event(row["seq"], row["event_type"], data, row["timestamp"],
+                       row["from_agent"], row["to_agent"])
+            ev.wire = encode_event(ev.event_type, data, ev.seq, ev.timestamp)
+            self.history.append(ev)
+        max_rows = await self.store.query("SELECT MAX(seq) AS m FROM events")
+        self.seq = max_rows[0]["m"] or 0
+
+    def add(self, sub: Subscriber) -> None:
+        self.subscribers.add(sub)
+
+    def remove(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+
+    def publish(
+        self,
+        event_type: str,
+        data: dict[str, Any],
+        *,
+        from_agent: str | None = None,
+        to_agent: str | None = None,
+    ) -> Event:
+        self.seq += 1
+        ts = utc_now_iso()
+        ev = Event(self.seq, event_type, data, ts, from_agent, to_agent,
+                   encode_event(event_type, data, self.seq, ts))
+        self.history.append(ev)
+        self.published += 1
+        self._persist(ev)
+        for sub in tuple(self.subscribers):
+            if sub.wants(ev):
+                if sub.offer(ev):
+                    ev.delivered += 1
+                else:
+                    self._overflow(sub, ev)
+        return ev
+
+    def _overflow(self, sub: Subscriber, ev: Event) -> None:
+        if sub.policy == "drop":
+            sub.lost += 1
+            if sub.lost == 1 or sub.lost % 1000 == 0:
+                log.warning("bus.events_lost", subscriber=sub.name, lost=sub.lost, seq=ev.seq)
+            return
+        log.warning("bus.subscriber_dropped", subscriber=sub.name, queued=len(sub.inbox),
+                    seq=ev.seq)
+        sub.dropped = True
+        self.remove(sub)
+        sub.wake()
+
+    def _persist(self, ev: Event) -> None:
+        if self.store is None:
+            return
+        self.store.write_nowait(
+            "INSERT INTO events(seq, event_type, timestamp, from_agent, to_agent, data) "
+            "VALUES(?,?,?,?,?,?)",
+            (ev.seq, ev.event_type, ev.timestamp, ev.from_agent, ev.to_agent,
+             orjson.dumps(ev.data)),
+        )
+        self._since_prune += 1
+        if self._since_prune >= self.PRUNE_EVERY:
+            self._since_prune = 0
+            assert self.history.maxlen is not None
+            self.store.write_nowait("DELETE FROM events WHERE seq <= ?",
+                                    (ev.seq - self.history.maxlen,))
+
+    def query(self, patterns: Iterable[str] | None, since_seq: int, limit: int) -> list[Event]:
+        """Recent history after ``since_seq``, oldest first, at most ``limit`` events."""
+        pat = Patterns(patterns) if patterns else None
+        out: list[Event] = []
+        for ev in reversed(self.history):
+            if ev.seq <= since_seq:
+                break
+            if pat is None or pat.match(ev.event_type):
+                out.append(ev)
+        out.reverse()
+        return out[-limit:] if since_seq == 0 else out[:limit]
+

@@ -1,0 +1,17 @@
+"""Every command the daemon understands, registered into one :class:`Registry`.
+
+One module per family; each handler's docstring is its ``GET_COMMANDS`` description.
+"""
+
+from __future__ import annotations
+
+from daemon.registry import Registry
+
+
+def build_registry() -> Registry:
+    from daemon.commands import agents, events, processes, shared, system
+
+    registry = Registry()
+    for module in (system, shared, agents, events, processes):
+        module.register(registry)
+    return registry

@@ -1,0 +1,131 @@
+"""The message bus over the socket: subscribe, publish, read the recent history."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from daemon.errors import InvalidParameters
+from daemon.registry import Context, Params, Registry, Result
+
+_PATTERN = re.compile(r"^[A-Za-z0-9_.:*?\[\]-]{1,128}$")
+_TYPE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+# Only the daemon announces these: a client must not be able to fake a finished turn.
+RESERVED_PREFIXES = ("PROCESS_", "SUBSCRIBER_", "SHARED_STATE_", "AGENT_REGISTERED",
+                     "AGENT_UNREGISTERED", "OBSERVER_")
+
+
+def _check_patterns(values: list[str]) -> list[str]:
+    for v in values:
+        if not _PATTERN.match(v):
+            raise ValueError(f"{v!r} is not an event type or glob pattern")
+    return values
+
+
+class SubscribeParams(Params):
+    event_types: list[str] = Field(min_length=1, description="names or globs, e.g. PROCESS_*")
+    agent_id: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @field_validator("event_types")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        return _check_patterns(v)
+
+
+class SubscribeResult(Result):
+    status: Literal["active"]
+    subscribed_to: list[str]
+    agent_id: str | None = None
+    last_seq: int = Field(description="seq of the newest event so far; later ones are pushed")
+
+
+class UnsubscribeParams(Params):
+    event_types: list[str] | None = Field(default=None, description="omit to drop all")
+
+
+class UnsubscribeResult(Result):
+    subscribed_to: list[str]
+
+
+class PublishParams(Params):
+    event_type: str = Field(min_length=1, max_length=128)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    from_agent: str | None = None
+    to_agent: str | None = Field(default=None, description="deliver only to this agent's "
+                                 "subscriptions (and to observers)")
+
+    @field_validator("event_type")
+    @classmethod
+    def _type(cls, v: str) -> str:
+        if not _TYPE.match(v):
+            raise ValueError("letters, digits and _ . : - only")
+        return v
+
+
+class PublishResult(Result):
+    status: Literal["published"]
+    event_type: str
+    seq: int
+    delivered_to: int
+
+
+class GetEventsParams(Params):
+    event_types: list[str] | None = None
+    since_seq: int = Field(default=0, ge=0)
+    limit: int = Field(default=100, ge=1, le=10_000)
+
+    @field_validator("event_types")
+    @classmethod
+    def _patterns(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else _check_patterns(v)
+
+
+class GetEventsResult(Result):
+    events: list[dict[str, Any]]
+    last_seq: int
+
+
+def register(r: Registry) -> None:
+    @r.command("SUBSCRIBE", params=SubscribeParams, result=SubscribeResult)
+    async def subscribe(ctx: Context, p: SubscribeParams) -> SubscribeResult:
+        """Receive matching events on this connection (which becomes persistent). Patterns
+        may be globs (``PROCESS_*``, ``*``). A subscriber that falls more than the queue
+        limit behind gets SUBSCRIBER_DROPPED and is disconnected."""
+        if ctx.conn is None:
+            raise InvalidParameters("SUBSCRIBE needs a socket connection; observers get all "
+                                    "events already")
+        sub = ctx.conn.subscribe(p.event_types, p.agent_id)
+        return SubscribeResult(status="active", subscribed_to=sorted(sub.patterns.items),
+                               agent_id=sub.agent_id, last_seq=ctx.daemon.bus.seq)
+
+    @r.command("UNSUBSCRIBE", params=UnsubscribeParams, result=UnsubscribeResult)
+    async def unsubscribe(ctx: Context, p: UnsubscribeParams) -> UnsubscribeResult:
+        """Stop receiving some (or, without ``event_types``, all) events."""
+        if ctx.conn is None:
+            raise InvalidParameters("UNSUBSCRIBE needs a socket connection")
+        return UnsubscribeResult(subscribed_to=ctx.conn.unsubscribe(p.event_types))
+
+    @r.command("PUBLISH", params=PublishParams, result=PublishResult)
+    async def publish(ctx: Context, p: PublishParams) -> PublishResult:
+        """Publish an event to every matching subscriber and observer."""
+        if p.event_type.startswith(RESERVED_PREFIXES):
+            raise InvalidParameters(
+                f"event type {p.event_type!r} is reserved for the daemon",
+                details={"reserved_prefixes": list(RESERVED_PREFIXES)},
+            )
+        from_agent = p.from_agent or (ctx.conn.agent_id if ctx.conn else None)
+        ev = ctx.daemon.bus.publish(p.event_type, p.payload, from_agent=from_agent,
+                                    to_agent=p.to_agent)
+        return PublishResult(status="published", event_type=ev.event_type, seq=ev.seq,
+                             delivered_to=ev.delivered)
+
+    @r.command("GET_EVENTS", params=GetEventsParams, result=GetEventsResult)
+    async def get_events(ctx: Context, p: GetEventsParams) -> GetEventsResult:
+        """Recent events (persisted across restarts), optionally filtered by type patterns
+        and newer than ``since_seq``. Without ``since_seq`` the newest ``limit`` are
+        returned; with it, the oldest ``limit`` after it (page forward with last_seq)."""
+        events = ctx.daemon.bus.query(p.event_types, p.since_seq, p.limit)
+        last = events[-1].seq if events else p.since_seq
+        return GetEventsResult(events=[e.to_dict() for e in events], last_seq=last)

@@ -1,0 +1,198 @@
+"""SPAWN and the commands that inspect and control turns and sessions."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from daemon.errors import NotFound
+from daemon.registry import Context, NoParams, Params, Registry, Result
+from daemon.spawner import SpawnRequest
+from daemon.state import ProcessInfo, SessionInfo
+
+PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan"]
+
+
+def _tool_list(value: Any) -> Any:
+    # KSI clients sometimes send "Bash,Read" instead of a list.
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()]
+    return value
+
+
+class SpawnParams(Params):
+    prompt: str = Field(min_length=1, description="sent to the CLI on stdin, never argv")
+    mode: Literal["sync", "async"] = "sync"
+    type: Literal["claude"] = Field(default="claude", description="KSI compatibility")
+    session_id: str | None = Field(default=None, description="resume this session")
+    model: str | None = Field(default=None, description="alias (sonnet, opus, haiku), a full "
+                              "model id, or 'claude-cli/<model>'; default from config")
+    agent_id: str | None = Field(default=None, min_length=1, max_length=256)
+    enable_tools: bool = True
+    allowed_tools: list[str] | None = None
+    disallowed_tools: list[str] | None = None
+    max_turns: int | None = Field(default=None, ge=1)
+    append_system_prompt: str | None = None
+    permission_mode: PermissionMode | None = None
+    cwd: str | None = Field(default=None, description="absolute directory; a session keeps "
+                            "the one it began in")
+    timeout_s: float | None = Field(default=None, gt=0)
+    client_request_id: str | None = Field(default=None, min_length=1, max_length=256,
+                                          description="the same id within the idempotency "
+                                          "window returns the same process")
+    warm: bool | None = Field(default=None, description="use a long-lived CLI process for "
+                              "this session (default from config)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @field_validator("session_id")
+    @classmethod
+    def _uuid(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                return str(uuid.UUID(v))
+            except ValueError:
+                raise ValueError("must be a session UUID as returned by SPAWN") from None
+        return v
+
+    @field_validator("cwd")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v.startswith("claude-cli/"):
+            v = v.removeprefix("claude-cli/")
+        if not v or "/" in v:
+            raise ValueError("the daemon runs the Claude CLI: use an alias such as 'sonnet', "
+                             "a model id, or 'claude-cli/<model>'")
+        return v
+
+    @field_validator("allowed_tools", "disallowed_tools", mode="before")
+    @classmethod
+    def _tools(cls, v: Any) -> Any:
+        return _tool_list(v)
+
+
+class SpawnResult(Result):
+    process_id: str
+    status: Literal["queued", "running", "completed", "failed", "cancelled", "timed_out"]
+    session_id: str | None = None
+    mode: Literal["async"] | None = None
+    replayed: bool = Field(default=False, description="true when client_request_id matched "
+                           "an earlier SPAWN and no new turn was run")
+    text: str | None = None
+    is_error: bool | None = None
+    cost_usd: float | None = None
+    usage: dict[str, Any] | None = None
+    num_turns: int | None = None
+    duration_ms: int | None = None
+    model: str | None = None
+    agent_id: str | None = None
+    warm: bool | None = None
+    log_path: str | None = None
+    raw: dict[str, Any] | None = Field(default=None, description="the CLI's full JSON result")
+
+
+class ProcessesResult(Result):
+    processes: list[ProcessInfo]
+    running: int
+    queued: int
+    max_concurrency: int
+    total: int
+
+
+class ProcessIdParams(Params):
+    process_id: str = Field(min_length=1)
+
+
+class CancelResult(Result):
+    process_id: str
+    status: str
+
+
+class SessionsParams(Params):
+    agent_id: str | None = None
+    limit: int = Field(default=100, ge=1, le=10_000)
+
+
+class SessionsResult(Result):
+    sessions: list[SessionInfo]
+    total: int
+
+
+class SessionIdParams(Params):
+    session_id: str = Field(min_length=1)
+
+
+class SessionResult(Result):
+    session: SessionInfo
+    processes: list[ProcessInfo]
+
+
+def register(r: Registry) -> None:
+    @r.command("SPAWN", params=SpawnParams, result=SpawnResult, long_running=True,
+               aliases=("COMPLETION",))
+    async def spawn(ctx: Context, p: SpawnParams) -> SpawnResult:
+        """Run a Claude turn through LiteLLM and the claude-cli provider. ``mode: sync``
+        answers with the turn's text, session_id, cost and usage; ``async`` answers at once
+        with a process_id and later publishes PROCESS_COMPLETE."""
+        daemon = ctx.daemon
+        agent_id = p.agent_id or (ctx.conn.agent_id if ctx.conn else None)
+        options = p.model_dump(include={
+            "enable_tools", "allowed_tools", "disallowed_tools", "max_turns",
+            "append_system_prompt", "permission_mode", "cwd", "timeout_s", "warm",
+        }, exclude_none=True)
+        req = SpawnRequest(prompt=p.prompt, mode=p.mode, session_id=p.session_id,
+                          model=p.model or daemon.settings.default_model, agent_id=agent_id,
+                          client_request_id=p.client_request_id, options=options)
+        return SpawnResult.model_validate(await daemon.spawner.submit(req))
+
+    @r.command("GET_PROCESSES", params=NoParams, result=ProcessesResult)
+    async def get_processes(ctx: Context, p: NoParams) -> ProcessesResult:
+        """Queued and running turns (with queue positions) and recent finished ones."""
+        sp = ctx.daemon.spawner
+        procs = sp.snapshot()
+        return ProcessesResult(processes=procs, running=sp.running_count, queued=len(sp.queue),
+                               max_concurrency=ctx.daemon.settings.max_concurrency,
+                               total=len(procs))
+
+    @r.command("CANCEL_PROCESS", params=ProcessIdParams, result=CancelResult)
+    async def cancel_process(ctx: Context, p: ProcessIdParams) -> CancelResult:
+        """Cancel a queued or running turn; a running CLI's whole process group is killed."""
+        info = await ctx.daemon.spawner.cancel(p.process_id)
+        return CancelResult(process_id=info.process_id, status=info.status)
+
+    @r.command("GET_SESSIONS", params=SessionsParams, result=SessionsResult)
+    async def get_sessions(ctx: Context, p: SessionsParams) -> SessionsResult:
+        """Known sessions, most recently used first (optionally one agent's)."""
+        sessions = [s for s in ctx.daemon.state.sessions.values()
+                    if p.agent_id is None or s.agent_id == p.agent_id]
+        sessions.sort(key=lambda s: s.last_used_at, reverse=True)
+        sessions = [ctx.daemon.spawner.with_warm(s) for s in sessions[: p.limit]]
+        return SessionsResult(sessions=sessions, total=len(sessions))
+
+    @r.command("GET_SESSION", params=SessionIdParams, result=SessionResult)
+    async def get_session(ctx: Context, p: SessionIdParams) -> SessionResult:
+        """One session: cwd, model, turns, total cost, last use, log path, and its recent
+        processes."""
+        info = ctx.daemon.state.sessions.get(p.session_id)
+        if info is None:
+            raise NotFound(f"no session {p.session_id!r} is known to the daemon",
+                           code="SESSION_NOT_FOUND")
+        procs = [x for x in ctx.daemon.state.processes.values()
+                 if x.session_id == p.session_id]
+        return SessionResult(session=ctx.daemon.spawner.with_warm(info), processes=procs)

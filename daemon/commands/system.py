@@ -1,0 +1,94 @@
+"""HEALTH_CHECK, GET_COMMANDS, SHUTDOWN, and making a connection persistent."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from pydantic import Field
+
+from daemon.errors import InvalidParameters
+from daemon.registry import Context, NoParams, Params, Registry, Result
+
+
+class HealthResult(Result):
+    status: Literal["healthy", "starting", "shutting_down"]
+    version: str
+    pid: int
+    started_at: str
+    uptime_s: float
+    socket: str
+    counts: dict[str, int]
+    litellm: dict[str, Any] = Field(description="status: loading | ready | failed")
+    claude: dict[str, Any] = Field(description="which CLI binary and version the daemon uses")
+    warm: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandsResult(Result):
+    commands: list[dict[str, Any]]
+    total: int
+
+
+class ShutdownResult(Result):
+    status: Literal["shutting_down"]
+    message: str
+
+
+class ConnectParams(Params):
+    agent_id: str | None = Field(default=None, min_length=1, max_length=256)
+
+
+class AgentConnectionParams(Params):
+    action: Literal["connect", "disconnect"]
+    agent_id: str = Field(min_length=1, max_length=256)
+
+
+class ConnectResult(Result):
+    status: Literal["connected", "disconnected"]
+    agent_id: str | None = None
+    connection_id: int | None = None
+
+
+def register(r: Registry) -> None:
+    @r.command("HEALTH_CHECK", params=NoParams, result=HealthResult)
+    async def health_check(ctx: Context, p: NoParams) -> HealthResult:
+        """Liveness and counters: version, uptime, connections, sessions, processes, and
+        the state of LiteLLM and of the Claude CLI binary."""
+        return HealthResult.model_validate(ctx.daemon.health())
+
+    @r.command("GET_COMMANDS", params=NoParams, result=CommandsResult)
+    async def get_commands(ctx: Context, p: NoParams) -> CommandsResult:
+        """Every command with its description and the JSON Schema of its parameters and
+        result."""
+        commands = ctx.daemon.registry.describe()
+        return CommandsResult(commands=commands, total=len(commands))
+
+    @r.command("SHUTDOWN", params=NoParams, result=ShutdownResult)
+    async def shutdown(ctx: Context, p: NoParams) -> ShutdownResult:
+        """Reply, then stop gracefully (the same path as SIGTERM)."""
+        # Scheduled, not awaited: the reply is written before the shutdown starts closing.
+        asyncio.get_running_loop().call_soon(ctx.daemon.request_shutdown, "SHUTDOWN command")
+        return ShutdownResult(status="shutting_down", message="daemon is shutting down")
+
+    @r.command("CONNECT", params=ConnectParams, result=ConnectResult)
+    async def connect(ctx: Context, p: ConnectParams) -> ConnectResult:
+        """Keep this connection open for many pipelined commands and pushed events."""
+        if ctx.conn is None:
+            raise InvalidParameters("CONNECT only makes sense over the socket")
+        ctx.conn.make_persistent(p.agent_id)
+        return ConnectResult(status="connected", agent_id=ctx.conn.agent_id,
+                             connection_id=ctx.conn.id)
+
+    @r.command("AGENT_CONNECTION", params=AgentConnectionParams, result=ConnectResult)
+    async def agent_connection(ctx: Context, p: AgentConnectionParams) -> ConnectResult:
+        """KSI-compatible form of CONNECT: ``action: connect`` binds the connection to
+        ``agent_id`` and keeps it open; ``disconnect`` drops its subscriptions."""
+        if ctx.conn is None:
+            raise InvalidParameters("AGENT_CONNECTION only makes sense over the socket")
+        if p.action == "connect":
+            ctx.conn.make_persistent(p.agent_id)
+            return ConnectResult(status="connected", agent_id=p.agent_id,
+                                 connection_id=ctx.conn.id)
+        ctx.conn.unsubscribe(None)
+        return ConnectResult(status="disconnected", agent_id=p.agent_id,
+                             connection_id=ctx.conn.id)

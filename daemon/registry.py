@@ -1,0 +1,167 @@
+"""Command registry and the single dispatch function.
+
+Each command is registered once with a description, a pydantic parameter model and a
+pydantic result model; ``GET_COMMANDS`` publishes both as JSON Schema. :meth:`Registry.dispatch`
+is the only place where exceptions become error replies: a :class:`DaemonError` keeps its
+code, anything else is logged with its traceback and sent as ``INTERNAL_ERROR``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from daemon.errors import DaemonError, InvalidParameters, UnknownCommand
+from daemon.protocol import Request, encode_error, encode_success
+
+if TYPE_CHECKING:
+    from daemon.app import Daemon
+    from daemon.server import Connection
+
+log = structlog.get_logger("ksi.registry")
+
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R", bound=BaseModel)
+
+
+class Params(BaseModel):
+    """Base for parameter models: unknown parameters are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoParams(Params):
+    pass
+
+
+class Result(BaseModel):
+    """Base for result models (documentation and the wire shape of a command's result)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler may touch: the daemon's services and, over the socket, its connection."""
+
+    daemon: Daemon
+    conn: Connection | None = None
+    request: Request | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec(Generic[P, R]):
+    name: str
+    description: str
+    params: type[P]
+    result: type[R]
+    handler: Callable[[Context, P], Awaitable[R]]
+    # Long-running commands (a sync SPAWN) run in their own task on a persistent
+    # connection, so that later pipelined commands are not stuck behind them.
+    long_running: bool = False
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass
+class Registry:
+    commands: dict[str, CommandSpec[Any, Any]] = field(default_factory=dict)
+    _by_name: dict[str, CommandSpec[Any, Any]] = field(default_factory=dict)
+
+    def command(
+        self,
+        name: str,
+        *,
+        params: type[P],
+        result: type[R],
+        long_running: bool = False,
+        aliases: tuple[str, ...] = (),
+    ) -> Callable[[Callable[[Context, P], Awaitable[R]]], Callable[[Context, P], Awaitable[R]]]:
+        """Register a handler; its docstring's first paragraph is the command's description."""
+
+        def decorate(
+            fn: Callable[[Context, P], Awaitable[R]],
+        ) -> Callable[[Context, P], Awaitable[R]]:
+            doc = (fn.__doc__ or "").strip().split("\n\n")[0]
+            spec = CommandSpec(name, " ".join(doc.split()), params, result, fn, long_running,
+                               aliases)
+            if name in self._by_name or any(a in self._by_name for a in aliases):
+                raise ValueError(f"command {name} registered twice")
+            self.commands[name] = spec
+            for n in (name, *aliases):
+                self._by_name[n] = spec
+            return fn
+
+        return decorate
+
+    def get(self, name: str) -> CommandSpec[Any, Any] | None:
+        return self._by_name.get(name)
+
+    def lookup(self, name: str) -> CommandSpec[Any, Any]:
+        spec = self._by_name.get(name)
+        if spec is None:
+            close = difflib.get_close_matches(name.upper(), self._by_name, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UnknownCommand(
+                f"unknown command {name!r}{hint} (GET_COMMANDS lists them all)",
+                details={"suggestions": close} if close else None,
+            )
+        return spec
+
+    @staticmethod
+    def validate(spec: CommandSpec[P, Any], parameters: dict[str, Any]) -> P:
+        try:
+            return spec.params.model_validate(parameters)
+        except ValidationError as exc:
+            raise invalid_parameters(exc) from None
+
+    async def call(self, ctx: Context, name: str, parameters: dict[str, Any]) -> Any:
+        """Run a command in-process (used by observers); returns the JSON-ready result."""
+        spec = self.lookup(name)
+        result = await spec.handler(ctx, self.validate(spec, parameters))
+        return result.model_dump(mode="json")
+
+    async def dispatch(self, ctx: Context, req: Request) -> bytes:
+        """Run one request and return the encoded reply line; never raises (but on cancel)."""
+        try:
+            spec = self.lookup(req.command)
+            result = await spec.handler(ctx, self.validate(spec, req.parameters))
+            return encode_success(req, result.model_dump(mode="json"))
+        except DaemonError as exc:
+            return encode_error(req, exc)
+        except Exception:
+            log.exception("command.crashed", command=req.command)
+            return encode_error(
+                req, DaemonError("internal error while running the command; see the daemon log")
+            )
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "command": spec.name,
+                "description": spec.description,
+                "aliases": list(spec.aliases),
+                "long_running": spec.long_running,
+                "parameters": spec.params.model_json_schema(),
+                "result": spec.result.model_json_schema(),
+            }
+            for spec in self.commands.values()
+        ]
+
+
+def invalid_parameters(exc: ValidationError) -> InvalidParameters:
+    """A readable message that names every failing field, plus the structured list."""
+    parts = []
+    errors = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "parameters"
+        parts.append(f"{loc}: {err['msg']}")
+        errors.append({"field": loc, "message": err["msg"], "type": err["type"]})
+    return InvalidParameters("invalid parameters: " + "; ".join(parts), details={"errors": errors})
+
+
+__all__ = ["CommandSpec", "Context", "NoParams", "Params", "Registry", "Result", "encode_error"]

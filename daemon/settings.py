@@ -1,0 +1,88 @@
+"""One frozen settings object, built once at start-up and handed down.
+
+Precedence: command-line flag > ``KSI_*`` environment variable > default. Relative paths
+are resolved against the project root (the directory holding ``daemon.py``), so the
+daemon behaves the same whatever directory it was started from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be configured with. See README.md for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="KSI_", frozen=True, extra="forbid")
+
+    project_root: Path = PROJECT_ROOT
+    socket: Path = Path("sockets/claude_daemon.sock")
+    state_dir: Path = Path("state")
+    log_dir: Path = Path("claude_logs")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    # Wire limits.
+    max_line_bytes: int = Field(default=8 * MiB, ge=1024)
+    subscriber_queue: int = Field(default=1000, ge=1)
+    event_history: int = Field(default=10_000, ge=100)
+
+    # Claude runs.
+    claude_bin: str | None = None
+    default_model: str = "sonnet"
+    max_concurrency: int = Field(default=4, ge=1)
+    default_timeout_s: float = Field(default=600.0, gt=0)
+    term_grace_s: float = Field(default=3.0, ge=0)
+    idempotency_window_s: float = Field(default=600.0, ge=0)
+    # Passed to every CLI run unless the daemon's own environment already sets them:
+    # a failing API otherwise holds a run for ~3 minutes of CLI-internal retries.
+    cli_max_retries: int | None = Field(default=None, ge=0, le=15)
+
+    # Warm sessions (one long-lived CLI per active session) and the pre-warmed pool.
+    warm_default: bool = False
+    warm_idle_s: float = Field(default=600.0, gt=0)
+    warm_max: int = Field(default=8, ge=0)
+    warm_pool_size: int = Field(default=0, ge=0)
+
+    # Cognitive observers: "package.module:factory" or an entry point name in "ksi.observers".
+    observers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    observer_queue: int = Field(default=1000, ge=1)
+    observer_timeout_s: float = Field(default=10.0, gt=0)
+
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    warm_up_litellm: bool = True
+
+    @field_validator("observers", mode="before")
+    @classmethod
+    def _split_observers(cls, value: Any) -> Any:
+        # Environment variables carry a comma-separated list; the CLI may repeat the flag.
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.project_root / path)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.resolve(self.socket)
+
+    @property
+    def pid_path(self) -> Path:
+        return self.socket_path.with_suffix(".pid")
+
+    @property
+    def state_path(self) -> Path:
+        return self.resolve(self.state_dir)
+
+    @property
+    def log_path(self) -> Path:
+        return self.resolve(self.log_dir)

@@ -1,0 +1,273 @@
+"""The state manager: sessions, agents, shared state and processes, persisted in SQLite.
+
+Reads are served from memory (loaded once at start-up), writes go through to the store
+and are awaited, so a reply means the change is durable. Process records are the one
+unbounded table: memory keeps the live ones plus a window of recent ones; the database
+keeps all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field
+
+from daemon.protocol import iso_from_epoch
+from daemon.store import Store
+
+ProcessStatus = Literal["queued", "running", "completed", "failed", "cancelled", "timed_out"]
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out"})
+
+
+class AgentInfo(BaseModel):
+    agent_id: str
+    role: str | None = None
+    capabilities: list[str] = Field(default_factory=list)
+    status: str = "active"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    registered_at: str
+    updated_at: str
+    turns: int = 0
+    total_cost_usd: float = 0.0
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    cwd: str
+    model: str | None = None
+    agent_id: str | None = None
+    created_at: str
+    last_used_at: str
+    turns: int = 0
+    total_cost_usd: float = 0.0
+    last_process_id: str | None = None
+    log_path: str | None = None
+    warm: dict[str, Any] | None = Field(
+        default=None, description="Set while a warm CLI process serves this session."
+    )
+
+
+class ProcessInfo(BaseModel):
+    process_id: str
+    status: ProcessStatus
+    mode: Literal["sync", "async"]
+    session_id: str | None = None
+    agent_id: str | None = None
+    model: str | None = None
+    client_request_id: str | None = None
+    prompt_preview: str = ""
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    cost_usd: float | None = None
+    pid: int | None = None
+    warm: bool = False
+    queue_position: int | None = None
+    error: dict[str, Any] | None = None
+
+
+class StateManager:
+    RECENT_PROCESSES = 500
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.shared: dict[str, tuple[Any, float]] = {}
+        self.agents: dict[str, AgentInfo] = {}
+        self.sessions: dict[str, SessionInfo] = {}
+        self.processes: OrderedDict[str, ProcessInfo] = OrderedDict()
+        self._agent_costs: dict[str, tuple[int, float]] = {}
+
+    async def load(self) -> None:
+        for row in await self.store.query("SELECT key, value, updated_at FROM shared"):
+            self.shared[row["key"]] = (orjson.loads(row["value"]), row["updated_at"])
+        for row in await self.store.query("SELECT * FROM agents"):
+            self.agents[row["agent_id"]] = AgentInfo(
+                agent_id=row["agent_id"],
+                role=row["role"],
+                capabilities=orjson.loads(row["capabilities"]),
+                status=row["status"],
+                metadata=orjson.loads(row["metadata"]),
+                registered_at=iso_from_epoch(row["registered_at"]),
+                updated_at=iso_from_epoch(row["updated_at"]),
+            )
+        for row in await self.store.query("SELECT * FROM sessions"):
+            self.sessions[row["session_id"]] = SessionInfo(
+                session_id=row["session_id"],
+                cwd=row["cwd"],
+                model=row["model"],
+                agent_id=row["agent_id"],
+                created_at=iso_from_epoch(row["created_at"]),
+                last_used_at=iso_from_epoch(row["last_used_at"]),
+                turns=row["turns"],
+                total_cost_usd=row["total_cost_usd"],
+                last_process_id=row["last_process_id"],
+                log_path=row["log_path"],
+            )
+        # A run that was queued or running when the daemon last stopped did not finish
+        # under it; say so instead of showing it as running forever.
+        await self.store.write(
+            "UPDATE processes SET status='failed', error_code='DAEMON_RESTARTED', "
+            "finished_at=? WHERE status IN ('queued','running')",
+            (time.time(),),
+        )
+        rows = await self.store.query(
+            "SELECT record, status, error_code FROM processes ORDER BY created_at DESC LIMIT ?",
+            (self.RECENT_PROCESSES,),
+        )
+        for row in reversed(rows):
+            info = ProcessInfo.model_validate_json(row["record"])
+            if info.status != row["status"]:
+                info.status = row["status"]
+                info.error = {"code": row["error_code"], "message": "the daemon stopped first"}
+            self.processes[info.process_id] = info
+        for row in await self.store.query(
+            "SELECT agent_id, COUNT(*) AS n, COALESCE(SUM(cost_usd), 0) AS cost FROM processes "
+            "WHERE agent_id IS NOT NULL AND status='completed' GROUP BY agent_id"
+        ):
+            self._agent_costs[row["agent_id"]] = (row["n"], row["cost"])
+
+    # -- shared state -----------------------------------------------------------------
+
+    async def set_shared(self, key: str, value: Any) -> float:
+        now = time.time()
+        await self.store.write(
+            "INSERT INTO shared(key, value, updated_at) VALUES(?,?,?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+            (key, orjson.dumps(value), now),
+        )
+        self.shared[key] = (value, now)
+        return now
+
+    async def delete_shared(self, key: str) -> bool:
+        if key not in self.shared:
+            return False
+        await self.store.write("DELETE FROM shared WHERE key=?", (key,))
+        self.shared.pop(key, None)
+        return True
+
+    # -- agents -----------------------------------------------------------------------
+
+    async def register_agent(
+        self, agent_id: str, role: str | None, capabilities: list[str], metadata: dict[str, Any]
+    ) -> AgentInfo:
+        now = time.time()
+        existing = self.agents.get(agent_id)
+        registered = existing.registered_at if existing else iso_from_epoch(now)
+        await self.store.write(
+            "INSERT INTO agents(agent_id, role, capabilities, status, metadata, registered_at, "
+            "updated_at) VALUES(?,?,?,?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
+            "role=excluded.role, capabilities=excluded.capabilities, status=excluded.status, "
+            "metadata=excluded.metadata, updated_at=excluded.updated_at",
+            (agent_id, role, orjson.dumps(capabilities), "active", orjson.dumps(metadata),
+             now, now),
+        )
+        info = AgentInfo(
+            agent_id=agent_id, role=role, capabilities=capabilities, status="active",
+            metadata=metadata, registered_at=registered, updated_at=iso_from_epoch(now),
+        )
+        self.agents[agent_id] = self._with_costs(info)
+        return self.agents[agent_id]
+
+    async def unregister_agent(self, agent_id: str) -> bool:
+        if agent_id not in self.agents:
+            return False
+        await self.store.write("DELETE FROM agents WHERE agent_id=?", (agent_id,))
+        del self.agents[agent_id]
+        return True
+
+    def agent_list(self) -> list[AgentInfo]:
+        return [self._with_costs(a) for a in self.agents.values()]
+
+    def _with_costs(self, info: AgentInfo) -> AgentInfo:
+        turns, cost = self._agent_costs.get(info.agent_id, (0, 0.0))
+        info.turns, info.total_cost_usd = turns, round(cost, 10)
+        return info
+
+    def agent_costs(self) -> dict[str, dict[str, float | int]]:
+        return {a: {"turns": n, "total_cost_usd": round(c, 10)}
+                for a, (n, c) in self._agent_costs.items()}
+
+    # -- sessions ---------------------------------------------------------------------
+
+    async def record_turn(
+        self,
+        session_id: str,
+        *,
+        cwd: str,
+        model: str | None,
+        agent_id: str | None,
+        cost_usd: float,
+        process_id: str,
+        log_path: str | None,
+        completed: bool,
+    ) -> SessionInfo:
+        """Note one finished turn (successful or not) of a session: it now exists for resume."""
+        now = time.time()
+        info = self.sessions.get(session_id)
+        if info is None:
+            info = SessionInfo(session_id=session_id, cwd=cwd, created_at=iso_from_epoch(now),
+                               last_used_at=iso_from_epoch(now))
+        info.model = model or info.model
+        info.agent_id = agent_id or info.agent_id
+        info.last_used_at = iso_from_epoch(now)
+        info.turns += 1 if completed else 0
+        info.total_cost_usd = round(info.total_cost_usd + cost_usd, 10)
+        info.last_process_id = process_id
+        info.log_path = log_path or info.log_path
+        await self.store.write(
+            "INSERT INTO sessions(session_id, cwd, model, agent_id, created_at, last_used_at, "
+            "turns, total_cost_usd, last_process_id, log_path) VALUES(?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(session_id) DO UPDATE SET model=excluded.model, "
+            "agent_id=excluded.agent_id, last_used_at=excluded.last_used_at, "
+            "turns=excluded.turns, total_cost_usd=excluded.total_cost_usd, "
+            "last_process_id=excluded.last_process_id, log_path=excluded.log_path",
+            (session_id, info.cwd, info.model, info.agent_id, now, now, info.turns,
+             info.total_cost_usd, process_id, info.log_path),
+        )
+        self.sessions[session_id] = info
+        if agent_id and completed:
+            n, c = self._agent_costs.get(agent_id, (0, 0.0))
+            self._agent_costs[agent_id] = (n + 1, c + cost_usd)
+        return info
+
+    # -- processes --------------------------------------------------------------------
+
+    async def save_process(self, info: ProcessInfo, *, wait: bool = True) -> None:
+        """Upsert a process record; ``wait=False`` for transitions nobody is waiting on."""
+        self.processes[info.process_id] = info
+        self.processes.move_to_end(info.process_id)
+        while len(self.processes) > self.RECENT_PROCESSES:
+            oldest = next(iter(self.processes))
+            if self.processes[oldest].status not in FINAL_STATUSES:
+                break  # never forget a live process
+            self.processes.popitem(last=False)
+        error_code = info.error.get("code") if info.error else None
+        sql = (
+            "INSERT INTO processes(process_id, status, mode, session_id, agent_id, model, "
+            "client_request_id, prompt_preview, created_at, started_at, finished_at, cost_usd, "
+            "error_code, record) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(process_id) DO UPDATE SET status=excluded.status, "
+            "session_id=excluded.session_id, started_at=excluded.started_at, "
+            "finished_at=excluded.finished_at, cost_usd=excluded.cost_usd, "
+            "error_code=excluded.error_code, record=excluded.record"
+        )
+        params = (
+            info.process_id, info.status, info.mode, info.session_id, info.agent_id, info.model,
+            info.client_request_id, info.prompt_preview, _epoch(info.created_at),
+            _epoch(info.started_at), _epoch(info.finished_at), info.cost_usd, error_code,
+            info.model_dump_json().encode(),
+        )
+        if wait:
+            await self.store.write(sql, params)
+        else:
+            self.store.write_nowait(sql, params)
+
+
+def _epoch(iso: str | None) -> float | None:
+    if iso is None:
+        return None
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
