@@ -1,0 +1,146 @@
+"""Cognitive observers: plugins that watch every bus event and may act back.
+
+An observer is named in config as ``package.module:factory`` (or by an entry point in
+the ``ksi.observers`` group). ``factory(api)`` returns an object with::
+
+    event_types: list[str]                       # optional, default ["*"]
+    async def on_event(self, event: dict) -> None # or a plain def, run in a thread
+    async def start(self) / async def stop(self)  # optional
+
+``api.call(command, parameters)`` runs any daemon command in-process (SPAWN a follow-up,
+SET_SHARED a finding, PUBLISH an event); ``api.log`` is a bound logger.
+
+Isolation: each observer has its own bounded inbox (overflow loses events for that
+observer only, counted and logged) and its own task; every ``on_event`` call is timed
+out; exceptions are logged. Publishing never waits for an observer. A plain (non-async)
+``on_event`` runs in a worker thread so blocking code cannot stall the daemon; an async
+one must not block the event loop, which no framework can enforce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from daemon.bus import Subscriber
+from daemon.registry import Context
+
+if TYPE_CHECKING:
+    from daemon.app import Daemon
+
+log = structlog.get_logger("ksi.observers")
+
+
+class ObserverAPI:
+    """What an observer may do: call commands, and log."""
+
+    def __init__(self, daemon: Daemon, name: str) -> None:
+        self._daemon = daemon
+        self.name = name
+        self.log = structlog.get_logger(f"ksi.observer.{name}")
+
+    async def call(self, command: str, parameters: dict[str, Any] | None = None) -> Any:
+        return await self._daemon.registry.call(Context(self._daemon), command,
+                                                parameters or {})
+
+
+@dataclass
+class RunningObserver:
+    name: str
+    plugin: Any
+    subscriber: Subscriber
+    task: asyncio.Task[None] | None = None
+    handled: int = 0
+    failures: int = 0
+    timeouts: int = 0
+    inflight: set[asyncio.Future[Any]] = field(default_factory=set)
+
+
+class ObserverHost:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.settings = daemon.settings
+        self.running: dict[str, RunningObserver] = {}
+
+    async def start(self) -> None:
+        for spec in self.settings.observers:
+            try:
+                await self.add(spec, load_factory(spec))
+            except Exception:
+                # A broken plugin is the plugin's problem: log it, run without it.
+                log.exception("observer.load_failed", observer=spec)
+
+    async def add(self, name: str, factory: Any) -> RunningObserver:
+        plugin = factory(ObserverAPI(self.daemon, name))
+        patterns = list(getattr(plugin, "event_types", None) or ["*"])
+        sub = Subscriber(f"observer:{name}", patterns, maxsize=self.settings.observer_queue,
+                         policy="drop", sees_directed=True)
+        obs = RunningObserver(name, plugin, sub)
+        starter = getattr(plugin, "start", None)
+        if starter is not None:
+            await asyncio.wait_for(starter(), self.settings.observer_timeout_s)
+        self.daemon.bus.add(sub)
+        obs.task = asyncio.create_task(self._loop(obs), name=f"observer-{name}")
+        self.running[name] = obs
+        log.info("observer.started", observer=name, event_types=patterns)
+        return obs
+
+    async def _loop(self, obs: RunningObserver) -> None:
+        handler = obs.plugin.on_event
+        is_async = inspect.iscoroutinefunction(handler)
+        timeout = self.settings.observer_timeout_s
+        while True:
+            for event in await obs.subscriber.next_batch():
+                payload = event.to_dict()
+                call = handler(payload) if is_async else asyncio.to_thread(handler, payload)
+                try:
+                    await asyncio.wait_for(call, timeout)
+                    obs.handled += 1
+                except TimeoutError:
+                    obs.timeouts += 1
+                    log.warning("observer.timed_out", observer=obs.name, seq=event.seq,
+                                event_type=event.event_type, timeout_s=timeout)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    obs.failures += 1
+                    log.exception("observer.failed", observer=obs.name, seq=event.seq,
+                                  event_type=event.event_type)
+
+    async def stop(self) -> None:
+        for obs in self.running.values():
+            self.daemon.bus.remove(obs.subscriber)
+            if obs.task is not None:
+                obs.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await obs.task
+            stopper = getattr(obs.plugin, "stop", None)
+            if stopper is not None:
+                try:
+                    await asyncio.wait_for(stopper(), self.settings.observer_timeout_s)
+                except Exception:
+                    log.exception("observer.stop_failed", observer=obs.name)
+        self.running.clear()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": o.name, "handled": o.handled, "failures": o.failures,
+                 "timeouts": o.timeouts, "lost": o.subscriber.lost,
+                 "queued": len(o.subscriber.inbox)} for o in self.running.values()]
+
+
+def load_factory(spec: str) -> Any:
+    """``module:attr`` imports a factory; a bare name is looked up as an entry point."""
+    if ":" in spec:
+        module, _, attr = spec.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    for ep in entry_points(group="ksi.observers"):
+        if ep.name == spec:
+            return ep.load()
+    raise LookupError(f"observer {spec!r}: not 'module:factory' and no such entry point")

@@ -1,0 +1,1 @@
+"""Observer plugins shipped with the daemon (see ``daemon.observers``)."""

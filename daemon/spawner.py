@@ -1,0 +1,463 @@
+"""SPAWN: everything around one Claude turn except running the CLI itself.
+
+The spawner validates and queues a turn, serialises turns of one session (concurrent
+resumes silently fork a conversation), caps concurrent CLI runs with a FIFO queue, calls
+``litellm.acompletion(model="claude-cli/<model>")`` (our provider runs the CLI), then
+logs the turn, records it in the state manager and announces it on the bus.
+
+LiteLLM takes ~2 s to import, so it is loaded in a worker thread after the socket is up;
+a SPAWN that arrives earlier waits for it, every other command is served at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import sys
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import structlog
+from pydantic import BaseModel, ValidationError
+
+from daemon.claude.engine import ClaudeEngine, EngineConfig
+from daemon.claude.locate import claude_version, locate_claude
+from daemon.claude.options import ClaudeOptions, StartInfo
+from daemon.errors import Conflict, DaemonError, InvalidParameters, NotFound, SpawnFailed
+from daemon.protocol import utc_now_iso
+from daemon.registry import invalid_parameters
+from daemon.state import FINAL_STATUSES, ProcessInfo, SessionInfo
+from daemon.turnlog import TurnLog
+
+if TYPE_CHECKING:
+    from daemon.app import Daemon
+
+log = structlog.get_logger("ksi.spawner")
+
+INSTALL_HINT = ("install the pinned CLI with `npm ci` in the project root, or point "
+                "--claude-bin / KSI_CLAUDE_BIN at a claude executable")
+
+_ERROR_STATUS: dict[str, Literal["timed_out", "cancelled", "failed"]] = {
+    "TIMEOUT": "timed_out",
+    "CANCELLED": "cancelled",
+}
+
+
+class SpawnRequest(BaseModel):
+    """A validated SPAWN, as the spawner needs it (built by the SPAWN command)."""
+
+    prompt: str
+    mode: Literal["sync", "async"]
+    session_id: str | None = None
+    model: str
+    agent_id: str | None = None
+    client_request_id: str | None = None
+    options: dict[str, Any]  # ClaudeOptions fields other than the session ones
+
+
+def _new_future() -> asyncio.Future[dict[str, Any]]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass
+class Turn:
+    info: ProcessInfo
+    request: SpawnRequest
+    session_id: str
+    resume: bool
+    cwd: str
+    done: asyncio.Future[dict[str, Any]] = field(default_factory=_new_future)
+    task: asyncio.Task[None] | None = None
+
+
+class Spawner:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.settings = daemon.settings
+        self.turnlog = TurnLog(self.settings.log_path)
+        self.turns: dict[str, Turn] = {}  # live turns (queued or running)
+        self.queue: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
+        self.running_count = 0
+        self._session_locks: dict[str, asyncio.Lock] = {}
+        self._idempotent: dict[str, tuple[str, float]] = {}  # client_request_id -> (pid, t)
+        self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()  # recent outcomes
+        self._ready: asyncio.Event | None = None
+        self._load_error: str | None = None
+        self._acompletion: Any = None
+        self.engine: ClaudeEngine | None = None
+        self._claude_bin: Path | None = None
+        self._claude_version: str | None = None
+        self._bg: set[asyncio.Task[Any]] = set()
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._ready = asyncio.Event()
+        self._claude_bin = locate_claude(self.settings.claude_bin, self.settings.project_root)
+        extra_env: dict[str, str] = {}
+        if self.settings.cli_max_retries is not None:
+            extra_env["CLAUDE_CODE_MAX_RETRIES"] = str(self.settings.cli_max_retries)
+        self.engine = ClaudeEngine(EngineConfig(
+            claude_bin=str(self._claude_bin) if self._claude_bin else self.settings.claude_bin,
+            project_root=self.settings.project_root,
+            default_cwd=self.settings.project_root,
+            default_model=self.settings.default_model,
+            default_timeout_s=self.settings.default_timeout_s,
+            term_grace_s=self.settings.term_grace_s,
+            extra_env=extra_env,
+            warm_default=self.settings.warm_default,
+        ))
+        self._spawn_bg(self._load_litellm())
+        if self._claude_bin is not None:
+            self._spawn_bg(self._probe_version(self._claude_bin))
+
+    def _spawn_bg(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _probe_version(self, path: Path) -> None:
+        self._claude_version = await claude_version(path)
+
+    async def _load_litellm(self) -> None:
+        started = time.perf_counter()
+        try:
+            root = str(self.settings.project_root)
+            if root not in sys.path:
+                sys.path.insert(0, root)
+            # The import is ~2 s of CPU; a thread keeps the socket answering meanwhile.
+            mod = await asyncio.to_thread(importlib.import_module, "claude_cli_provider")
+            mod.quiet_litellm()
+            provider = mod.ClaudeCLIProvider(self.engine)
+            mod.register(provider)
+            if self.settings.warm_up_litellm:
+                await mod.warm_up(provider)
+            import litellm
+
+            self._acompletion = litellm.acompletion
+            log.info("litellm.ready", ms=round((time.perf_counter() - started) * 1000, 1))
+        except Exception as exc:
+            self._load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("litellm.load_failed")
+        finally:
+            assert self._ready is not None
+            self._ready.set()
+
+    def litellm_status(self) -> dict[str, Any]:
+        if self._load_error:
+            return {"status": "failed", "error": self._load_error}
+        ready = self._ready is not None and self._ready.is_set()
+        return {"status": "ready" if ready else "loading"}
+
+    def claude_status(self) -> dict[str, Any]:
+        if self._claude_bin is None:
+            return {"found": False, "bin": None, "version": None, "install_hint": INSTALL_HINT}
+        return {"found": True, "bin": str(self._claude_bin), "version": self._claude_version}
+
+    def warm_status(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {}
+        describe = getattr(self.engine, "warm_status", None)
+        return describe() if callable(describe) else {}
+
+    # -- SPAWN ------------------------------------------------------------------------------
+
+    async def submit(self, req: SpawnRequest) -> dict[str, Any]:
+        """Run (sync) or enqueue (async) a turn; returns the SPAWN result."""
+        if self.daemon.stopping:
+            raise DaemonError("the daemon is shutting down", code="SHUTTING_DOWN")
+        existing = self._idempotent_hit(req.client_request_id)
+        if existing is not None:
+            return await self._reply_for(existing, req.mode, replay=True)
+        turn = self._new_turn(req)
+        self.turns[turn.info.process_id] = turn
+        await self.daemon.state.save_process(turn.info, wait=False)
+        turn.task = asyncio.create_task(self._run(turn), name=f"turn-{turn.info.process_id}")
+        return await self._reply_for(turn.info.process_id, req.mode)
+
+    async def _reply_for(self, process_id: str, mode: str, replay: bool = False
+                         ) -> dict[str, Any]:
+        turn = self.turns.get(process_id)
+        if mode == "async":
+            info = turn.info if turn else self.daemon.state.processes.get(process_id)
+            status = info.status if info else "completed"
+            return {"process_id": process_id, "status": status, "mode": "async",
+                    "session_id": turn.session_id if turn else (info.session_id if info else None),
+                    "replayed": replay}
+        if turn is not None:
+            # Shielded: if the waiting client goes away, the paid turn still finishes.
+            outcome = await asyncio.shield(turn.done)
+        else:
+            outcome = self._finished.get(process_id) or {}
+        if "error" in outcome:
+            err = outcome["error"]
+            raise SpawnFailed(err["message"], code=err["code"], details=err)
+        result = dict(outcome["result"])
+        result["replayed"] = replay
+        return result
+
+    def _idempotent_hit(self, client_request_id: str | None) -> str | None:
+        if not client_request_id:
+            return None
+        now = time.monotonic()
+        window = self.settings.idempotency_window_s
+        for key, (_, t) in list(self._idempotent.items()):
+            if now - t > window:
+                del self._idempotent[key]
+        hit = self._idempotent.get(client_request_id)
+        return hit[0] if hit else None
+
+    def _new_turn(self, req: SpawnRequest) -> Turn:
+        process_id = uuid.uuid4().hex[:12]
+        state = self.daemon.state
+        requested_cwd = req.options.get("cwd")
+        if req.session_id is not None:
+            session_id, resume = req.session_id, True
+            known = state.sessions.get(session_id)
+            if known is not None:
+                # Resume is cwd-scoped in the CLI: a session always runs where it began.
+                if requested_cwd and Path(requested_cwd).resolve() != Path(known.cwd):
+                    raise InvalidParameters(
+                        f"session {session_id} lives in {known.cwd}; resume is scoped to the "
+                        "directory a session began in", details={"session_cwd": known.cwd})
+                cwd = known.cwd
+            else:
+                cwd = requested_cwd or str(self.settings.project_root)
+        else:
+            session_id, resume = str(uuid.uuid4()), False
+            cwd = requested_cwd or str(self.settings.project_root)
+        cwd = str(Path(cwd).resolve())
+        if not Path(cwd).is_dir():
+            raise InvalidParameters(f"cwd {cwd} is not a directory")
+        try:  # everything the provider will check, checked before anything is queued
+            ClaudeOptions.model_validate({**req.options, "cwd": cwd})
+        except ValidationError as exc:
+            raise invalid_parameters(exc) from None
+        info = ProcessInfo(
+            process_id=process_id, status="queued", mode=req.mode, session_id=session_id,
+            agent_id=req.agent_id, model=req.model, client_request_id=req.client_request_id,
+            prompt_preview=req.prompt[:200], created_at=utc_now_iso(),
+            warm=bool(req.options.get("warm", self.settings.warm_default)),
+        )
+        if req.client_request_id:
+            self._idempotent[req.client_request_id] = (process_id, time.monotonic())
+        return Turn(info, req, session_id, resume, cwd)
+
+    # -- running a turn ---------------------------------------------------------------------
+
+    async def _run(self, turn: Turn) -> None:
+        info = turn.info
+        outcome: dict[str, Any]
+        lock = self._session_locks.setdefault(turn.session_id, asyncio.Lock())
+        holding_slot = False
+        try:
+            async with lock:
+                await self._acquire_slot(info.process_id)
+                holding_slot = True
+                outcome = await self._execute(turn)
+        except asyncio.CancelledError:
+            outcome = {"error": {"code": "CANCELLED", "message": "the turn was cancelled",
+                                 "process_id": info.process_id}}
+        except DaemonError as exc:
+            outcome = {"error": {**exc.to_wire(), **(exc.details or {}),
+                                 "process_id": info.process_id}}
+        except Exception as exc:
+            log.exception("turn.crashed", process_id=info.process_id)
+            outcome = {"error": {"code": "INTERNAL_ERROR", "message": f"{type(exc).__name__}",
+                                 "process_id": info.process_id}}
+        finally:
+            if holding_slot:
+                self._release_slot()
+            if not lock.locked() and lock is self._session_locks.get(turn.session_id):
+                del self._session_locks[turn.session_id]
+        await self._finish(turn, outcome)
+
+    async def _execute(self, turn: Turn) -> dict[str, Any]:
+        assert self._ready is not None
+        await self._ready.wait()
+        if self._acompletion is None:
+            raise DaemonError(f"LiteLLM could not be loaded: {self._load_error}",
+                              code="NOT_READY")
+        info, req = turn.info, turn.request
+        info.status = "running"
+        info.started_at = utc_now_iso()
+        info.queue_position = None
+        await self.daemon.state.save_process(info, wait=False)
+        log_path = await self.turnlog.human(turn.session_id, req.prompt,
+                                            process_id=info.process_id, agent_id=req.agent_id,
+                                            model=req.model)
+        options = dict(req.options)
+        options["cwd"] = turn.cwd
+        if turn.resume:
+            options["session_id"] = turn.session_id
+        else:
+            options["new_session_id"] = turn.session_id
+        options["on_start"] = lambda start: self._on_start(turn, start)
+        try:
+            response = await self._acompletion(
+                model=f"claude-cli/{req.model}",
+                messages=[{"role": "user", "content": req.prompt}],
+                claude=options,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise self._spawn_error(exc, turn) from None
+        result = response._hidden_params["claude_turn"]
+        await self.turnlog.claude(turn.session_id, result.raw, process_id=info.process_id)
+        return {"result": {
+            "process_id": info.process_id, "status": "completed",
+            "session_id": result.session_id, "text": result.text, "is_error": result.is_error,
+            "cost_usd": result.cost_usd, "usage": result.usage, "num_turns": result.num_turns,
+            "duration_ms": result.duration_ms, "model": result.model, "agent_id": req.agent_id,
+            "warm": info.warm, "log_path": str(log_path), "raw": result.raw,
+        }}
+
+    def _on_start(self, turn: Turn, start: StartInfo) -> None:
+        turn.info.pid = start.pid
+        turn.info.warm = start.mode == "warm"
+        self.daemon.bus.publish("PROCESS_STARTED", {
+            "process_id": turn.info.process_id, "session_id": turn.session_id,
+            "agent_id": turn.request.agent_id, "pid": start.pid, "model": turn.request.model,
+            "mode": turn.request.mode, "warm": turn.info.warm,
+        })
+
+    def _spawn_error(self, exc: Exception, turn: Turn) -> DaemonError:
+        cli = getattr(exc, "claude_error", None)
+        if cli is not None:
+            details = cli.to_dict()
+            details.setdefault("session_id", turn.session_id)
+            return SpawnFailed(cli.message, code=cli.code, details=details)
+        log.error("turn.litellm_error", error=repr(exc), process_id=turn.info.process_id)
+        return SpawnFailed(f"LiteLLM call failed: {type(exc).__name__}: {exc}",
+                           code="CLI_CRASHED")
+
+    async def _finish(self, turn: Turn, outcome: dict[str, Any]) -> None:
+        info = turn.info
+        info.finished_at = utc_now_iso()
+        started = info.started_at is not None
+        if "error" in outcome:
+            err = outcome["error"]
+            info.status = _ERROR_STATUS.get(err["code"], "failed")
+            info.error = err
+            cost = 0.0
+            if started:
+                with contextlib.suppress(OSError):
+                    await self.turnlog.error(turn.session_id, err, process_id=info.process_id)
+        else:
+            info.status = "completed"
+            cost = float(outcome["result"].get("cost_usd") or 0.0)
+            info.cost_usd = cost
+        await self.daemon.state.save_process(info, wait=False)
+        if started:
+            # The CLI stored the session as soon as it started: it can be resumed even after
+            # a failed turn, so the daemon knows it too.
+            await self.daemon.state.record_turn(
+                turn.session_id, cwd=turn.cwd, model=turn.request.model,
+                agent_id=turn.request.agent_id, cost_usd=cost, process_id=info.process_id,
+                log_path=str(self.turnlog.path_for(turn.session_id)),
+                completed=info.status == "completed",
+            )
+        self.turns.pop(info.process_id, None)
+        self._finished[info.process_id] = outcome
+        while len(self._finished) > 1000:
+            self._finished.popitem(last=False)
+        event = dict(outcome.get("result") or {})
+        event.update({"process_id": info.process_id, "status": info.status,
+                      "session_id": event.get("session_id") or turn.session_id,
+                      "agent_id": turn.request.agent_id, "mode": turn.request.mode})
+        if "error" in outcome:
+            event["error"] = outcome["error"]
+        self.daemon.bus.publish("PROCESS_COMPLETE", event)
+        log.info("turn.finished", process_id=info.process_id, status=info.status,
+                 session_id=turn.session_id, cost_usd=cost)
+        if not turn.done.done():
+            turn.done.set_result(outcome)
+
+    # -- concurrency cap --------------------------------------------------------------------
+
+    async def _acquire_slot(self, process_id: str) -> None:
+        if self.running_count < self.settings.max_concurrency and not self.queue:
+            self.running_count += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue[process_id] = fut
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self.queue.pop(process_id, None)
+            if fut.done() and not fut.cancelled():
+                self._release_slot()  # granted just as we were cancelled: pass it on
+            raise
+
+    def _release_slot(self) -> None:
+        # Hand the slot straight to the oldest waiter, so the FIFO order holds.
+        while self.queue:
+            _, fut = self.queue.popitem(last=False)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.running_count -= 1
+
+    def queue_position(self, process_id: str) -> int | None:
+        for i, pid in enumerate(self.queue):
+            if pid == process_id:
+                return i + 1
+        return None
+
+    # -- cancel and shutdown -------------------------------------------------------------
+
+    async def cancel(self, process_id: str) -> ProcessInfo:
+        turn = self.turns.get(process_id)
+        if turn is None:
+            info = self.daemon.state.processes.get(process_id)
+            if info is None:
+                raise NotFound(f"no process {process_id!r}", code="PROCESS_NOT_FOUND")
+            if info.status in FINAL_STATUSES:
+                raise Conflict(f"process {process_id} already finished ({info.status})",
+                               code="PROCESS_FINISHED", details={"status": info.status})
+            raise NotFound(f"process {process_id!r} is not running here",
+                           code="PROCESS_NOT_FOUND")
+        assert turn.task is not None
+        turn.task.cancel()
+        # The run's own cleanup kills the CLI's process group before the task ends.
+        await asyncio.wait([turn.task])
+        return turn.info
+
+    def force_stop(self) -> None:
+        for turn in list(self.turns.values()):
+            if turn.task is not None:
+                turn.task.cancel()
+
+    async def shutdown(self, grace_s: float) -> None:
+        for turn in list(self.turns.values()):  # queued turns never started: drop them now
+            if turn.info.status == "queued" and turn.task is not None:
+                turn.task.cancel()
+        tasks = [t.task for t in self.turns.values() if t.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for task in list(self._bg):
+            task.cancel()
+        if self.engine is not None:
+            await self.engine.aclose()
+
+    def snapshot(self) -> list[ProcessInfo]:
+        """Live turns with their queue positions, then recent finished ones (newest last)."""
+        for turn in self.turns.values():
+            turn.info.queue_position = self.queue_position(turn.info.process_id)
+        return list(self.daemon.state.processes.values())
+
+    def with_warm(self, session: SessionInfo) -> SessionInfo:
+        """The session, with its warm-process details if a warm CLI serves it now."""
+        describe = getattr(self.engine, "warm_session", None)
+        warm = describe(session.session_id) if callable(describe) else None
+        return session.model_copy(update={"warm": warm}) if warm else session
