@@ -65,6 +65,9 @@ class CommandSpec(Generic[P, R]):
     # connection, so that later pipelined commands are not stuck behind them.
     long_running: bool = False
     aliases: tuple[str, ...] = ()
+    # Results whose optional fields depend on the mode (SPAWN sync vs async) leave out
+    # the ones that do not apply instead of sending a row of nulls.
+    exclude_none: bool = False
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Registry:
         result: type[R],
         long_running: bool = False,
         aliases: tuple[str, ...] = (),
+        exclude_none: bool = False,
     ) -> Callable[[Callable[[Context, P], Awaitable[R]]], Callable[[Context, P], Awaitable[R]]]:
         """Register a handler; its docstring's first paragraph is the command's description."""
 
@@ -88,7 +92,7 @@ class Registry:
         ) -> Callable[[Context, P], Awaitable[R]]:
             doc = (fn.__doc__ or "").strip().split("\n\n")[0]
             spec = CommandSpec(name, " ".join(doc.split()), params, result, fn, long_running,
-                               aliases)
+                               aliases, exclude_none)
             if name in self._by_name or any(a in self._by_name for a in aliases):
                 raise ValueError(f"command {name} registered twice")
             self.commands[name] = spec
@@ -123,14 +127,15 @@ class Registry:
         """Run a command in-process (used by observers); returns the JSON-ready result."""
         spec = self.lookup(name)
         result = await spec.handler(ctx, self.validate(spec, parameters))
-        return result.model_dump(mode="json")
+        return result.model_dump(mode="json", exclude_none=spec.exclude_none)
 
     async def dispatch(self, ctx: Context, req: Request) -> bytes:
         """Run one request and return the encoded reply line; never raises (but on cancel)."""
         try:
             spec = self.lookup(req.command)
             result = await spec.handler(ctx, self.validate(spec, req.parameters))
-            return encode_success(req, result.model_dump(mode="json"))
+            return encode_success(req, result.model_dump(mode="json",
+                                                         exclude_none=spec.exclude_none))
         except DaemonError as exc:
             return encode_error(req, exc)
         except Exception:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+import orjson
 import structlog
 
 from daemon.bus import Subscriber
@@ -233,7 +234,8 @@ class Server:
         conn.ctx.request = req
         reply = await self.daemon.registry.dispatch(conn.ctx, req)
         if reply.startswith(b'{"status":"error"'):
-            log.info("command.failed", conn=conn.id, command=req.command,
+            code = orjson.loads(reply)["error"]["code"]  # error path only: parse is cheap
+            log.info("command.failed", conn=conn.id, command=req.command, code=code,
                      ms=round((time.perf_counter() - started) * 1000, 3))
         return reply
 

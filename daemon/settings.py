@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     observer_timeout_s: float = Field(default=10.0, gt=0)
 
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # Import LiteLLM (~2 s of CPU) right after start-up, or only at the first SPAWN.
+    litellm_preload: bool = True
     warm_up_litellm: bool = True
 
     @field_validator("observers", mode="before")

@@ -42,6 +42,9 @@ log = structlog.get_logger("ksi.spawner")
 INSTALL_HINT = ("install the pinned CLI with `npm ci` in the project root, or point "
                 "--claude-bin / KSI_CLAUDE_BIN at a claude executable")
 
+# Turns that failed before the CLI could have written a session to disk.
+_NO_SESSION_CODES = frozenset({"SESSION_NOT_FOUND", "CLAUDE_NOT_FOUND", "NOT_READY"})
+
 _ERROR_STATUS: dict[str, Literal["timed_out", "cancelled", "failed"]] = {
     "TIMEOUT": "timed_out",
     "CANCELLED": "cancelled",
@@ -93,6 +96,7 @@ class Spawner:
         self._claude_bin: Path | None = None
         self._claude_version: str | None = None
         self._bg: set[asyncio.Task[Any]] = set()
+        self._loading = False
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -112,9 +116,15 @@ class Spawner:
             extra_env=extra_env,
             warm_default=self.settings.warm_default,
         ))
-        self._spawn_bg(self._load_litellm())
+        if self.settings.litellm_preload:
+            self._ensure_loading()
         if self._claude_bin is not None:
             self._spawn_bg(self._probe_version(self._claude_bin))
+
+    def _ensure_loading(self) -> None:
+        if not self._loading:
+            self._loading = True
+            self._spawn_bg(self._load_litellm())
 
     def _spawn_bg(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -151,6 +161,8 @@ class Spawner:
     def litellm_status(self) -> dict[str, Any]:
         if self._load_error:
             return {"status": "failed", "error": self._load_error}
+        if not self._loading:
+            return {"status": "not_loaded", "hint": "loads at the first SPAWN"}
         ready = self._ready is not None and self._ready.is_set()
         return {"status": "ready" if ready else "loading"}
 
@@ -195,8 +207,8 @@ class Spawner:
         else:
             outcome = self._finished.get(process_id) or {}
         if "error" in outcome:
-            err = outcome["error"]
-            raise SpawnFailed(err["message"], code=err["code"], details=err)
+            err = dict(outcome["error"])
+            raise SpawnFailed(err.pop("message"), code=err.pop("code"), details=err)
         result = dict(outcome["result"])
         result["replayed"] = replay
         return result
@@ -264,8 +276,8 @@ class Spawner:
             outcome = {"error": {"code": "CANCELLED", "message": "the turn was cancelled",
                                  "process_id": info.process_id}}
         except DaemonError as exc:
-            outcome = {"error": {**exc.to_wire(), **(exc.details or {}),
-                                 "process_id": info.process_id}}
+            outcome = {"error": {**(exc.details or {}), "code": exc.code,
+                                 "message": exc.message, "process_id": info.process_id}}
         except Exception as exc:
             log.exception("turn.crashed", process_id=info.process_id)
             outcome = {"error": {"code": "INTERNAL_ERROR", "message": f"{type(exc).__name__}",
@@ -279,6 +291,7 @@ class Spawner:
 
     async def _execute(self, turn: Turn) -> dict[str, Any]:
         assert self._ready is not None
+        self._ensure_loading()
         await self._ready.wait()
         if self._acompletion is None:
             raise DaemonError(f"LiteLLM could not be loaded: {self._load_error}",
@@ -331,8 +344,10 @@ class Spawner:
         cli = getattr(exc, "claude_error", None)
         if cli is not None:
             details = cli.to_dict()
-            details.setdefault("session_id", turn.session_id)
-            return SpawnFailed(cli.message, code=cli.code, details=details)
+            details.pop("code", None)
+            details.pop("message", None)
+            details["session_id"] = details.get("session_id") or turn.session_id
+            return SpawnFailed(cli.message, code=str(cli.code), details=details)
         log.error("turn.litellm_error", error=repr(exc), process_id=turn.info.process_id)
         return SpawnFailed(f"LiteLLM call failed: {type(exc).__name__}: {exc}",
                            code="CLI_CRASHED")
@@ -354,7 +369,8 @@ class Spawner:
             cost = float(outcome["result"].get("cost_usd") or 0.0)
             info.cost_usd = cost
         await self.daemon.state.save_process(info, wait=False)
-        if started:
+        error_code = outcome["error"]["code"] if "error" in outcome else None
+        if started and error_code not in _NO_SESSION_CODES:
             # The CLI stored the session as soon as it started: it can be resumed even after
             # a failed turn, so the daemon knows it too.
             await self.daemon.state.record_turn(

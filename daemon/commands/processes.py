@@ -145,7 +145,7 @@ class SessionResult(Result):
 
 def register(r: Registry) -> None:
     @r.command("SPAWN", params=SpawnParams, result=SpawnResult, long_running=True,
-               aliases=("COMPLETION",))
+               aliases=("COMPLETION",), exclude_none=True)
     async def spawn(ctx: Context, p: SpawnParams) -> SpawnResult:
         """Run a Claude turn through LiteLLM and the claude-cli provider. ``mode: sync``
         answers with the turn's text, session_id, cost and usage; ``async`` answers at once

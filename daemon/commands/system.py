@@ -19,7 +19,7 @@ class HealthResult(Result):
     uptime_s: float
     socket: str
     counts: dict[str, int]
-    litellm: dict[str, Any] = Field(description="status: loading | ready | failed")
+    litellm: dict[str, Any] = Field(description="status: not_loaded | loading | ready | failed")
     claude: dict[str, Any] = Field(description="which CLI binary and version the daemon uses")
     warm: dict[str, Any] = Field(default_factory=dict)
 

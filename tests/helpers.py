@@ -1,0 +1,185 @@
+"""Test harness: a real daemon in a subprocess on a short socket path, plus small helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_CLAUDE = ROOT / "devtools" / "fake_claude.py"
+
+
+def short_tmpdir(prefix: str = "ksi") -> Path:
+    # AF_UNIX paths are limited to ~107 bytes; pytest's tmp_path can be longer.
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def raw_exchange(path: Path, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send bytes on a fresh connection without half-closing; read until the daemon closes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(data)
+        chunks = []
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class DaemonProcess:
+    """``python daemon.py`` with its own socket, state and log dirs, driven from a test."""
+
+    def __init__(
+        self,
+        base: Path | None = None,
+        *,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        claude_bin: Path | None = FAKE_CLAUDE,
+        preload: bool = False,
+    ) -> None:
+        self.base = base or short_tmpdir()
+        self.owns_base = base is None
+        self.socket = self.base / "s" / "d.sock"
+        self.state_dir = self.base / "state"
+        self.log_dir = self.base / "logs"
+        self.work = self.base / "work"  # cwd for turns; CLI sessions are scoped to it
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.config_dir = self.base / "claude-config"
+        self.fake_log = self.base / "fake_claude.jsonl"
+        self.args = args or []
+        self.env = dict(os.environ)
+        self.env.pop("CLAUDECODE", None)
+        self.env.update(
+            {
+                "CLAUDE_CONFIG_DIR": str(self.config_dir),
+                "FAKE_CLAUDE_LOG": str(self.fake_log),
+                "KSI_LITELLM_PRELOAD": "true" if preload else "false",
+            }
+        )
+        if claude_bin is not None:
+            self.env["KSI_CLAUDE_BIN"] = str(claude_bin)
+        self.env.update(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stderr_path = self.base / "daemon.stderr"
+
+    def start(self, timeout: float = 15.0) -> DaemonProcess:
+        cmd = [
+            sys.executable,
+            str(ROOT / "daemon.py"),
+            "--socket",
+            str(self.socket),
+            "--state-dir",
+            str(self.state_dir),
+            "--log-dir",
+            str(self.log_dir),
+            "--log-format",
+            "json",
+            *self.args,
+        ]
+        with open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=str(self.work),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
+        wait_for(self._healthy, timeout)
+        return self
+
+    def _healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.stderr()}")
+        try:
+            return self.call("HEALTH_CHECK")["status"] == "success"
+        except OSError:
+            return False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def request(
+        self, command: str, params: dict[str, Any] | None = None, **envelope: Any
+    ) -> dict[str, Any]:
+        line = {"command": command, "parameters": params or {}, **envelope}
+        reply = raw_exchange(self.socket, orjson.dumps(line) + b"\n", timeout=120)
+        result: dict[str, Any] = orjson.loads(reply)
+        return result
+
+    def call(self, command: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.request(command, params)
+
+    def result(self, command: str, params: dict[str, Any] | None = None) -> Any:
+        reply = self.call(command, params)
+        assert reply["status"] == "success", reply
+        return reply["result"]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.stderr().splitlines():
+            if line.startswith("{"):
+                out.append(orjson.loads(line))
+        return out
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        if self.owns_base:
+            shutil.rmtree(self.base, ignore_errors=True)
