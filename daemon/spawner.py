@@ -95,6 +95,7 @@ class Spawner:
         self.engine: ClaudeEngine | None = None
         self._claude_bin: Path | None = None
         self._claude_version: str | None = None
+        self._version_probed = False  # `claude --version` takes ~0.5 s; HEALTH_CHECK says so
         self._bg: set[asyncio.Task[Any]] = set()
         self._loading = False
 
@@ -132,7 +133,10 @@ class Spawner:
         task.add_done_callback(self._bg.discard)
 
     async def _probe_version(self, path: Path) -> None:
-        self._claude_version = await claude_version(path)
+        try:
+            self._claude_version = await claude_version(path)
+        finally:
+            self._version_probed = True
 
     async def _load_litellm(self) -> None:
         started = time.perf_counter()
@@ -169,7 +173,8 @@ class Spawner:
     def claude_status(self) -> dict[str, Any]:
         if self._claude_bin is None:
             return {"found": False, "bin": None, "version": None, "install_hint": INSTALL_HINT}
-        return {"found": True, "bin": str(self._claude_bin), "version": self._claude_version}
+        return {"found": True, "bin": str(self._claude_bin), "version": self._claude_version,
+                "version_probed": self._version_probed}
 
     def warm_status(self) -> dict[str, Any]:
         if self.engine is None:

@@ -1,0 +1,183 @@
+"""The daemon and the provider driving the REAL pinned Claude Code CLI, offline.
+
+Every model call goes to the loopback stub (``devtools/stub_api.py``); the stub's request
+log shows what the CLI really sent, which is how continuity and serialisation are proven.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.claude.engine import ClaudeEngine, EngineConfig
+from daemon.client import AsyncClient
+from devtools.stub_api import StubAPI
+from tests.helpers import DaemonProcess, pid_alive, wait_for
+
+
+@pytest.fixture
+def real_daemon(real_claude_bin: Path, claude_env: dict[str, str], claude_cwd: Path
+                ) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(claude_bin=real_claude_bin, env=claude_env, preload=True)
+    d.work = claude_cwd
+    d.start()
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+def user_texts(request: dict[str, Any]) -> list[str]:
+    """The user/assistant texts of one logged Messages API request, reminders left out."""
+    out = []
+    for msg in request["body"]["messages"]:
+        if msg["role"] not in ("user", "assistant"):
+            continue
+        content = msg["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for block in blocks:
+            if block.get("type") == "text" and not block["text"].startswith("<system-reminder>"):
+                out.append(f"{msg['role']}:{block['text'].strip()}")
+    return out
+
+
+def model_calls(stub: StubAPI) -> list[dict[str, Any]]:
+    return [r for r in stub.requests() if r["method"] == "POST" and r["path"] == "/v1/messages"]
+
+
+def spawn(d: DaemonProcess, **params: Any) -> dict[str, Any]:
+    params.setdefault("cwd", str(d.work))
+    return d.call("SPAWN", params)
+
+
+def test_sync_spawn_and_resume_with_the_real_cli(real_daemon: DaemonProcess,
+                                                 stub_api: StubAPI) -> None:
+    health = wait_for(lambda: (h := real_daemon.result("HEALTH_CHECK"))["claude"]["version_probed"]
+                      and h)
+    assert health["claude"]["found"] and health["claude"]["version"] == "2.1.197"
+    first = spawn(real_daemon, prompt="hello", model="sonnet")
+    assert first["status"] == "success", first
+    r1 = first["result"]
+    assert r1["text"] == "echo: hello"
+    assert r1["cost_usd"] > 0 and r1["usage"]["input_tokens"] > 0
+    assert r1["model"].startswith("claude-sonnet")
+    sid = r1["session_id"]
+    second = spawn(real_daemon, prompt="second", session_id=sid)["result"]
+    assert second["text"] == "echo: second" and second["session_id"] == sid
+    # The stub saw the whole earlier conversation on the resumed turn.
+    assert user_texts(model_calls(stub_api)[-1]) == [
+        "user:hello", "assistant:echo: hello", "user:second"]
+
+
+async def test_concurrent_turns_of_one_session_are_serialised(real_daemon: DaemonProcess,
+                                                              stub_api: StubAPI) -> None:
+    sid = spawn(real_daemon, prompt="base")["result"]["session_id"]
+    async with AsyncClient.connect(real_daemon.socket) as c:
+        a, b = await asyncio.gather(
+            c.call("SPAWN", {"prompt": "alpha", "session_id": sid}),
+            c.call("SPAWN", {"prompt": "beta", "session_id": sid}),
+        )
+    assert {a["text"], b["text"]} == {"echo: alpha", "echo: beta"}
+    last = spawn(real_daemon, prompt="check", session_id=sid)["result"]
+    assert last["text"] == "echo: check"
+    texts = user_texts(model_calls(stub_api)[-1])
+    # Forked history would lose one of the two: both must be in the final conversation.
+    assert "user:alpha" in texts and "user:beta" in texts and texts[0] == "user:base"
+
+
+async def test_async_spawn_publishes_process_complete(real_daemon: DaemonProcess) -> None:
+    async with AsyncClient.connect(real_daemon.socket) as c:
+        await c.subscribe(["PROCESS_COMPLETE"])
+        reply = await c.call("SPAWN", {"prompt": "in the background", "mode": "async",
+                                       "cwd": str(real_daemon.work)})
+        event = await c.next_event(timeout=60)
+    assert event["event"] == "PROCESS_COMPLETE"
+    assert event["data"]["process_id"] == reply["process_id"]
+    assert event["data"]["status"] == "completed"
+    assert event["data"]["text"] == "echo: in the background"
+
+
+@pytest.mark.parametrize(("status", "code"), [(401, "AUTH_FAILED"), (429, "RATE_LIMITED"),
+                                              (500, "API_ERROR")])
+def test_api_errors_become_typed_codes(real_daemon: DaemonProcess, status: int,
+                                       code: str) -> None:
+    reply = spawn(real_daemon, prompt=f"[[error:{status}]]")
+    assert reply["status"] == "error"
+    assert reply["error"]["code"] == code
+    assert reply["error"]["details"]["api_error_status"] == status
+    assert reply["error"]["details"]["exit_code"] == 1
+
+
+def test_unknown_session_is_session_not_found(real_daemon: DaemonProcess) -> None:
+    reply = spawn(real_daemon, prompt="hi", session_id="0b7e2cbe-5d0e-4a52-8b0e-5c1f9d1f2a11")
+    assert reply["error"]["code"] == "SESSION_NOT_FOUND"
+    assert "No conversation found" in reply["error"]["details"]["stderr_tail"]
+
+
+async def test_timeout_and_cancel_kill_the_real_cli(real_daemon: DaemonProcess) -> None:
+    async with AsyncClient.connect(real_daemon.socket) as c:
+        await c.subscribe(["PROCESS_STARTED"])
+        timed = await c.request("SPAWN", {"prompt": "[[sleep:30]] slow", "timeout_s": 3,
+                                          "cwd": str(real_daemon.work)})
+        started = await c.next_event(timeout=10)
+        assert timed["error"]["code"] == "TIMEOUT"
+        assert not pid_alive(started["data"]["pid"])
+
+        job = await c.call("SPAWN", {"prompt": "[[sleep:30]] cancel me", "mode": "async",
+                                     "cwd": str(real_daemon.work)})
+        started = await c.next_event(timeout=20)
+        pid = started["data"]["pid"]
+        assert pid_alive(pid)
+        cancelled = await c.call("CANCEL_PROCESS", {"process_id": job["process_id"]})
+        assert cancelled["status"] == "cancelled"
+    wait_for(lambda: not pid_alive(pid), timeout=5)
+
+
+def test_tool_round_trip_with_allowed_tools(real_daemon: DaemonProcess,
+                                            stub_api: StubAPI) -> None:
+    r = spawn(real_daemon, prompt="[[bash:echo hi]]", allowed_tools=["Bash"])["result"]
+    assert r["text"] == "tool result: hi"
+    assert r["num_turns"] == 2
+    assert len(model_calls(stub_api)) == 2
+
+
+async def test_provider_straight_from_litellm(real_claude_bin: Path, claude_env: dict[str, str],
+                                              claude_cwd: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    import litellm
+
+    import claude_cli_provider
+
+    for key, value in claude_env.items():
+        monkeypatch.setenv(key, value)
+    engine = ClaudeEngine(EngineConfig(project_root=claude_cwd, default_cwd=claude_cwd,
+                                       claude_bin=str(real_claude_bin)))
+    saved = list(litellm.custom_provider_map)
+    claude_cli_provider.register(claude_cli_provider.ClaudeCLIProvider(engine))
+    try:
+        resp = await litellm.acompletion(model="claude-cli/sonnet",
+                                         messages=[{"role": "user", "content": "direct"}],
+                                         claude={"cwd": str(claude_cwd)})
+        assert resp.choices[0].message.content == "echo: direct"
+        sid = resp._hidden_params["claude_session_id"]
+        assert resp._hidden_params["response_cost"] > 0
+
+        stream = await litellm.acompletion(
+            model="claude-cli/sonnet", stream=True,
+            messages=[{"role": "user", "content": "streamed"}],
+            claude={"session_id": sid})
+        text, session = "", None
+        try:
+            async for chunk in stream:
+                text += chunk.choices[0].delta.content or ""
+                session = getattr(chunk, "claude_session_id", None) or session
+        finally:
+            await stream.aclose()
+        assert text == "echo: streamed" and session == sid
+    finally:
+        litellm.custom_provider_map = saved
+        await engine.aclose()
