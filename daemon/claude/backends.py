@@ -1,0 +1,241 @@
+"""Turn backends: how one resolved turn is executed.
+
+A backend receives a fully resolved :class:`TurnRequest` (binary, session id,
+cwd, env, timeout) from :class:`~daemon.claude.engine.ClaudeEngine`, which
+keeps the locking and session bookkeeping. :class:`ColdBackend` starts one
+``claude -p`` process per turn; a warm backend (one long-lived stream-json CLI
+per session) implements the same :class:`TurnBackend` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Protocol
+
+import orjson
+
+from daemon.claude.argv import build_argv
+from daemon.claude.errors import ClaudeCLIError, ErrorCode
+from daemon.claude.options import ClaudeOptions
+from daemon.claude.results import TurnResult, classify_result, parse_result, stdout_excerpt
+from daemon.claude.runner import OutputLimitError, RunResult, run_process
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    """Everything a backend needs to execute one resolved turn."""
+
+    prompt: str
+    model: str | None
+    opts: ClaudeOptions
+    session_id: str
+    resume: bool
+    cwd: str
+    env: dict[str, str]
+    timeout_s: float
+    claude_bin: str
+    term_grace_s: float
+    on_start: Callable[[int, list[str]], None]
+
+
+class StreamState:
+    """Where a streaming backend leaves the final TurnResult."""
+
+    def __init__(self) -> None:
+        self.result: TurnResult | None = None
+
+
+class TurnBackend(Protocol):
+    """Executes resolved turns; locking and session bookkeeping stay in the engine."""
+
+    mode: Literal["cold", "warm"]
+
+    async def run_json(self, req: TurnRequest) -> TurnResult: ...
+
+    def stream(
+        self, req: TurnRequest, state: StreamState
+    ) -> AsyncGenerator[dict[str, Any], None]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@contextmanager
+def _runner_errors(req: TurnRequest) -> Iterator[None]:
+    """Translate spawn and output-limit failures into ClaudeCLIError."""
+    try:
+        yield
+    except OutputLimitError as exc:
+        raise ClaudeCLIError(
+            ErrorCode.INVALID_OUTPUT,
+            str(exc),
+            exit_code=exc.result.returncode,
+            stderr_tail=exc.result.stderr_tail.decode("utf-8", "replace"),
+            session_id=req.session_id,
+            pid=exc.result.pid,
+        ) from exc
+    except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+        # A missing cwd raises the same FileNotFoundError as a missing binary.
+        if not os.path.isdir(req.cwd):
+            raise ClaudeCLIError(
+                ErrorCode.CLI_CRASHED,
+                f"cannot start the CLI: cwd {req.cwd} does not exist",
+                session_id=req.session_id,
+            ) from exc
+        raise ClaudeCLIError(
+            ErrorCode.CLAUDE_NOT_FOUND,
+            f"cannot execute {req.claude_bin}: {exc.strerror}",
+            session_id=req.session_id,
+        ) from exc
+
+
+def _timeout_error(req: TurnRequest, run: RunResult) -> ClaudeCLIError:
+    return ClaudeCLIError(
+        ErrorCode.TIMEOUT,
+        f"turn exceeded {req.timeout_s:g}s; the CLI process group was killed",
+        exit_code=run.returncode,
+        stderr_tail=run.stderr_tail.decode("utf-8", "replace"),
+        session_id=req.session_id,
+        pid=run.pid,
+    )
+
+
+class ColdBackend:
+    """One fresh ``claude -p`` process per turn."""
+
+    mode: Literal["cold", "warm"] = "cold"
+
+    async def run_json(self, req: TurnRequest) -> TurnResult:
+        argv = build_argv(
+            req.claude_bin,
+            model=req.model,
+            opts=req.opts,
+            session_id=req.session_id,
+            resume=req.resume,
+            output_format="json",
+        )
+        with _runner_errors(req):
+            run = await run_process(
+                argv,
+                stdin_data=req.prompt.encode(),
+                cwd=req.cwd,
+                env=req.env,
+                timeout_s=req.timeout_s,
+                term_grace_s=req.term_grace_s,
+                on_start=lambda pid: req.on_start(pid, argv),
+            )
+        if run.timed_out:
+            raise _timeout_error(req, run)
+        return parse_result(
+            run.stdout,
+            run.returncode,
+            run.stderr_tail,
+            requested_model=req.model,
+            session_id=req.session_id,
+            pid=run.pid,
+        )
+
+    async def stream(
+        self, req: TurnRequest, state: StreamState
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        argv = build_argv(
+            req.claude_bin,
+            model=req.model,
+            opts=req.opts,
+            session_id=req.session_id,
+            resume=req.resume,
+            output_format="stream-json",
+        )
+        lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+        task = asyncio.create_task(
+            run_process(
+                argv,
+                stdin_data=req.prompt.encode(),
+                cwd=req.cwd,
+                env=req.env,
+                timeout_s=req.timeout_s,
+                term_grace_s=req.term_grace_s,
+                on_start=lambda pid: req.on_start(pid, argv),
+                on_stdout_line=lines.put_nowait,
+                collect_stdout=False,
+            )
+        )
+        task.add_done_callback(lambda _: lines.put_nowait(None))
+        result_obj: dict[str, Any] | None = None
+        junk = bytearray()
+        try:
+            while (line := await lines.get()) is not None:
+                try:
+                    obj = orjson.loads(line) if line.strip() else None
+                except orjson.JSONDecodeError:
+                    obj = None
+                if not isinstance(obj, dict):
+                    if line.strip() and len(junk) < 8192:
+                        junk += line[:4096] + b"\n"
+                    continue
+                if obj.get("type") == "result":
+                    result_obj = obj
+                yield obj
+            with _runner_errors(req):
+                run = await task
+        finally:
+            if not task.done():
+                # aclose()/cancel of the consumer: the runner's cancel path
+                # terminates the group before we return.
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if run.timed_out:
+            raise _timeout_error(req, run)
+        state.result = classify_result(
+            result_obj,
+            exit_code=run.returncode,
+            stderr_tail=run.stderr_tail.decode("utf-8", "replace"),
+            requested_model=req.model,
+            session_id=req.session_id,
+            pid=run.pid,
+            stdout_sample=stdout_excerpt(bytes(junk)) if result_obj is None else "",
+        )
+
+    async def aclose(self) -> None:
+        """Cold runs belong to their callers; the engine kills their groups."""
+
+
+class TurnStream(AsyncIterator[dict[str, Any]]):
+    """Async iterator over one turn's stream-json lines (the last is ``result``).
+
+    Raises ClaudeCLIError after the last line if the turn failed. ``aclose()``
+    (or leaving ``async with``) kills the CLI's process group; ``break`` alone
+    does not, so always close it. ``result`` holds the TurnResult on success.
+    """
+
+    def __init__(
+        self, gen: AsyncGenerator[dict[str, Any], None], state: StreamState, session_id: str
+    ) -> None:
+        self._gen = gen
+        self._state = state
+        self.session_id = session_id
+
+    @property
+    def result(self) -> TurnResult | None:
+        return self._state.result
+
+    def __aiter__(self) -> TurnStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+    async def __aenter__(self) -> TurnStream:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

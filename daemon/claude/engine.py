@@ -1,0 +1,277 @@
+"""ClaudeEngine: run Claude Code CLI turns with session continuity.
+
+The engine owns three pieces of policy the bare CLI leaves to its callers:
+
+* **Per-session serialisation.** Two concurrent ``--resume`` runs of one
+  session both succeed but fork its history silently (reference §5), so turns
+  of one session id wait on an ``asyncio.Lock`` that is dropped when idle.
+* **cwd pinning.** Resume is scoped to the cwd the session was created in; the
+  engine remembers each session's cwd so a later turn without ``cwd`` lands in
+  the right project directory.
+* **Known session ids.** First turns pass ``--session-id <uuid>`` so the id is
+  known (and reported through ``on_start``) even if the run dies.
+
+How a turn is executed is behind :class:`TurnBackend`. Only the cold backend
+(one ``claude -p`` process per turn) exists; a warm backend (one long-lived
+CLI per session, reference §12) plugs in through :meth:`ClaudeEngine._backend_for`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+
+from daemon.claude.backends import ColdBackend, StreamState, TurnBackend, TurnRequest, TurnStream
+from daemon.claude.errors import ClaudeCLIError, ErrorCode
+from daemon.claude.locate import claude_version, locate_claude
+from daemon.claude.options import ClaudeOptions, StartInfo
+from daemon.claude.results import TurnResult
+from daemon.claude.runner import killpg_quiet
+
+log = structlog.get_logger("ksi.claude.engine")
+
+_MAX_REMEMBERED_SESSIONS = 10_000
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Static engine settings, built once by the daemon."""
+
+    project_root: Path
+    default_cwd: Path
+    claude_bin: str | None = None
+    default_model: str | None = None
+    default_timeout_s: float = 600.0
+    term_grace_s: float = 3.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+    warm_default: bool = False
+
+
+@dataclass
+class _SessionSlot:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+class ClaudeEngine:
+    """Runs turns; see the module docstring for the policies it enforces."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._bin: Path | None = locate_claude(config.claude_bin, config.project_root)
+        self._version: str | None = None
+        self._cold = ColdBackend()
+        self._slots: dict[str, _SessionSlot] = {}
+        self._session_cwds: OrderedDict[str, str] = OrderedDict()
+        self._running: dict[int, str] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+
+    # -- public API -------------------------------------------------------
+
+    async def run_turn(
+        self, prompt: str, *, model: str | None = None, opts: ClaudeOptions | None = None
+    ) -> TurnResult:
+        """Run one turn with ``--output-format json``; raise ClaudeCLIError on failure."""
+        opts = opts or ClaudeOptions()
+        session_id, resume = self._session_for(opts)
+        backend = self._backend_for(opts)
+        async with self._session_slot(session_id):
+            req, pids = self._request(prompt, model, opts, session_id, resume, backend.mode)
+            with self._shutdown_is_cancel(pids):
+                return await backend.run_json(req)
+
+    def stream_turn(
+        self, prompt: str, *, model: str | None = None, opts: ClaudeOptions | None = None
+    ) -> TurnStream:
+        """Start a stream-json turn; iterate the result, and always ``aclose()`` it."""
+        opts = opts or ClaudeOptions()
+        session_id, resume = self._session_for(opts)
+        state = StreamState()
+        gen = self._stream(prompt, model, opts, session_id, resume, state)
+        return TurnStream(gen, state, session_id)
+
+    async def aclose(self) -> None:
+        """Refuse new turns and kill every CLI still running (TERM, grace, KILL)."""
+        self._closed = True
+        await self._cold.aclose()
+        for pgid in list(self._running):
+            killpg_quiet(pgid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.config.term_grace_s)
+        for pgid in list(self._running):
+            killpg_quiet(pgid, signal.SIGKILL)
+
+    async def probe_version(self) -> str | None:
+        """Ask the binary for its version (cached for describe())."""
+        path = self._binary()
+        if path is not None:
+            self._version = await claude_version(path)
+        return self._version
+
+    def describe(self) -> dict[str, Any]:
+        """Status snapshot for the daemon's status command."""
+        return {
+            "claude_bin": str(self._bin) if self._bin else None,
+            "version": self._version,
+            "running": len(self._running),
+            "running_pids": sorted(self._running),
+            "active_sessions": len(self._slots),
+            "warm_default": self.config.warm_default,
+            "closed": self._closed,
+        }
+
+    def session_cwd(self, session_id: str) -> str | None:
+        """The cwd a session was last run in, if this engine has seen it."""
+        return self._session_cwds.get(session_id)
+
+    # -- internals --------------------------------------------------------
+
+    def _backend_for(self, opts: ClaudeOptions) -> TurnBackend:
+        """Seam for the warm backend: decide per turn which backend runs it.
+
+        ``opts.warm`` (else ``config.warm_default``) will select a WarmBackend
+        here; until that exists every turn runs cold.
+        """
+        return self._cold
+
+    async def _stream(
+        self,
+        prompt: str,
+        model: str | None,
+        opts: ClaudeOptions,
+        session_id: str,
+        resume: bool,
+        state: StreamState,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        backend = self._backend_for(opts)
+        async with self._session_slot(session_id):
+            req, pids = self._request(prompt, model, opts, session_id, resume, backend.mode)
+            with self._shutdown_is_cancel(pids):
+                # Close the inner generator explicitly: leaving `async for` via
+                # GeneratorExit would otherwise leave the CLI running until GC.
+                async with aclosing(backend.stream(req, state)) as items:
+                    async for item in items:
+                        yield item
+
+    def _session_for(self, opts: ClaudeOptions) -> tuple[str, bool]:
+        if opts.session_id is not None:
+            return opts.session_id, True
+        return opts.new_session_id or str(uuid.uuid4()), False
+
+    def _binary(self) -> Path | None:
+        if self._bin is None:
+            # Re-resolve so `npm ci` after daemon start is picked up.
+            self._bin = locate_claude(self.config.claude_bin, self.config.project_root)
+        return self._bin
+
+    def _request(
+        self,
+        prompt: str,
+        model: str | None,
+        opts: ClaudeOptions,
+        session_id: str,
+        resume: bool,
+        mode: Literal["cold", "warm"],
+    ) -> tuple[TurnRequest, list[int]]:
+        if self._closed:
+            raise ClaudeCLIError(ErrorCode.CANCELLED, "engine is shut down", session_id=session_id)
+        path = self._binary()
+        if path is None:
+            wanted = self.config.claude_bin or "claude"
+            raise ClaudeCLIError(
+                ErrorCode.CLAUDE_NOT_FOUND,
+                f"Claude Code CLI not found ({wanted!r}). Install the pinned CLI with `npm ci` "
+                f"in {self.config.project_root}, or pass --claude-bin / set KSI_CLAUDE_BIN.",
+                session_id=session_id,
+            )
+        cwd = opts.cwd
+        if cwd is None and resume:
+            cwd = self._session_cwds.get(session_id)
+        cwd = cwd or str(self.config.default_cwd)
+        env = {k: v for k, v in os.environ.items() if k != "CLAUDECODE"}
+        env.update(self.config.extra_env)
+        timeout = opts.timeout_s if opts.timeout_s is not None else self.config.default_timeout_s
+
+        pids: list[int] = []
+
+        def on_start(pid: int, argv: list[str]) -> None:
+            pids.append(pid)
+            self._running[pid] = session_id
+            self._idle.clear()
+            self._remember_cwd(session_id, cwd)
+            if opts.on_start is None:
+                return
+            info = StartInfo(pid=pid, session_id=session_id, mode=mode, argv=tuple(argv), cwd=cwd)
+            try:
+                opts.on_start(info)
+            except Exception:
+                # A faulty observer must not kill a paid turn.
+                log.exception("claude.on_start_failed", pid=pid, session_id=session_id)
+
+        req = TurnRequest(
+            prompt=prompt,
+            model=model or self.config.default_model,
+            opts=opts,
+            session_id=session_id,
+            resume=resume,
+            cwd=cwd,
+            env=env,
+            timeout_s=timeout,
+            claude_bin=str(path),
+            term_grace_s=self.config.term_grace_s,
+            on_start=on_start,
+        )
+        return req, pids
+
+    def _remember_cwd(self, session_id: str, cwd: str) -> None:
+        self._session_cwds[session_id] = cwd
+        self._session_cwds.move_to_end(session_id)
+        while len(self._session_cwds) > _MAX_REMEMBERED_SESSIONS:
+            self._session_cwds.popitem(last=False)
+
+    @asynccontextmanager
+    async def _session_slot(self, session_id: str) -> AsyncIterator[None]:
+        slot = self._slots.setdefault(session_id, _SessionSlot())
+        slot.users += 1
+        try:
+            async with slot.lock:
+                yield
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                self._slots.pop(session_id, None)
+
+    @contextmanager
+    def _shutdown_is_cancel(self, pids: list[int]) -> Iterator[None]:
+        """A turn killed by aclose() is CANCELLED, not a crash; also untrack its pids."""
+        try:
+            yield
+        except ClaudeCLIError as exc:
+            if self._closed and exc.code in (ErrorCode.CLI_CRASHED, ErrorCode.INVALID_OUTPUT):
+                raise ClaudeCLIError(
+                    ErrorCode.CANCELLED,
+                    "engine shut down during the turn",
+                    exit_code=exc.exit_code,
+                    stderr_tail=exc.stderr_tail,
+                    session_id=exc.session_id,
+                    pid=exc.pid,
+                ) from exc
+            raise
+        finally:
+            for pid in pids:
+                self._running.pop(pid, None)
+            if not self._running:
+                self._idle.set()

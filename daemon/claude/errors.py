@@ -1,0 +1,88 @@
+"""Typed failure of one Claude CLI turn.
+
+Every way a turn can fail ends up as a :class:`ClaudeCLIError` with a stable
+``code`` (an :class:`ErrorCode`). The codes are the daemon's wire vocabulary:
+the command layer and the LiteLLM provider translate them, nothing else does::
+
+    ClaudeCLIError
+      code = CLAUDE_NOT_FOUND   executable missing / not executable
+           | SESSION_NOT_FOUND  --resume of an id unknown in that cwd
+           | AUTH_FAILED        API said 401/403 ("Failed to authenticate")
+           | RATE_LIMITED       API said 429
+           | API_ERROR          any other API failure (5xx, 400, connect, timeout)
+           | MAX_TURNS          subtype error_max_turns
+           | TIMEOUT            our own wall-clock limit hit; process group killed
+           | CANCELLED          the engine was shut down under the turn
+           | CLI_CRASHED        killed by a signal / non-zero exit without a result
+           | INVALID_OUTPUT     exit 0 but stdout is not a result object
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes; the string values go over the wire unchanged."""
+
+    CLAUDE_NOT_FOUND = "CLAUDE_NOT_FOUND"
+    SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
+    AUTH_FAILED = "AUTH_FAILED"
+    RATE_LIMITED = "RATE_LIMITED"
+    API_ERROR = "API_ERROR"
+    MAX_TURNS = "MAX_TURNS"
+    TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
+    CLI_CRASHED = "CLI_CRASHED"
+    INVALID_OUTPUT = "INVALID_OUTPUT"
+
+
+class ClaudeCLIError(Exception):
+    """A Claude CLI turn failed; ``code`` says how, the rest is evidence.
+
+    ``raw`` is the CLI's result object when one was printed (API errors and
+    max-turns still print one), otherwise ``None`` (or, for INVALID_OUTPUT, a
+    dict holding a bounded excerpt of what stdout did contain).
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        stderr_tail: str = "",
+        api_error_status: int | None = None,
+        session_id: str | None = None,
+        raw: dict[str, Any] | None = None,
+        pid: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.exit_code = exit_code
+        self.stderr_tail = stderr_tail
+        self.api_error_status = api_error_status
+        self.session_id = session_id
+        self.raw = raw
+        self.pid = pid
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"ClaudeCLIError({self.code.value!r}, {self.message!r}, exit={self.exit_code!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the daemon's error replies and event payloads."""
+        return {
+            "code": self.code.value,
+            "message": self.message,
+            "exit_code": self.exit_code,
+            "stderr_tail": self.stderr_tail,
+            "api_error_status": self.api_error_status,
+            "session_id": self.session_id,
+            "pid": self.pid,
+            "raw": self.raw,
+        }
