@@ -409,3 +409,24 @@ def test_sigterm_during_a_turn_kills_the_cli(make_daemon: Any) -> None:
     procs = d.result("GET_PROCESSES")["processes"]
     assert procs[-1]["status"] in ("cancelled", "failed")
     assert os.path.exists(d.state_dir / "ksi.sqlite3")
+
+
+def test_socket_answers_before_litellm_is_loaded_and_stdout_stays_clean() -> None:
+    d = DaemonProcess(preload=True)
+    try:
+        d.start()
+        # LiteLLM's import takes seconds; the socket answered before it finished.
+        first = d.result("HEALTH_CHECK")
+        assert first["litellm"]["status"] in ("loading", "ready")
+        statuses = {first["litellm"]["status"]}
+        wait_for(lambda: statuses.add(d.result("HEALTH_CHECK")["litellm"]["status"])
+                 or "ready" in statuses, timeout=60)
+        assert "loading" in statuses  # observed at least once while the import ran
+        # Errors are where LiteLLM prints banners to stdout unless quietened.
+        assert spawn(d, prompt="[[error:500]]")["error"]["code"] == "API_ERROR"
+        assert spawn(d, prompt="fine", model="some-unmapped-model")["status"] == "success"
+        assert d.stop() == 0
+        assert d.proc is not None and d.proc.stdout is not None
+        assert d.proc.stdout.read() == b""
+    finally:
+        d.cleanup()
