@@ -70,7 +70,8 @@ async def tour(sock: Path, work: Path) -> None:
         session = (await c.call("GET_SESSION", {"session_id": first["session_id"]}))["session"]
         say("GET_SESSION", f"turns={session['turns']} total_cost_usd={session['total_cost_usd']}"
             f"\nlog={session['log_path']}")
-        for line in Path(session["log_path"]).read_text().splitlines()[:4]:
+        log_text = await asyncio.to_thread(Path(session["log_path"]).read_text)
+        for line in log_text.splitlines()[:4]:
             print("   " + (line[:110] + "…" if len(line) > 110 else line))
 
 

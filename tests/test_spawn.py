@@ -52,16 +52,20 @@ def test_sync_spawn_returns_answer_session_cost_and_usage(make_daemon: Any) -> N
     assert r["status"] == "completed"
     assert r["text"] == "echo: --help me, I start with dashes (turn 1)"
     assert uuid.UUID(r["session_id"])
-    assert r["cost_usd"] > 0 and r["cost_usd"] == r["raw"]["total_cost_usd"]
+    assert r["cost_usd"] > 0
+    assert r["cost_usd"] == r["raw"]["total_cost_usd"]
     assert r["usage"]["output_tokens"] >= 1
-    assert r["num_turns"] == 1 and r["is_error"] is False
+    assert r["num_turns"] == 1
+    assert r["is_error"] is False
     assert r["model"] == "claude-sonnet-5"
-    assert r["raw"]["type"] == "result" and r["raw"]["session_id"] == r["session_id"]
+    assert r["raw"]["type"] == "result"
+    assert r["raw"]["session_id"] == r["session_id"]
     (inv,) = fake_invocations(d)
     # The prompt travels on stdin, never argv; the daemon's CLAUDECODE is not inherited.
     assert not any("dashes" in a for a in inv["argv"])
     assert inv["env_CLAUDECODE"] is None
-    assert "--session-id" in inv["argv"] and r["session_id"] in inv["argv"]
+    assert "--session-id" in inv["argv"]
+    assert r["session_id"] in inv["argv"]
     assert inv["argv"][inv["argv"].index("--model") + 1] == "sonnet"
 
 
@@ -89,12 +93,15 @@ def test_resume_continuity_session_record_and_jsonl(make_daemon: Any) -> None:
     log_path = Path(session["log_path"])
     lines = [orjson.loads(x) for x in log_path.read_bytes().splitlines()]
     assert [x["type"] for x in lines] == ["human", "claude", "human", "claude"]
-    assert lines[0]["content"] == "one" and lines[0]["process_id"] == first["process_id"]
+    assert lines[0]["content"] == "one"
+    assert lines[0]["process_id"] == first["process_id"]
     assert lines[0]["agent_id"] == "a1"
-    assert lines[1]["result"] == "echo: one (turn 1)" and lines[1]["session_id"] == sid
+    assert lines[1]["result"] == "echo: one (turn 1)"
+    assert lines[1]["session_id"] == sid
     assert all(x["timestamp"].endswith("Z") for x in lines)
     latest = d.log_dir / "latest.jsonl"
-    assert latest.is_symlink() and latest.resolve() == log_path.resolve()
+    assert latest.is_symlink()
+    assert latest.resolve() == log_path.resolve()
     agents_cost = d.result("GET_SESSIONS", {"agent_id": "a1"})
     assert agents_cost["total"] == 1
 
@@ -147,13 +154,15 @@ def test_cli_failures_become_typed_errors(
     assert err["code"] == code
     details = err["details"]
     assert details["exit_code"] == (3 if code == "CLI_CRASHED" else 1)
-    assert "stderr_tail" in details and "process_id" in details
+    assert "stderr_tail" in details
+    assert "process_id" in details
     if status is not None:
         assert details["api_error_status"] == status
     if code == "CLI_CRASHED":
         assert "simulated crash" in details["stderr_tail"]
     proc = d.result("GET_PROCESSES")["processes"][-1]
-    assert proc["status"] == "failed" and proc["error"]["code"] == code
+    assert proc["status"] == "failed"
+    assert proc["error"]["code"] == code
     log = (d.log_dir / f"{details['session_id']}.jsonl").read_bytes().splitlines()
     assert [orjson.loads(x)["type"] for x in log] == ["human", "error"]
 
@@ -171,7 +180,8 @@ def test_unknown_session_is_session_not_found(make_daemon: Any) -> None:
 def test_missing_cli_is_claude_not_found(make_daemon: Any) -> None:
     d = make_daemon(claude_bin=Path("/nonexistent/claude"))
     health = d.result("HEALTH_CHECK")
-    assert health["claude"]["found"] is False and "npm ci" in health["claude"]["install_hint"]
+    assert health["claude"]["found"] is False
+    assert "npm ci" in health["claude"]["install_hint"]
     reply = spawn(d, prompt="hi")
     assert reply["error"]["code"] == "CLAUDE_NOT_FOUND"
 
@@ -268,7 +278,8 @@ async def test_client_request_id_is_idempotent(make_daemon: Any) -> None:
     d = make_daemon()
     first = spawn(d, prompt="[[sleep:0.2]] once", client_request_id="req-1")["result"]
     second = spawn(d, prompt="[[sleep:0.2]] once", client_request_id="req-1")["result"]
-    assert second["process_id"] == first["process_id"] and second["replayed"] is True
+    assert second["process_id"] == first["process_id"]
+    assert second["replayed"] is True
     assert second["text"] == first["text"]
     # Async first, then a sync retry while it runs: the retry waits for the same turn.
     async_reply = spawn(d, prompt="[[sleep:0.5]] again", client_request_id="req-2", mode="async")[
@@ -285,16 +296,20 @@ async def test_async_spawn_announces_started_and_complete(make_daemon: Any) -> N
     async with AsyncClient.connect(d.socket, agent_id="watcher") as c:
         await c.subscribe(["PROCESS_*"])
         reply = await c.call("SPAWN", {"prompt": "later", "mode": "async", "cwd": str(d.work)})
-        assert reply["status"] in ("queued", "running") and "text" not in reply
+        assert reply["status"] in ("queued", "running")
+        assert "text" not in reply
         started = await c.next_event(timeout=20)
         complete = await c.next_event(timeout=20)
-    assert started["event"] == "PROCESS_STARTED" and started["data"]["pid"] > 0
+    assert started["event"] == "PROCESS_STARTED"
+    assert started["data"]["pid"] > 0
     assert complete["event"] == "PROCESS_COMPLETE"
     data = complete["data"]
     assert data["process_id"] == reply["process_id"]
     assert data["session_id"] == reply["session_id"]
-    assert data["status"] == "completed" and data["text"] == "echo: later (turn 1)"
-    assert data["cost_usd"] > 0 and data["raw"]["type"] == "result"
+    assert data["status"] == "completed"
+    assert data["text"] == "echo: later (turn 1)"
+    assert data["cost_usd"] > 0
+    assert data["raw"]["type"] == "result"
     # Published without an agent_id too (KSI only announced agent turns).
     assert data["agent_id"] == "watcher"
     assert complete["seq"] > started["seq"]
@@ -426,7 +441,8 @@ def test_socket_answers_before_litellm_is_loaded_and_stdout_stays_clean() -> Non
         assert spawn(d, prompt="[[error:500]]")["error"]["code"] == "API_ERROR"
         assert spawn(d, prompt="fine", model="some-unmapped-model")["status"] == "success"
         assert d.stop() == 0
-        assert d.proc is not None and d.proc.stdout is not None
+        assert d.proc is not None
+        assert d.proc.stdout is not None
         assert d.proc.stdout.read() == b""
     finally:
         d.cleanup()

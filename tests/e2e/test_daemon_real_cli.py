@@ -58,16 +58,19 @@ def test_sync_spawn_and_resume_with_the_real_cli(real_daemon: DaemonProcess,
                                                  stub_api: StubAPI) -> None:
     health = wait_for(lambda: (h := real_daemon.result("HEALTH_CHECK"))["claude"]["version_probed"]
                       and h)
-    assert health["claude"]["found"] and health["claude"]["version"] == "2.1.197"
+    assert health["claude"]["found"]
+    assert health["claude"]["version"] == "2.1.197"
     first = spawn(real_daemon, prompt="hello", model="sonnet")
     assert first["status"] == "success", first
     r1 = first["result"]
     assert r1["text"] == "echo: hello"
-    assert r1["cost_usd"] > 0 and r1["usage"]["input_tokens"] > 0
+    assert r1["cost_usd"] > 0
+    assert r1["usage"]["input_tokens"] > 0
     assert r1["model"].startswith("claude-sonnet")
     sid = r1["session_id"]
     second = spawn(real_daemon, prompt="second", session_id=sid)["result"]
-    assert second["text"] == "echo: second" and second["session_id"] == sid
+    assert second["text"] == "echo: second"
+    assert second["session_id"] == sid
     # The stub saw the whole earlier conversation on the resumed turn.
     assert user_texts(model_calls(stub_api)[-1]) == [
         "user:hello", "assistant:echo: hello", "user:second"]
@@ -86,7 +89,9 @@ async def test_concurrent_turns_of_one_session_are_serialised(real_daemon: Daemo
     assert last["text"] == "echo: check"
     texts = user_texts(model_calls(stub_api)[-1])
     # Forked history would lose one of the two: both must be in the final conversation.
-    assert "user:alpha" in texts and "user:beta" in texts and texts[0] == "user:base"
+    assert "user:alpha" in texts
+    assert "user:beta" in texts
+    assert texts[0] == "user:base"
 
 
 async def test_async_spawn_publishes_process_complete(real_daemon: DaemonProcess) -> None:
@@ -177,7 +182,8 @@ async def test_provider_straight_from_litellm(real_claude_bin: Path, claude_env:
                 session = getattr(chunk, "claude_session_id", None) or session
         finally:
             await stream.aclose()
-        assert text == "echo: streamed" and session == sid
+        assert text == "echo: streamed"
+        assert session == sid
     finally:
         litellm.custom_provider_map = saved
         await engine.aclose()
