@@ -15,7 +15,7 @@ import asyncio
 import fnmatch
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -104,6 +104,8 @@ class Subscriber:
         self.dropped = False  # disconnected for being too slow
         self.lost = 0  # events lost under policy "drop"
         self.last_seq = 0  # last seq handed to the consumer
+        # Called once when the bus drops this subscriber (policy "disconnect").
+        self.on_drop: Callable[[], None] | None = None
         self._wakeup = asyncio.Event()
 
     def wants(self, event: Event) -> bool:
@@ -205,6 +207,8 @@ class EventBus:
         sub.dropped = True
         self.remove(sub)
         sub.wake()
+        if sub.on_drop is not None:
+            sub.on_drop()
 
     def _persist(self, ev: Event) -> None:
         if self.store is None:

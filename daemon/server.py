@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ksi.server")
 
 _TOO_LONG: Final = b"\x00too-long"  # sentinel: never a valid line (lines end with \n)
+_REFUSE_READ_S: Final = 1.0  # how long a refused peer may take to send its request line
+# How long a dropped subscriber has to read its backlog and the SUBSCRIBER_DROPPED notice
+# before the connection is aborted (a client that stopped reading would otherwise keep it,
+# with its buffers, forever: the pump would wait on drain() for good).
+DROP_GRACE_S: Final = 2.0
 
 
 class Connection:
@@ -58,6 +63,7 @@ class Connection:
         self.closed = False
         self.tasks: set[asyncio.Task[None]] = set()
         self._pump: asyncio.Task[None] | None = None
+        self._drop_timer: asyncio.TimerHandle | None = None
         self.ctx = Context(daemon, self)
 
     # -- output -----------------------------------------------------------------------
@@ -89,6 +95,7 @@ class Connection:
                 f"conn-{self.id}", maxsize=self.daemon.settings.subscriber_queue,
                 agent_id=self.agent_id, policy="disconnect",
             )
+            sub.on_drop = self._dropped
             self.subscriber = sub
             self.daemon.bus.add(sub)
             self._pump = asyncio.create_task(self._pump_events(sub), name=f"pump-{self.id}")
@@ -120,10 +127,27 @@ class Connection:
                 self.close()
                 return
 
+    def _dropped(self) -> None:
+        self._drop_timer = asyncio.get_running_loop().call_later(DROP_GRACE_S,
+                                                                 self._abort_if_stuck)
+
+    def _abort_if_stuck(self) -> None:
+        if self.closed:
+            return
+        log.warning("connection.aborted", conn=self.id, reason="dropped subscriber not reading")
+        self.writer.transport.abort()  # discards the unsendable backlog
+        self.close()
+
     def close(self) -> None:
         if self.subscriber is not None:
             self.daemon.bus.remove(self.subscriber)
         self.closed = True
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+        # The pump waits on the subscriber's inbox, which nothing fills any more: end it,
+        # or every subscribed connection would leave a pending task behind.
+        if self._pump is not None and self._pump is not asyncio.current_task():
+            self._pump.cancel()
         if not self.writer.is_closing():
             self.writer.close()
 
@@ -183,6 +207,11 @@ class Server:
             with contextlib.suppress(ConnectionError):
                 writer.write(encode_error(None, err))
                 await writer.drain()
+            # Take in the request the peer sent before closing: closing a Unix socket with
+            # unread input resets the connection, and the peer would lose the error above.
+            with contextlib.suppress(ConnectionError, TimeoutError, asyncio.IncompleteReadError,
+                                     asyncio.LimitOverrunError):
+                await asyncio.wait_for(reader.readuntil(b"\n"), _REFUSE_READ_S)
             writer.close()
             return
         conn = Connection(self.daemon, conn_id, reader, writer, peer_pid)
@@ -228,6 +257,10 @@ class Server:
                         await conn.send(await self._dispatch(conn, req))
             if not conn.persistent:
                 return
+            # Yield between pipelined requests: lines already buffered are otherwise served
+            # without ever giving way, and a burst of PUBLISHes would overflow (and drop) even
+            # subscribers that read promptly, whose pumps never got a turn to run.
+            await asyncio.sleep(0)
 
     async def _dispatch(self, conn: Connection, req: Request) -> bytes:
         started = time.perf_counter()
