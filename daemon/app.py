@@ -101,6 +101,7 @@ class Daemon:
         await self.spawner.shutdown(grace)
         await self.observers.stop()
         await self.server.close_all()
+        await self.bus.close()
         await self.store.close()
         with contextlib.suppress(FileNotFoundError):
             self.server.path.unlink()

@@ -140,6 +140,10 @@ class Subscriber:
 
 class EventBus:
     PRUNE_EVERY = 1000
+    # Event rows are written without waiting, so a SIGKILL can lose the newest few. To keep
+    # seq monotonic across such a crash, a high-water mark is stored well ahead of use and
+    # a restarted bus continues above it (leaving a gap, never reusing a number).
+    SEQ_RESERVE = 10_000
 
     def __init__(self, store: Store | None, *, history_size: int) -> None:
         self.store = store
@@ -148,6 +152,7 @@ class EventBus:
         self.seq = 0
         self.published = 0
         self._since_prune = 0
+        self._seq_reserved = 0
 
     async def load(self) -> None:
         """Restore the history and the seq counter from the store."""
@@ -165,7 +170,15 @@ class EventBus:
             ev.wire = encode_event(ev.event_type, data, ev.seq, ev.timestamp)
             self.history.append(ev)
         max_rows = await self.store.query("SELECT MAX(seq) AS m FROM events")
-        self.seq = max_rows[0]["m"] or 0
+        reserved = await self.store.query("SELECT value FROM meta WHERE key='seq_reserved'")
+        self.seq = max(max_rows[0]["m"] or 0, reserved[0]["value"] if reserved else 0)
+
+    async def close(self) -> None:
+        """On a clean stop, record the exact last seq: the next start continues at seq + 1."""
+        if self.store is not None:
+            await self.store.write(
+                "INSERT INTO meta(key, value) VALUES('seq_reserved', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (self.seq,))
 
     def add(self, sub: Subscriber) -> None:
         self.subscribers.add(sub)
@@ -213,6 +226,11 @@ class EventBus:
     def _persist(self, ev: Event) -> None:
         if self.store is None:
             return
+        if ev.seq > self._seq_reserved - self.SEQ_RESERVE // 2:
+            self._seq_reserved = ev.seq + self.SEQ_RESERVE
+            self.store.write_nowait(
+                "INSERT INTO meta(key, value) VALUES('seq_reserved', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (self._seq_reserved,))
         self.store.write_nowait(
             "INSERT INTO events(seq, event_type, timestamp, from_agent, to_agent, data) "
             "VALUES(?,?,?,?,?,?)",

@@ -57,6 +57,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 from_agent TEXT, to_agent TEXT, data BLOB NOT NULL)""",
         ],
     ),
+    (
+        2,
+        [
+            # Small daemon-wide counters; holds the bus's reserved seq high-water mark.
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

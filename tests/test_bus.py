@@ -202,6 +202,7 @@ async def test_history_persists_and_seq_continues(tmp_path: Path) -> None:
     assert bus.seq == 0
     for i in range(120):
         bus.publish("T_A" if i % 3 else "T_B", {"i": i}, from_agent="f" if i == 119 else None)
+    await bus.close()  # a clean stop, as the daemon's teardown does
     await store.close()
 
     store = Store(path)
@@ -215,6 +216,26 @@ async def test_history_persists_and_seq_continues(tmp_path: Path) -> None:
         assert (last.event_type, last.data, last.from_agent) == ("T_A", {"i": 119}, "f")
         assert orjson.loads(last.wire)["seq"] == 120
         assert again.publish("T_C", {}).seq == 121
+    finally:
+        await store.close()
+
+
+async def test_seq_after_an_unclean_stop_skips_ahead_never_back(tmp_path: Path) -> None:
+    path = tmp_path / "bus.sqlite3"
+    store = Store(path)
+    await store.open()
+    bus = EventBus(store, history_size=100)
+    await bus.load()
+    for _ in range(5):
+        bus.publish("T_A", {})
+    await store.close()  # no bus.close(): as after a crash, the last seq was not recorded
+    store = Store(path)
+    await store.open()
+    try:
+        again = EventBus(store, history_size=100)
+        await again.load()
+        assert again.seq == 1 + EventBus.SEQ_RESERVE  # reserved at the first publish
+        assert again.publish("T_B", {}).seq > again.history[-2].seq
     finally:
         await store.close()
 

@@ -516,3 +516,19 @@ def test_newer_state_schema_refuses_to_start(base: Path) -> None:
     assert b"newer than this daemon" in proc.stderr
     assert not d.socket.exists()
     assert not pid_file(d).exists()
+
+
+def test_seq_is_never_reused_after_a_crash() -> None:
+    """Event rows are written without waiting; a SIGKILL may lose the newest, not their seqs."""
+    d = DaemonProcess()
+    try:
+        d.start()
+        seqs = [d.result("PUBLISH", {"event_type": "BEFORE_CRASH"})["seq"] for _ in range(5)]
+        d.stop(signal.SIGKILL)
+        d.start()
+        after = d.result("PUBLISH", {"event_type": "AFTER_CRASH"})["seq"]
+        assert after > seqs[-1]
+        stored = d.result("GET_EVENTS", {"limit": 100})["events"]
+        assert len({e["seq"] for e in stored}) == len(stored)
+    finally:
+        d.cleanup()
