@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from daemon.claude.chat import cli_model
 from daemon.claude.engine import ClaudeEngine, EngineConfig
 from daemon.claude.locate import claude_version, locate_claude
 from daemon.claude.options import ClaudeOptions, StartInfo
@@ -86,7 +87,7 @@ class Spawner:
         self.turns: dict[str, Turn] = {}  # live turns (queued or running)
         self.queue: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self.running_count = 0
-        self._session_locks: dict[str, asyncio.Lock] = {}
+        self._session_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # lock, turns using it
         self._idempotent: dict[str, tuple[str, float]] = {}  # client_request_id -> (pid, t)
         self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()  # recent outcomes
         self._ready: asyncio.Event | None = None
@@ -116,7 +117,11 @@ class Spawner:
             term_grace_s=self.settings.term_grace_s,
             extra_env=extra_env,
             warm_default=self.settings.warm_default,
+            warm_idle_s=self.settings.warm_idle_s,
+            warm_max=self.settings.warm_max,
+            warm_pool_size=self.settings.warm_pool_size,
         ))
+        self.engine.start_pool()  # pre-warmed CLIs (warm_pool_size of them) start now
         if self.settings.litellm_preload:
             self._ensure_loading()
         if self._claude_bin is not None:
@@ -210,13 +215,24 @@ class Spawner:
             # Shielded: if the waiting client goes away, the paid turn still finishes.
             outcome = await asyncio.shield(turn.done)
         else:
-            outcome = self._finished.get(process_id) or {}
+            outcome = self._finished.get(process_id) or self._outcome_from_record(process_id)
         if "error" in outcome:
             err = dict(outcome["error"])
             raise SpawnFailed(err.pop("message"), code=err.pop("code"), details=err)
         result = dict(outcome["result"])
         result["replayed"] = replay
         return result
+
+    def _outcome_from_record(self, process_id: str) -> dict[str, Any]:
+        """A replay of a turn whose full outcome is no longer cached: what the record says."""
+        info = self.daemon.state.processes.get(process_id)
+        if info is None or info.status != "completed":
+            error = (info.error if info and info.error else None) or {
+                "code": "PROCESS_NOT_FOUND", "message": f"process {process_id} is gone"}
+            return {"error": {**error, "process_id": process_id}}
+        return {"result": {"process_id": process_id, "status": "completed",
+                           "session_id": info.session_id, "cost_usd": info.cost_usd,
+                           "model": info.model, "agent_id": info.agent_id}}
 
     def _idempotent_hit(self, client_request_id: str | None) -> str | None:
         if not client_request_id:
@@ -252,9 +268,14 @@ class Spawner:
         if not Path(cwd).is_dir():
             raise InvalidParameters(f"cwd {cwd} is not a directory")
         try:  # everything the provider will check, checked before anything is queued
-            ClaudeOptions.model_validate({**req.options, "cwd": cwd})
+            opts = ClaudeOptions.model_validate({**req.options, "cwd": cwd})
         except ValidationError as exc:
             raise invalid_parameters(exc) from None
+        if not resume and self.engine is not None:
+            # A warm first turn may take a pre-warmed CLI, whose own --session-id becomes the
+            # session's id. Reserved here, before anything is recorded, so the async reply,
+            # the JSONL log, the state and every event carry the real id from the start.
+            session_id = self.engine.reserve_session(opts, cli_model(req.model)) or session_id
         info = ProcessInfo(
             process_id=process_id, status="queued", mode=req.mode, session_id=session_id,
             agent_id=req.agent_id, model=req.model, client_request_id=req.client_request_id,
@@ -270,7 +291,11 @@ class Spawner:
     async def _run(self, turn: Turn) -> None:
         info = turn.info
         outcome: dict[str, Any]
-        lock = self._session_locks.setdefault(turn.session_id, asyncio.Lock())
+        # Reference-counted, not "dropped when unlocked": right after a release the lock looks
+        # free while a woken waiter has yet to take it, and a fresh lock for the same session
+        # would let two of its turns run at once.
+        lock, users = self._session_locks.get(turn.session_id, (asyncio.Lock(), 0))
+        self._session_locks[turn.session_id] = (lock, users + 1)
         holding_slot = False
         try:
             async with lock:
@@ -290,8 +315,11 @@ class Spawner:
         finally:
             if holding_slot:
                 self._release_slot()
-            if not lock.locked() and lock is self._session_locks.get(turn.session_id):
+            lock, users = self._session_locks[turn.session_id]
+            if users == 1:
                 del self._session_locks[turn.session_id]
+            else:
+                self._session_locks[turn.session_id] = (lock, users - 1)
         await self._finish(turn, outcome)
 
     async def _execute(self, turn: Turn) -> dict[str, Any]:
@@ -476,6 +504,11 @@ class Spawner:
         for turn in self.turns.values():
             turn.info.queue_position = self.queue_position(turn.info.process_id)
         return list(self.daemon.state.processes.values())
+
+    def warm_processes(self) -> list[dict[str, Any]]:
+        """Live warm CLIs (sessions and pool) for GET_PROCESSES."""
+        describe = getattr(self.engine, "warm_processes", None)
+        return list(describe()) if callable(describe) else []
 
     def with_warm(self, session: SessionInfo) -> SessionInfo:
         """The session, with its warm-process details if a warm CLI serves it now."""
