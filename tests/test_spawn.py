@@ -446,3 +446,21 @@ def test_socket_answers_before_litellm_is_loaded_and_stdout_stays_clean() -> Non
         assert d.proc.stdout.read() == b""
     finally:
         d.cleanup()
+
+
+def test_costs_are_recorded_per_session_and_per_agent_across_restart(make_daemon: Any) -> None:
+    d = make_daemon()
+    d.result("REGISTER_AGENT", {"agent_id": "writer", "role": "author"})
+    a = spawn(d, prompt="one", agent_id="writer")["result"]
+    b = spawn(d, prompt="two", agent_id="writer", session_id=a["session_id"])["result"]
+    assert spawn(d, prompt="[[error:500]]", agent_id="writer")["status"] == "error"
+    expected = a["cost_usd"] + b["cost_usd"]
+    for _ in range(2):  # before and after a restart
+        (agent,) = d.result("GET_AGENTS")["agents"]
+        assert agent["turns"] == 2  # the failed turn cost nothing and is not counted
+        assert agent["total_cost_usd"] == pytest.approx(expected)
+        session = d.result("GET_SESSION", {"session_id": a["session_id"]})
+        assert session["session"]["total_cost_usd"] == pytest.approx(expected)
+        assert [p["status"] for p in session["processes"]] == ["completed", "completed"]
+        d.stop()
+        d.start()
