@@ -7,12 +7,11 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from daemon.claude.options import PermissionMode
 from daemon.errors import NotFound
 from daemon.registry import Context, NoParams, Params, Registry, Result
 from daemon.spawner import SpawnRequest
 from daemon.state import ProcessInfo, SessionInfo
-
-PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan"]
 
 
 def _tool_list(value: Any) -> Any:
@@ -113,6 +112,9 @@ class ProcessesResult(Result):
     queued: int
     max_concurrency: int
     total: int
+    warm: list[dict[str, Any]] = Field(
+        default_factory=list, description="live warm CLI processes (per session and pooled): "
+        "session_id, pid, rss_mb, idle_s, turns, started_at, busy, pooled")
 
 
 class ProcessIdParams(Params):
@@ -168,7 +170,7 @@ def register(r: Registry) -> None:
         procs = sp.snapshot()
         return ProcessesResult(processes=procs, running=sp.running_count, queued=len(sp.queue),
                                max_concurrency=ctx.daemon.settings.max_concurrency,
-                               total=len(procs))
+                               total=len(procs), warm=sp.warm_processes())
 
     @r.command("CANCEL_PROCESS", params=ProcessIdParams, result=CancelResult)
     async def cancel_process(ctx: Context, p: ProcessIdParams) -> CancelResult:
