@@ -12,12 +12,14 @@ on purpose. The full marker and environment contract is in ``_HELP`` below.
 It must start fast because benchmarks spawn it per turn: stdlib only, and nothing heavy
 (``typing``, ``uuid``, ``subprocess``, ``dataclasses``) is imported on the hot path.
 
-Deliberate differences from the real 2.1.197, chosen by the project's contract: in warm mode
-the init line is printed once at start (the real CLI prints one at the start of every turn and
-nothing before the first message; ``FAKE_CLAUDE_INIT_PER_TURN=1`` restores that), an invalid
-JSON input line is skipped (the real CLI exits 1; ``FAKE_CLAUDE_STRICT_INPUT=1``), and a tool
-left out by ``--disallowedTools`` / ``--tools`` / ``--allowedTools`` is still "called" and
-reported in ``permission_denials`` (the real CLI would not offer it to the model at all).
+Warm mode (``--input-format stream-json``) behaves as measured with the real 2.1.197: nothing
+is printed before the first user line, every turn starts with its own ``system/init`` line, an
+input line that is not JSON ends the process with exit 1, and ``total_cost_usd`` /
+``modelUsage`` accumulate over the life of the process (``usage`` stays per turn).
+
+Deliberate difference from the real 2.1.197: a tool left out by ``--disallowedTools`` /
+``--tools`` / ``--allowedTools`` is still "called" and reported in ``permission_denials`` (the
+real CLI would not offer it to the model at all).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ Usage: claude -p [options] [prompt]   (fake Claude Code CLI for tests)
 
 Prompt markers (anywhere in the prompt, several may combine):
   [[sleep:S]]        sleep S seconds before answering (interruptible in warm mode)
+  [[hang:S]]         sleep S seconds without reading stdin (warm mode: interrupts go unanswered)
   [[error:N]]        API error N (400/401/429/5xx) or [[error:connect]]; exit 1
   [[max-turns]]      error_max_turns result; exit 1
   [[crash:N]]        traceback on stderr, nothing on stdout, exit N
@@ -57,14 +60,12 @@ Prompt markers (anywhere in the prompt, several may combine):
 Environment:
   FAKE_CLAUDE_START_DELAY=S    sleep S seconds at start (the real CLI takes ~0.3 s)
   FAKE_CLAUDE_LOG=PATH         append JSON lines describing each invocation and turn
-  FAKE_CLAUDE_INIT_PER_TURN=1  warm mode: init line at each turn, not at start (real 2.1.197)
-  FAKE_CLAUDE_STRICT_INPUT=1   warm mode: an invalid JSON line ends the process (real 2.1.197)
 """
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _TRIGGER_RE = re.compile(
-    r"\[\[(sleep|error|max-turns|crash|bad-json|huge|stderr|ignore-sigterm|grandchild|pidfile|tool)"
-    r"(?::(.*?))?\]\]"
+    r"\[\[(sleep|hang|error|max-turns|crash|bad-json|huge|stderr|ignore-sigterm|grandchild"
+    r"|pidfile|tool)(?::(.*?))?\]\]"
 )
 # Tool lists are "comma or space separated", but a rule like "Bash(git *)" contains a space.
 _TOOL_ENTRY_RE = re.compile(r"[^,\s(]+(?:\([^)]*\))?")
@@ -580,8 +581,10 @@ class Fake:
         )
         self.reader: LineReader | None = LineReader() if self.warm else None
         self.deferred: list[JsonObj] = []  # user messages that arrived during a turn
-        self.api_ms_total = 0  # duration_api_ms is cumulative over a warm process
-        self.strict_input = os.environ.get("FAKE_CLAUDE_STRICT_INPUT") == "1"
+        # duration_api_ms, total_cost_usd and modelUsage are cumulative over a warm process.
+        self.api_ms_total = 0
+        self.cost_total = 0.0
+        self.model_usage: JsonObj = {}
 
     # ---- output
 
@@ -688,10 +691,9 @@ class Fake:
         try:
             msg = json.loads(text)
         except ValueError as exc:
+            # Measured: the real CLI gives up on the whole stream, exit 1.
             err(f"Error parsing streaming input line: {text}: {exc}")
-            if self.strict_input:
-                os._exit(1)
-            return None
+            os._exit(1)
         if not isinstance(msg, dict):
             err(f"Error parsing streaming input line: {text}: not a JSON object")
             return None
@@ -714,9 +716,6 @@ class Fake:
     def serve_warm(self) -> int:
         """Warm mode: one user message per stdin line until stdin closes (then exit 0)."""
         assert self.reader is not None
-        per_turn_init = os.environ.get("FAKE_CLAUDE_INIT_PER_TURN") == "1"
-        if not per_turn_init:
-            self.emit(self.init_line())
         while True:
             if self.deferred:
                 msg: JsonObj | None = self.deferred.pop(0)
@@ -731,12 +730,12 @@ class Fake:
             if kind == "control_request":
                 self.control(msg)  # an interrupt while idle only gets its success response
             elif kind == "user":
-                self.run_turn(message_text(msg), send_init=per_turn_init)
+                self.run_turn(message_text(msg))
             # other line types (keep_alive, ...) are ignored, as the real CLI does
 
     # ---- one turn
 
-    def run_turn(self, prompt: str, send_init: bool) -> int:
+    def run_turn(self, prompt: str) -> int:
         """Answer one prompt; returns the exit code a one-shot run would end with."""
         t0 = time.monotonic()
         log_event({"pid": os.getpid(), "turn_prompt": prompt, "time": time.time()})
@@ -747,8 +746,7 @@ class Fake:
         # The real CLI stores the prompt before calling the API: a run killed mid-turn keeps it.
         self.session.append("user", {"role": "user", "content": prompt})
         turn_no = self.session.user_turns()
-        if send_init:
-            self.emit(self.init_line())
+        self.emit(self.init_line())  # every turn, warm or not, as the real CLI does
         if self.opts.include_partial and self.stream:
             self.emit(
                 {
@@ -759,6 +757,8 @@ class Fake:
                     "session_id": self.session.session_id,
                 }
             )
+        if "hang" in triggers:
+            time.sleep(number(triggers["hang"]))  # a stuck CLI: stdin is not read meanwhile
         try:
             if "sleep" in triggers:
                 self.wait(number(triggers["sleep"]))
@@ -919,21 +919,31 @@ class Fake:
         return elapsed + 1, self.api_ms_total
 
     def costed(self, in_tok: int, out_tok: int) -> tuple[float, JsonObj]:
+        """Add one API call to the process totals; returns (total_cost_usd, modelUsage)."""
         p_in, p_out = prices(self.api_model)
         cost = in_tok * p_in / 1e6 + out_tok * p_out / 1e6
-        model_usage = {
-            self.shown_model: {
-                "inputTokens": in_tok,
-                "outputTokens": out_tok,
+        self.cost_total += cost
+        stats = self.model_usage.setdefault(
+            self.shown_model,
+            {
+                "inputTokens": 0,
+                "outputTokens": 0,
                 "cacheReadInputTokens": 0,
                 "cacheCreationInputTokens": 0,
                 "webSearchRequests": 0,
-                "costUSD": cost,
+                "costUSD": 0.0,
                 "contextWindow": self.context_window,
                 "maxOutputTokens": 64000,
-            }
-        }
-        return cost, model_usage
+            },
+        )
+        stats["inputTokens"] += in_tok
+        stats["outputTokens"] += out_tok
+        stats["costUSD"] += cost
+        return self.cost_total, self.totals()[1]
+
+    def totals(self) -> tuple[float, JsonObj]:
+        """(total_cost_usd, modelUsage) so far: what results without an API call report."""
+        return self.cost_total, json.loads(json.dumps(self.model_usage))
 
     def success(
         self,
@@ -1007,6 +1017,7 @@ class Fake:
             }
         )
         duration, _ = self.timing(t0, api_call=False)
+        total, model_usage = self.totals()
         self.finish(
             {
                 "type": "result",
@@ -1014,14 +1025,14 @@ class Fake:
                 "is_error": True,
                 "api_error_status": status,
                 "duration_ms": duration,
-                "duration_api_ms": 0,
+                "duration_api_ms": self.api_ms_total,
                 "num_turns": 1,
                 "result": text,
                 "stop_reason": "stop_sequence",
                 "session_id": self.session.session_id,
-                "total_cost_usd": 0,
+                "total_cost_usd": total,
                 "usage": zero,
-                "modelUsage": {},
+                "modelUsage": model_usage,
                 "permission_denials": [],
                 "terminal_reason": "completed",
                 "fast_mode_state": "off",
@@ -1152,19 +1163,20 @@ class Fake:
             }
         )
         duration, _ = self.timing(t0, api_call=False)
+        total, model_usage = self.totals()  # measured: the totals so far, not 0
         self.finish(
             {
                 "type": "result",
                 "subtype": "error_during_execution",
                 "duration_ms": duration,
-                "duration_api_ms": 0,
+                "duration_api_ms": self.api_ms_total,
                 "is_error": True,
                 "num_turns": 2,  # sic, measured
                 "stop_reason": None,
                 "session_id": self.session.session_id,
-                "total_cost_usd": 0,
+                "total_cost_usd": total,
                 "usage": result_usage(0, 0),
-                "modelUsage": {},
+                "modelUsage": model_usage,
                 "permission_denials": [],
                 "terminal_reason": "aborted_streaming",
                 "fast_mode_state": "off",
@@ -1241,7 +1253,7 @@ def main(argv: list[str]) -> int:
         )
     if not prompt.strip():
         raise CliError("Error: No messages returned from query")
-    return fake.run_turn(prompt, send_init=True)
+    return fake.run_turn(prompt)
 
 
 def run() -> NoReturn:

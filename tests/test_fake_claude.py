@@ -614,11 +614,9 @@ class WarmFake:
 def test_warm_mode_turns_interrupt_and_eof(work: Path, env: dict[str, str]) -> None:
     fake = WarmFake(["--session-id", SID], work, env)
     try:
-        init = fake.read()
-        assert (init["type"], init["subtype"], init["session_id"]) == ("system", "init", SID)
-
         fake.say("first")
-        assistant, result = fake.read(), fake.read()
+        init, assistant, result = fake.read(), fake.read(), fake.read()
+        assert (init["type"], init["subtype"], init["session_id"]) == ("system", "init", SID)
         assert assistant["message"]["content"][0]["text"] == "echo: first (turn 1)"
         assert (result["result"], result["num_turns"], result["session_id"]) == (
             "echo: first (turn 1)",
@@ -627,7 +625,7 @@ def test_warm_mode_turns_interrupt_and_eof(work: Path, env: dict[str, str]) -> N
         )
 
         fake.say("second", plain=True)  # content may be a plain string
-        assert fake.read()["type"] == "assistant"
+        assert [fake.read()["type"] for _ in range(2)] == ["system", "assistant"]
         assert fake.read()["result"] == "echo: second (turn 2)"
 
         fake.interrupt("idle")  # nothing running: just the success response
@@ -636,9 +634,9 @@ def test_warm_mode_turns_interrupt_and_eof(work: Path, env: dict[str, str]) -> N
             "response": {"subtype": "success", "request_id": "idle"},
         }
 
-        fake.send("this is {not json")  # reported on stderr and skipped
         started = time.monotonic()
         fake.say("slow [[sleep:30]]")
+        assert fake.read()["subtype"] == "init"
         time.sleep(0.2)
         fake.interrupt("r1")
         assert fake.read()["response"] == {"subtype": "success", "request_id": "r1"}
@@ -652,25 +650,27 @@ def test_warm_mode_turns_interrupt_and_eof(work: Path, env: dict[str, str]) -> N
         assert "result" not in aborted
 
         fake.say("after [[error:429]]")  # errors do not end a warm process
+        assert fake.read()["subtype"] == "init"
         assert fake.read()["message"]["model"] == "<synthetic>"
         assert fake.read()["api_error_status"] == 429
         fake.say("last")
-        fake.read()
+        assert [fake.read()["type"] for _ in range(2)] == ["system", "assistant"]
         assert fake.read()["result"] == "echo: last (turn 5)"
     finally:
         code, stderr = fake.close()
     assert code == 0
-    assert b"Error parsing streaming input line: this is {not json" in stderr
+    assert stderr == b""
     # The warm process kept the session on disk: a one-shot resume continues it.
     assert run_json(["--resume", SID], "cold", work, env)["result"] == "echo: cold (turn 6)"
 
 
-def test_warm_mode_init_per_turn_like_the_real_cli(work: Path, env: dict[str, str]) -> None:
-    env["FAKE_CLAUDE_INIT_PER_TURN"] = "1"
+def test_warm_mode_prints_nothing_before_the_first_message(
+    work: Path, env: dict[str, str]
+) -> None:
     fake = WarmFake([], work, env)
     try:
-        time.sleep(0.2)
-        assert fake.lines.empty()  # the real CLI prints nothing until the first message
+        time.sleep(0.3)
+        assert fake.lines.empty()  # measured: the real CLI is silent until the first user line
         for n in (1, 2):
             fake.say(f"t{n}")
             assert [fake.read()["type"] for _ in range(3)] == ["system", "assistant", "result"]
@@ -678,13 +678,50 @@ def test_warm_mode_init_per_turn_like_the_real_cli(work: Path, env: dict[str, st
         assert fake.close()[0] == 0
 
 
+def test_warm_mode_invalid_input_line_ends_the_process(work: Path, env: dict[str, str]) -> None:
+    fake = WarmFake([], work, env)
+    fake.say("ok")
+    assert fake.read(timeout=5)["type"] == "system"
+    fake.send("this is {not json")
+    code, stderr = fake.close()
+    assert code == 1  # measured with the real CLI: it gives up on the stream
+    assert b"Error parsing streaming input line: this is {not json" in stderr
+
+
+def test_warm_mode_costs_accumulate_like_the_real_cli(work: Path, env: dict[str, str]) -> None:
+    """total_cost_usd and modelUsage grow over the process; usage is per turn (measured)."""
+    fake = WarmFake(["--model", "sonnet"], work, env)
+    results = []
+    try:
+        for prompt in ("one", "two [[error:500]]", "three [[sleep:30]]", "four"):
+            fake.say(prompt)
+            if "sleep" in prompt:
+                assert fake.read()["subtype"] == "init"
+                fake.interrupt("r1")
+            while (line := fake.read())["type"] != "result":
+                pass
+            results.append(line)
+    finally:
+        assert fake.close()[0] == 0
+    one, error, interrupted, four = results
+    assert one["total_cost_usd"] > 0
+    # An API error and an interrupt add nothing but still report the totals so far.
+    assert error["total_cost_usd"] == interrupted["total_cost_usd"] == one["total_cost_usd"]
+    assert error["modelUsage"] == interrupted["modelUsage"] == one["modelUsage"]
+    assert four["total_cost_usd"] > one["total_cost_usd"]
+    per_turn = four["usage"]["input_tokens"] * 3 / 1e6 + four["usage"]["output_tokens"] * 15 / 1e6
+    assert four["total_cost_usd"] == pytest.approx(one["total_cost_usd"] + per_turn)
+    (stats,) = four["modelUsage"].values()
+    assert stats["inputTokens"] == one["usage"]["input_tokens"] + four["usage"]["input_tokens"]
+    assert stats["costUSD"] == pytest.approx(four["total_cost_usd"])
+
+
 def test_warm_mode_queues_messages_sent_during_a_turn(work: Path, env: dict[str, str]) -> None:
     fake = WarmFake([], work, env)
     try:
-        fake.read()
         fake.say("a [[sleep:0.3]]")
         fake.say("b")
-        results = [line for line in (fake.read() for _ in range(4)) if line["type"] == "result"]
+        results = [line for line in (fake.read() for _ in range(6)) if line["type"] == "result"]
         assert [r["result"] for r in results] == [
             "echo: a [[sleep:0.3]] (turn 1)",
             "echo: b (turn 2)",
@@ -695,7 +732,9 @@ def test_warm_mode_queues_messages_sent_during_a_turn(work: Path, env: dict[str,
 
 def test_warm_mode_sigterm_while_idle(work: Path, env: dict[str, str]) -> None:
     fake = WarmFake([], work, env)
-    fake.read()  # init: the process is up and waiting for stdin
+    fake.say("one")
+    while fake.read()["type"] != "result":  # the process is up and idle again
+        pass
     fake.proc.send_signal(signal.SIGTERM)
     assert fake.close() == (143, b"")
     assert fake.lines.empty()  # nothing printed after the signal

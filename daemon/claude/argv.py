@@ -30,13 +30,20 @@ def build_argv(
     session_id: str,
     resume: bool,
     output_format: OutputFormat,
+    stream_input: bool = False,
 ) -> list[str]:
     """Return the full argv (binary first) for one print-mode turn.
 
     ``resume`` selects ``--resume <id>`` (later turns) over ``--session-id
     <id>`` (first turn; the id is then known even if the run dies).
+    ``stream_input`` adds ``--input-format stream-json``: the long-lived warm
+    mode, where each turn arrives as one JSON line on stdin (needs
+    ``output_format="stream-json"``).
     """
-    argv = [claude_bin, "-p", "--output-format", output_format]
+    argv = [claude_bin, "-p"]
+    if stream_input:
+        argv += ["--input-format", "stream-json"]
+    argv += ["--output-format", output_format]
     if output_format == "stream-json":
         # The CLI refuses stream-json in print mode without --verbose.
         argv.append("--verbose")

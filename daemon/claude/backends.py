@@ -65,7 +65,7 @@ class TurnBackend(Protocol):
 
 
 @contextmanager
-def _runner_errors(req: TurnRequest) -> Iterator[None]:
+def spawn_errors(req: TurnRequest) -> Iterator[None]:
     """Translate spawn and output-limit failures into ClaudeCLIError."""
     try:
         yield
@@ -118,7 +118,7 @@ class ColdBackend:
             resume=req.resume,
             output_format="json",
         )
-        with _runner_errors(req):
+        with spawn_errors(req):
             run = await run_process(
                 argv,
                 stdin_data=req.prompt.encode(),
@@ -180,7 +180,7 @@ class ColdBackend:
                 if obj.get("type") == "result":
                     result_obj = obj
                 yield obj
-            with _runner_errors(req):
+            with spawn_errors(req):
                 run = await task
         finally:
             if not task.done():

@@ -11,9 +11,12 @@ The engine owns three pieces of policy the bare CLI leaves to its callers:
 * **Known session ids.** First turns pass ``--session-id <uuid>`` so the id is
   known (and reported through ``on_start``) even if the run dies.
 
-How a turn is executed is behind :class:`TurnBackend`. Only the cold backend
-(one ``claude -p`` process per turn) exists; a warm backend (one long-lived
-CLI per session, reference §12) plugs in through :meth:`ClaudeEngine._backend_for`.
+How a turn is executed is behind :class:`TurnBackend`, chosen per turn by
+:meth:`ClaudeEngine._backend_for`: cold (one ``claude -p`` process per turn) or
+warm (one long-lived stream-json CLI per session plus a pre-warmed pool,
+:mod:`daemon.claude.warm`). ``opts.warm`` decides, else ``config.warm_default``.
+A new session's warm turn may take a pool process, whose session id then becomes
+the session's id (see :meth:`ClaudeEngine.reserve_session`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from daemon.claude.locate import claude_version, locate_claude
 from daemon.claude.options import ClaudeOptions, StartInfo
 from daemon.claude.results import TurnResult
 from daemon.claude.runner import killpg_quiet
+from daemon.claude.warm import WarmBackend, WarmConfig
+from daemon.claude.warm_process import ProcSpec
 
 log = structlog.get_logger("ksi.claude.engine")
 
@@ -56,6 +61,11 @@ class EngineConfig:
     term_grace_s: float = 3.0
     extra_env: dict[str, str] = field(default_factory=dict)
     warm_default: bool = False
+    warm_idle_s: float = 600.0
+    warm_max: int = 8
+    """Cap on warm session processes (LRU eviction); 0 disables warm mode."""
+    warm_pool_size: int = 0
+    warm_interrupt_wait_s: float = 2.0
 
 
 @dataclass
@@ -72,6 +82,16 @@ class ClaudeEngine:
         self._bin: Path | None = locate_claude(config.claude_bin, config.project_root)
         self._version: str | None = None
         self._cold = ColdBackend()
+        self._warm = WarmBackend(
+            WarmConfig(
+                idle_s=config.warm_idle_s,
+                max_warm=config.warm_max,
+                pool_size=config.warm_pool_size,
+                interrupt_wait_s=config.warm_interrupt_wait_s,
+                term_grace_s=config.term_grace_s,
+            ),
+            self._pool_spec,
+        )
         self._slots: dict[str, _SessionSlot] = {}
         self._session_cwds: OrderedDict[str, str] = OrderedDict()
         self._running: dict[int, str] = {}
@@ -86,7 +106,7 @@ class ClaudeEngine:
     ) -> TurnResult:
         """Run one turn with ``--output-format json``; raise ClaudeCLIError on failure."""
         opts = opts or ClaudeOptions()
-        session_id, resume = self._session_for(opts)
+        session_id, resume = self._session_for(opts, model)
         backend = self._backend_for(opts)
         async with self._session_slot(session_id):
             req, pids = self._request(prompt, model, opts, session_id, resume, backend.mode)
@@ -98,7 +118,7 @@ class ClaudeEngine:
     ) -> TurnStream:
         """Start a stream-json turn; iterate the result, and always ``aclose()`` it."""
         opts = opts or ClaudeOptions()
-        session_id, resume = self._session_for(opts)
+        session_id, resume = self._session_for(opts, model)
         state = StreamState()
         gen = self._stream(prompt, model, opts, session_id, resume, state)
         return TurnStream(gen, state, session_id)
@@ -106,6 +126,7 @@ class ClaudeEngine:
     async def aclose(self) -> None:
         """Refuse new turns and kill every CLI still running (TERM, grace, KILL)."""
         self._closed = True
+        await self._warm.aclose()
         await self._cold.aclose()
         for pgid in list(self._running):
             killpg_quiet(pgid, signal.SIGTERM)
@@ -130,8 +151,42 @@ class ClaudeEngine:
             "running_pids": sorted(self._running),
             "active_sessions": len(self._slots),
             "warm_default": self.config.warm_default,
+            "warm": self._warm.status(),
             "closed": self._closed,
         }
+
+    # -- warm sessions ----------------------------------------------------------
+
+    def start_pool(self) -> None:
+        """Start pre-warming ``warm_pool_size`` processes (call inside the running loop)."""
+        if not self._closed:
+            self._warm.start_pool()
+
+    def reserve_session(self, opts: ClaudeOptions, model: str | None = None) -> str | None:
+        """Give a new session a pre-warmed pool process; returns its session id, or None.
+
+        Only for a turn that would run warm on a new session with the pool's flags
+        (default cwd, model and tools). The pool process was started with its own
+        ``--session-id``, so that id becomes the session's: run the turn with it as
+        ``new_session_id``. Callers that do not pass ``new_session_id`` get this
+        automatically; callers that pre-generate ids (the daemon) call it first.
+        """
+        if opts.session_id is not None or self._backend_for(opts) is not self._warm:
+            return None
+        spec = self._spec(model, opts, opts.cwd or str(self.config.default_cwd))
+        return None if spec is None else self._warm.take_pooled(spec)
+
+    def warm_status(self) -> dict[str, Any]:
+        """Counts for HEALTH_CHECK: warm sessions, pool readiness and the limits."""
+        return self._warm.status()
+
+    def warm_session(self, session_id: str) -> dict[str, Any] | None:
+        """pid, rss_mb, idle_s, turns, started_at of the session's warm CLI, if it has one."""
+        return self._warm.session_info(session_id)
+
+    def warm_processes(self) -> list[dict[str, Any]]:
+        """Every live warm CLI (sessions and pool) with pid, RSS and idle time."""
+        return self._warm.processes()
 
     def session_cwd(self, session_id: str) -> str | None:
         """The cwd a session was last run in, if this engine has seen it."""
@@ -140,12 +195,27 @@ class ClaudeEngine:
     # -- internals --------------------------------------------------------
 
     def _backend_for(self, opts: ClaudeOptions) -> TurnBackend:
-        """Seam for the warm backend: decide per turn which backend runs it.
+        """Warm if ``opts.warm`` says so (else ``config.warm_default``) and warm_max > 0."""
+        warm = opts.warm if opts.warm is not None else self.config.warm_default
+        return self._warm if warm and self.config.warm_max > 0 else self._cold
 
-        ``opts.warm`` (else ``config.warm_default``) will select a WarmBackend
-        here; until that exists every turn runs cold.
-        """
-        return self._cold
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "CLAUDECODE"}
+        env.update(self.config.extra_env)
+        return env
+
+    def _spec(self, model: str | None, opts: ClaudeOptions, cwd: str) -> ProcSpec | None:
+        path = self._binary()
+        if path is None:
+            return None
+        return ProcSpec(claude_bin=str(path), model=model or self.config.default_model,
+                        opts=opts, cwd=cwd, env=self._env())
+
+    def _pool_spec(self) -> ProcSpec | None:
+        """Flags of pool processes: what a SPAWN without model, cwd or tool options uses."""
+        if self._closed:
+            return None
+        return self._spec(None, ClaudeOptions(), str(self.config.default_cwd))
 
     async def _stream(
         self,
@@ -166,10 +236,12 @@ class ClaudeEngine:
                     async for item in items:
                         yield item
 
-    def _session_for(self, opts: ClaudeOptions) -> tuple[str, bool]:
+    def _session_for(self, opts: ClaudeOptions, model: str | None) -> tuple[str, bool]:
         if opts.session_id is not None:
             return opts.session_id, True
-        return opts.new_session_id or str(uuid.uuid4()), False
+        if opts.new_session_id is not None:
+            return opts.new_session_id, False
+        return self.reserve_session(opts, model) or str(uuid.uuid4()), False
 
     def _binary(self) -> Path | None:
         if self._bin is None:
@@ -201,8 +273,7 @@ class ClaudeEngine:
         if cwd is None and resume:
             cwd = self._session_cwds.get(session_id)
         cwd = cwd or str(self.config.default_cwd)
-        env = {k: v for k, v in os.environ.items() if k != "CLAUDECODE"}
-        env.update(self.config.extra_env)
+        env = self._env()
         timeout = opts.timeout_s if opts.timeout_s is not None else self.config.default_timeout_s
 
         pids: list[int] = []

@@ -56,7 +56,8 @@ class ClaudeOptions(BaseModel):
     session_id: str | None = None
     """Resume this session (``--resume``)."""
     new_session_id: str | None = None
-    """Id for a first turn (``--session-id``); the engine picks a uuid4 if unset."""
+    """Id for a first turn (``--session-id``). If unset the engine picks one: a uuid4, or
+    for a warm turn with default flags the id of a pre-warmed pool process."""
     cwd: str | None = None
     """Working directory; must exist. Resume is cwd-scoped in the CLI."""
     enable_tools: bool = True
@@ -68,7 +69,7 @@ class ClaudeOptions(BaseModel):
     permission_mode: PermissionMode | None = None
     timeout_s: float | None = Field(default=None, gt=0)
     warm: bool | None = None
-    """Keep a long-lived CLI for the session (not built yet: runs cold)."""
+    """Run on the session's long-lived CLI (daemon.claude.warm); None: the engine default."""
     include_partial_messages: bool = False
     on_start: Callable[[StartInfo], None] | None = Field(default=None, exclude=True, repr=False)
 

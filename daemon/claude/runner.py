@@ -75,6 +75,45 @@ class OutputLimitError(Exception):
         self.limit = limit
 
 
+class LineSplitter:
+    """Split a byte stream read in chunks into lines (without the trailing newline).
+
+    Used instead of ``StreamReader.readline``, whose 64 KiB limit a single
+    stream-json line (a big tool result, a huge answer) easily exceeds. Only
+    the new bytes are searched, so a 3 MB line arriving in ~50 chunks costs
+    one pass.
+    """
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the unfinished last line (callers cap it)."""
+        return len(self._pending)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        scan_from = len(self._pending)
+        self._pending += chunk
+        out: list[bytes] = []
+        start = 0
+        nl = self._pending.find(b"\n", scan_from)
+        while nl != -1:
+            out.append(bytes(self._pending[start:nl]))
+            start = nl + 1
+            nl = self._pending.find(b"\n", start)
+        del self._pending[:start]
+        return out
+
+    def flush(self) -> bytes | None:
+        """The unterminated rest at EOF, if any."""
+        if not self._pending:
+            return None
+        rest = bytes(self._pending)
+        self._pending.clear()
+        return rest
+
+
 def killpg_quiet(pgid: int, sig: int) -> bool:
     """Signal a whole process group; False if nobody is left in it."""
     try:
@@ -130,7 +169,7 @@ class _Run:
     async def drain_stdout(self) -> None:
         reader = self.proc.stdout
         assert reader is not None
-        pending = bytearray()
+        lines = LineSplitter()
         while chunk := await reader.read(CHUNK_BYTES):
             self.stdout_bytes += len(chunk)
             if self.stdout_bytes > self.max_stdout:
@@ -141,18 +180,11 @@ class _Run:
                 self.stdout += chunk
             if self.on_stdout_line is None or self.callback_error is not None:
                 continue
-            # Search only the new bytes: a 3 MB line arrives in ~50 chunks.
-            scan_from = len(pending)
-            pending += chunk
-            start = 0
-            nl = pending.find(b"\n", scan_from)
-            while nl != -1:
-                self._emit(bytes(pending[start:nl]))
-                start = nl + 1
-                nl = pending.find(b"\n", start)
-            del pending[:start]
-        if pending and self.on_stdout_line is not None:
-            self._emit(bytes(pending))
+            for line in lines.feed(chunk):
+                self._emit(line)
+        rest = lines.flush()
+        if rest is not None and self.on_stdout_line is not None:
+            self._emit(rest)
 
     def _emit(self, line: bytes) -> None:
         if self.callback_error is not None or self.on_stdout_line is None:
@@ -306,12 +338,16 @@ async def _finish(proc: asyncio.subprocess.Process, helpers: list[asyncio.Task[N
         transport.close()
 
 
-async def wait_exit(proc: asyncio.subprocess.Process) -> None:
-    """Wait for the child itself, not for its pipes (see module docstring)."""
+async def wait_exit(proc: asyncio.subprocess.Process, poll_s: float = _POLL_S) -> None:
+    """Wait for the child itself, not for its pipes (see module docstring).
+
+    ``proc.wait()`` wakes us at once in the common case; ``poll_s`` bounds how late an
+    exit is noticed while a grandchild still holds the pipes.
+    """
     waiter = asyncio.ensure_future(proc.wait())
     try:
         while proc.returncode is None and not waiter.done():
-            await asyncio.wait({waiter}, timeout=_POLL_S)
+            await asyncio.wait({waiter}, timeout=poll_s)
     finally:
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)
