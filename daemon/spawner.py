@@ -290,28 +290,30 @@ class Spawner:
 
     async def _run(self, turn: Turn) -> None:
         info = turn.info
-        outcome: dict[str, Any]
         # Reference-counted, not "dropped when unlocked": right after a release the lock looks
         # free while a woken waiter has yet to take it, and a fresh lock for the same session
         # would let two of its turns run at once.
         lock, users = self._session_locks.get(turn.session_id, (asyncio.Lock(), 0))
         self._session_locks[turn.session_id] = (lock, users + 1)
-        holding_slot = False
+        holding_slot = finishing = False
         try:
             async with lock:
-                await self._acquire_slot(info.process_id)
-                holding_slot = True
-                outcome = await self._execute(turn)
+                try:
+                    await self._acquire_slot(info.process_id)
+                    holding_slot = True
+                    outcome = await self._execute(turn)
+                except (asyncio.CancelledError, Exception) as exc:
+                    outcome = self._failure(exc, info.process_id)
+                # Announced while the slot and the session lock are still held: events then
+                # never show more turns running than the cap, and turn N of a session is
+                # complete before turn N+1 starts.
+                finishing = True
+                await self._finish(turn, outcome)
         except asyncio.CancelledError:
-            outcome = {"error": {"code": "CANCELLED", "message": "the turn was cancelled",
-                                 "process_id": info.process_id}}
-        except DaemonError as exc:
-            outcome = {"error": {**(exc.details or {}), "code": exc.code,
-                                 "message": exc.message, "process_id": info.process_id}}
-        except Exception as exc:
-            log.exception("turn.crashed", process_id=info.process_id)
-            outcome = {"error": {"code": "INTERNAL_ERROR", "message": f"{type(exc).__name__}",
-                                 "process_id": info.process_id}}
+            if finishing:
+                raise  # a second cancel (forced shutdown) while recording: give up on it
+            # Cancelled while queued behind an earlier turn of the same session.
+            await self._finish(turn, self._failure(asyncio.CancelledError(), info.process_id))
         finally:
             if holding_slot:
                 self._release_slot()
@@ -320,7 +322,18 @@ class Spawner:
                 del self._session_locks[turn.session_id]
             else:
                 self._session_locks[turn.session_id] = (lock, users - 1)
-        await self._finish(turn, outcome)
+
+    @staticmethod
+    def _failure(exc: BaseException, process_id: str) -> dict[str, Any]:
+        """The outcome of a turn that raised instead of returning a result."""
+        if isinstance(exc, asyncio.CancelledError):
+            error: dict[str, Any] = {"code": "CANCELLED", "message": "the turn was cancelled"}
+        elif isinstance(exc, DaemonError):
+            error = {**(exc.details or {}), "code": exc.code, "message": exc.message}
+        else:
+            log.error("turn.crashed", process_id=process_id, exc_info=exc)
+            error = {"code": "INTERNAL_ERROR", "message": type(exc).__name__}
+        return {"error": {**error, "process_id": process_id}}
 
     async def _execute(self, turn: Turn) -> dict[str, Any]:
         assert self._ready is not None
@@ -386,6 +399,14 @@ class Spawner:
                            code="CLI_CRASHED")
 
     async def _finish(self, turn: Turn, outcome: dict[str, Any]) -> None:
+        try:
+            await self._record(turn, outcome)
+        finally:
+            # Whatever happened while recording, a waiting sync SPAWN gets its answer.
+            if not turn.done.done():
+                turn.done.set_result(outcome)
+
+    async def _record(self, turn: Turn, outcome: dict[str, Any]) -> None:
         info = turn.info
         info.finished_at = utc_now_iso()
         started = info.started_at is not None
@@ -425,8 +446,6 @@ class Spawner:
         self.daemon.bus.publish("PROCESS_COMPLETE", event)
         log.info("turn.finished", process_id=info.process_id, status=info.status,
                  session_id=turn.session_id, cost_usd=cost)
-        if not turn.done.done():
-            turn.done.set_result(outcome)
 
     # -- concurrency cap --------------------------------------------------------------------
 

@@ -464,3 +464,19 @@ def test_costs_are_recorded_per_session_and_per_agent_across_restart(make_daemon
         assert [p["status"] for p in session["processes"]] == ["completed", "completed"]
         d.stop()
         d.start()
+
+
+async def test_a_sessions_turn_is_announced_complete_before_the_next_starts(
+        make_daemon: Any) -> None:
+    d = make_daemon()
+    sid = spawn(d, prompt="first")["result"]["session_id"]
+    async with AsyncClient.connect(d.socket) as c:
+        await c.subscribe(["PROCESS_*"])
+        ids = [(await c.call("SPAWN", {"prompt": f"[[sleep:0.2]] {i}", "mode": "async",
+                                       "session_id": sid}))["process_id"] for i in range(3)]
+        order = []
+        while len(order) < 6:
+            ev = await c.next_event(timeout=30)
+            order.append((ev["event"], ev["data"]["process_id"]))
+    expected = [(kind, pid) for pid in ids for kind in ("PROCESS_STARTED", "PROCESS_COMPLETE")]
+    assert order == expected
