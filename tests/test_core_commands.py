@@ -96,7 +96,7 @@ def error(reply: dict[str, Any], code: str) -> dict[str, Any]:
     assert reply["status"] == "error", reply
     assert reply["error"]["code"] == code, reply
     assert reply["error"]["message"]
-    return reply["error"]  # type: ignore[no-any-return]
+    return reply["error"]
 
 
 # -- system ----------------------------------------------------------------------------------

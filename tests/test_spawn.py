@@ -228,7 +228,7 @@ async def test_cancel_running_and_queued_processes(make_daemon: Any) -> None:
         assert cancelled_q["status"] == "cancelled"
         cancelled_r = await c.call("CANCEL_PROCESS", {"process_id": running["process_id"]})
         assert cancelled_r["status"] == "cancelled"
-        done = {}
+        done: dict[str, Any] = {}
         while len(done) < 2:
             ev = await c.next_event(timeout=20)
             if ev["event"] == "PROCESS_COMPLETE":
@@ -355,8 +355,11 @@ def test_observers_are_isolated_and_can_act(make_daemon: Any) -> None:
     assert costs["turns"]["completed"] >= 1
     assert costs["sessions"][first["session_id"]]["cost_usd"] > 0
     # The hanging observer is timed out on its own clock; the turns above did not wait.
-    for name in ("observer.failed", "observer.timed_out"):
-        wait_for(lambda name=name: any(e["event"] == name for e in d.log_events()), timeout=10)
+    def logged(name: str) -> bool:
+        return any(e["event"] == name for e in d.log_events())
+
+    wait_for(lambda: logged("observer.failed"), timeout=10)
+    wait_for(lambda: logged("observer.timed_out"), timeout=10)
 
 
 @pytest.mark.parametrize(
@@ -434,8 +437,12 @@ def test_socket_answers_before_litellm_is_loaded_and_stdout_stays_clean() -> Non
         first = d.result("HEALTH_CHECK")
         assert first["litellm"]["status"] in ("loading", "ready")
         statuses = {first["litellm"]["status"]}
-        wait_for(lambda: statuses.add(d.result("HEALTH_CHECK")["litellm"]["status"])
-                 or "ready" in statuses, timeout=60)
+
+        def saw_ready() -> bool:
+            statuses.add(d.result("HEALTH_CHECK")["litellm"]["status"])
+            return "ready" in statuses
+
+        wait_for(saw_ready, timeout=60)
         assert "loading" in statuses  # observed at least once while the import ran
         # Errors are where LiteLLM prints banners to stdout unless quietened.
         assert spawn(d, prompt="[[error:500]]")["error"]["code"] == "API_ERROR"
@@ -474,7 +481,7 @@ async def test_a_sessions_turn_is_announced_complete_before_the_next_starts(
         await c.subscribe(["PROCESS_*"])
         ids = [(await c.call("SPAWN", {"prompt": f"[[sleep:0.2]] {i}", "mode": "async",
                                        "session_id": sid}))["process_id"] for i in range(3)]
-        order = []
+        order: list[tuple[str, str]] = []
         while len(order) < 6:
             ev = await c.next_event(timeout=30)
             order.append((ev["event"], ev["data"]["process_id"]))
