@@ -1,0 +1,12 @@
+"""Imports every benchmark module so that its functions register themselves.
+
+To add benchmarks (e.g. the warm-session set of issue 6), write a module that uses
+:func:`bench.core.benchmark` and import it here.
+"""
+
+from __future__ import annotations
+
+from bench import realcli, sockets, spawn, startup, warm
+from bench.core import REGISTRY
+
+__all__ = ["REGISTRY", "realcli", "sockets", "spawn", "startup", "warm"]
