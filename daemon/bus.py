@@ -6,7 +6,11 @@ subscriber's problem, not the publisher's. Socket subscribers are told and disco
 (``policy="disconnect"``: they can catch up with ``GET_EVENTS since_seq``); observers lose
 the overflowing events and the loss is counted and logged (``policy="drop"``).
 
-An event is encoded to its wire line once, however many subscribers receive it.
+An event is encoded to its wire line once, however many subscribers receive it. The
+history keeps only an exact-size copy of that line (:class:`StoredEvent`), not the payload
+as Python objects: it holds 10 000 events, and both the payload's dicts and orjson's output
+buffer (allocated with room to spare: ~8 KiB for a 0.7 KiB PROCESS_COMPLETE line) take
+several times the line's size.
 """
 
 from __future__ import annotations
@@ -44,6 +48,43 @@ class Event:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": self.event_type, "data": self.data, "seq": self.seq,
                                "timestamp": self.timestamp}
+        if self.from_agent is not None:
+            out["from_agent"] = self.from_agent
+        if self.to_agent is not None:
+            out["to_agent"] = self.to_agent
+        return out
+
+    def stored(self) -> StoredEvent:
+        return StoredEvent(self.seq, self.event_type, self.timestamp, self.from_agent,
+                           self.to_agent, _exact(self.wire))
+
+
+def _exact(data: bytes) -> bytes:
+    """A copy without the spare capacity orjson leaves in its output."""
+    return bytes(memoryview(data))
+
+
+@dataclass(slots=True)
+class StoredEvent:
+    """An event as the history keeps it: the wire line, and what queries filter on.
+
+    ``data`` and :meth:`to_dict` decode the payload from ``wire`` when asked (GET_EVENTS).
+    """
+
+    seq: int
+    event_type: str
+    timestamp: str
+    from_agent: str | None
+    to_agent: str | None
+    wire: bytes
+
+    @property
+    def data(self) -> dict[str, Any]:
+        data: dict[str, Any] = orjson.loads(self.wire)["data"]
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = orjson.loads(self.wire)  # event, data, seq, timestamp
         if self.from_agent is not None:
             out["from_agent"] = self.from_agent
         if self.to_agent is not None:
@@ -144,10 +185,12 @@ class EventBus:
     # seq monotonic across such a crash, a high-water mark is stored well ahead of use and
     # a restarted bus continues above it (leaving a gap, never reusing a number).
     SEQ_RESERVE = 10_000
+    _RESERVE_SQL = ("INSERT INTO meta(key, value) VALUES('seq_reserved', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value")
 
     def __init__(self, store: Store | None, *, history_size: int) -> None:
         self.store = store
-        self.history: deque[Event] = deque(maxlen=history_size)
+        self.history: deque[StoredEvent] = deque(maxlen=history_size)
         self.subscribers: set[Subscriber] = set()
         self.seq = 0
         self.published = 0
@@ -164,21 +207,25 @@ class EventBus:
             (self.history.maxlen,),
         )
         for row in reversed(rows):
-            data = orjson.loads(row["data"])
-            ev = Event(row["seq"], row["event_type"], data, row["timestamp"],
-                       row["from_agent"], row["to_agent"])
-            ev.wire = encode_event(ev.event_type, data, ev.seq, ev.timestamp)
-            self.history.append(ev)
+            wire = encode_event(row["event_type"], orjson.loads(row["data"]), row["seq"],
+                                row["timestamp"])
+            self.history.append(StoredEvent(row["seq"], row["event_type"], row["timestamp"],
+                                            row["from_agent"], row["to_agent"], _exact(wire)))
         max_rows = await self.store.query("SELECT MAX(seq) AS m FROM events")
         reserved = await self.store.query("SELECT value FROM meta WHERE key='seq_reserved'")
         self.seq = max(max_rows[0]["m"] or 0, reserved[0]["value"] if reserved else 0)
+        # The first reservation is awaited: a crash right after start-up must not lose it.
+        # Later ones are written SEQ_RESERVE / 2 events before they are needed.
+        self._seq_reserved = self.seq + self.SEQ_RESERVE
+        await self._write_reserved(self._seq_reserved)
 
     async def close(self) -> None:
         """On a clean stop, record the exact last seq: the next start continues at seq + 1."""
+        await self._write_reserved(self.seq)
+
+    async def _write_reserved(self, value: int) -> None:
         if self.store is not None:
-            await self.store.write(
-                "INSERT INTO meta(key, value) VALUES('seq_reserved', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (self.seq,))
+            await self.store.write(self._RESERVE_SQL, (value,))
 
     def add(self, sub: Subscriber) -> None:
         self.subscribers.add(sub)
@@ -198,7 +245,7 @@ class EventBus:
         ts = utc_now_iso()
         ev = Event(self.seq, event_type, data, ts, from_agent, to_agent,
                    encode_event(event_type, data, self.seq, ts))
-        self.history.append(ev)
+        self.history.append(ev.stored())
         self.published += 1
         self._persist(ev)
         for sub in tuple(self.subscribers):
@@ -228,9 +275,7 @@ class EventBus:
             return
         if ev.seq > self._seq_reserved - self.SEQ_RESERVE // 2:
             self._seq_reserved = ev.seq + self.SEQ_RESERVE
-            self.store.write_nowait(
-                "INSERT INTO meta(key, value) VALUES('seq_reserved', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (self._seq_reserved,))
+            self.store.write_nowait(self._RESERVE_SQL, (self._seq_reserved,))
         self.store.write_nowait(
             "INSERT INTO events(seq, event_type, timestamp, from_agent, to_agent, data) "
             "VALUES(?,?,?,?,?,?)",
@@ -244,10 +289,11 @@ class EventBus:
             self.store.write_nowait("DELETE FROM events WHERE seq <= ?",
                                     (ev.seq - self.history.maxlen,))
 
-    def query(self, patterns: Iterable[str] | None, since_seq: int, limit: int) -> list[Event]:
+    def query(self, patterns: Iterable[str] | None, since_seq: int, limit: int
+              ) -> list[StoredEvent]:
         """Recent history after ``since_seq``, oldest first, at most ``limit`` events."""
         pat = Patterns(patterns) if patterns else None
-        out: list[Event] = []
+        out: list[StoredEvent] = []
         for ev in reversed(self.history):
             if ev.seq <= since_seq:
                 break

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -37,6 +37,9 @@ class Params(BaseModel):
 
 class NoParams(Params):
     pass
+
+
+_NO_PARAMS = NoParams()
 
 
 class Result(BaseModel):
@@ -118,6 +121,8 @@ class Registry:
 
     @staticmethod
     def validate(spec: CommandSpec[P, Any], parameters: dict[str, Any]) -> P:
+        if not parameters and spec.params is NoParams:
+            return cast(P, _NO_PARAMS)  # fieldless, so one shared instance will do
         try:
             return spec.params.model_validate(parameters)
         except ValidationError as exc:

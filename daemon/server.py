@@ -41,6 +41,13 @@ _REFUSE_READ_S: Final = 1.0  # how long a refused peer may take to send its requ
 # before the connection is aborted (a client that stopped reading would otherwise keep it,
 # with its buffers, forever: the pump would wait on drain() for good).
 DROP_GRACE_S: Final = 2.0
+# Replies to pipelined requests are coalesced: while more request lines are already
+# buffered, replies queue up and go out in one write (one syscall, one wake-up of the peer)
+# with the reply to the last of them, when the loop next turns, or once this many bytes wait.
+_FLUSH_BYTES: Final = 64 * 1024
+# A pipelining connection gives way to other tasks after this many requests even when none
+# of them published an event (after one that did, it gives way at once; see _serve).
+_YIELD_EVERY: Final = 16
 
 
 class Connection:
@@ -65,18 +72,41 @@ class Connection:
         self._pump: asyncio.Task[None] | None = None
         self._drop_timer: asyncio.TimerHandle | None = None
         self.ctx = Context(daemon, self)
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
 
     # -- output -----------------------------------------------------------------------
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, *, now: bool = False) -> None:
+        """Queue ``data`` behind everything queued before it (``now``: and write it all at
+        once, as event pushes do); wait if the peer is slow."""
         if self.closed or self.writer.is_closing():
             return
         try:
-            self.writer.write(data)
+            self._out.append(data)
+            self._out_bytes += len(data)
+            if now or self._out_bytes >= _FLUSH_BYTES:
+                self.flush()
+            elif self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
             await self.writer.drain()
         except (ConnectionError, BrokenPipeError) as exc:
             log.info("connection.lost_mid_reply", conn=self.id, error=type(exc).__name__)
             self.closed = True
+
+    def flush(self) -> None:
+        """Hand the queued output to the transport in one write."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        self._out_bytes = 0
+        if not self.writer.is_closing():
+            self.writer.write(data)
 
     # -- persistence and subscriptions ----------------------------------------------------
 
@@ -114,7 +144,7 @@ class Connection:
         while not self.closed:
             batch = await sub.next_batch()
             if batch:
-                await self.send(b"".join(ev.wire for ev in batch))
+                await self.send(b"".join(ev.wire for ev in batch), now=True)
             if sub.dropped:
                 notice = encode_event(
                     "SUBSCRIBER_DROPPED",
@@ -148,6 +178,7 @@ class Connection:
         # or every subscribed connection would leave a pending task behind.
         if self._pump is not None and self._pump is not asyncio.current_task():
             self._pump.cancel()
+        self.flush()  # queued output goes before the close
         if not self.writer.is_closing():
             self.writer.close()
 
@@ -228,7 +259,11 @@ class Server:
 
     async def _serve(self, conn: Connection) -> None:
         registry = self.daemon.registry
+        bus = self.daemon.bus
+        published = bus.published
+        unyielded = 0
         while not conn.closed:
+            detached = False
             line = await self._read_line(conn.reader)
             if line is None:
                 return
@@ -253,14 +288,23 @@ class Server:
                         task = asyncio.create_task(self._run_detached(conn, req))
                         conn.tasks.add(task)
                         task.add_done_callback(conn.tasks.discard)
+                        detached = True
                     else:
-                        await conn.send(await self._dispatch(conn, req))
+                        reply = await self._dispatch(conn, req)
+                        await conn.send(reply, now=not _line_buffered(conn.reader))
             if not conn.persistent:
                 return
             # Yield between pipelined requests: lines already buffered are otherwise served
             # without ever giving way, and a burst of PUBLISHes would overflow (and drop) even
-            # subscribers that read promptly, whose pumps never got a turn to run.
+            # subscribers that read promptly, whose pumps never got a turn to run. So: at once
+            # after a request that published an event or started a task, else every few
+            # requests (each turn of the loop costs a syscall and flushes the output).
+            unyielded += 1
+            if bus.published == published and not detached and unyielded < _YIELD_EVERY:
+                continue
             await asyncio.sleep(0)
+            published = bus.published
+            unyielded = 0
 
     async def _dispatch(self, conn: Connection, req: Request) -> bytes:
         started = time.perf_counter()
@@ -296,6 +340,16 @@ class Server:
                 return _TOO_LONG
             except asyncio.LimitOverrunError as exc:
                 consumed = exc.consumed
+
+
+def _line_buffered(reader: asyncio.StreamReader) -> bool:
+    """Whether another complete request line is already buffered (read, not yet served).
+
+    Peeks at StreamReader's buffer, which asyncio does not expose; without it every reply
+    is simply written at once.
+    """
+    buf = getattr(reader, "_buffer", None)
+    return buf is not None and b"\n" in buf
 
 
 def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int | None, int | None]:

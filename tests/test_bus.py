@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from daemon.app import Daemon
-from daemon.bus import Event, EventBus, Patterns, Subscriber
+from daemon.bus import EventBus, Patterns, StoredEvent, Subscriber
 from daemon.settings import Settings
 from daemon.store import Store
 from tests.helpers import FAKE_CLAUDE, short_tmpdir
@@ -166,7 +166,7 @@ def test_history_query_semantics() -> None:
     for i in range(30):
         bus.publish("A_EV" if i % 2 == 0 else "B_EV", {"i": i})
 
-    def seqs(events: list[Event]) -> list[int]:
+    def seqs(events: list[StoredEvent]) -> list[int]:
         return [e.seq for e in events]
 
     # Without since_seq: the newest `limit`, oldest first.
@@ -234,7 +234,7 @@ async def test_seq_after_an_unclean_stop_skips_ahead_never_back(tmp_path: Path) 
     try:
         again = EventBus(store, history_size=100)
         await again.load()
-        assert again.seq == 1 + EventBus.SEQ_RESERVE  # reserved at the first publish
+        assert again.seq == EventBus.SEQ_RESERVE  # reserved when the first bus loaded
         assert again.publish("T_B", {}).seq > again.history[-2].seq
     finally:
         await store.close()
