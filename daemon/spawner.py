@@ -346,7 +346,9 @@ class Spawner:
         info.status = "running"
         info.started_at = utc_now_iso()
         info.queue_position = None
-        await self.daemon.state.save_process(info, wait=False)
+        # Not written to the database: the queued record is already there, and after a crash
+        # it is marked DAEMON_RESTARTED either way. One write fewer per turn.
+        self.daemon.state.note_process(info)
         log_path = await self.turnlog.human(turn.session_id, req.prompt,
                                             process_id=info.process_id, agent_id=req.agent_id,
                                             model=req.model)
@@ -517,6 +519,7 @@ class Spawner:
             task.cancel()
         if self.engine is not None:
             await self.engine.aclose()
+        self.turnlog.close()
 
     def snapshot(self) -> list[ProcessInfo]:
         """Live turns with their queue positions, then recent finished ones (newest last)."""

@@ -236,8 +236,8 @@ class StateManager:
 
     # -- processes --------------------------------------------------------------------
 
-    async def save_process(self, info: ProcessInfo, *, wait: bool = True) -> None:
-        """Upsert a process record; ``wait=False`` for transitions nobody is waiting on."""
+    def note_process(self, info: ProcessInfo) -> None:
+        """Keep a process record in memory only (a transition not worth a disk write)."""
         self.processes[info.process_id] = info
         self.processes.move_to_end(info.process_id)
         while len(self.processes) > self.RECENT_PROCESSES:
@@ -245,6 +245,10 @@ class StateManager:
             if self.processes[oldest].status not in FINAL_STATUSES:
                 break  # never forget a live process
             self.processes.popitem(last=False)
+
+    async def save_process(self, info: ProcessInfo, *, wait: bool = True) -> None:
+        """Upsert a process record; ``wait=False`` for transitions nobody is waiting on."""
+        self.note_process(info)
         error_code = info.error.get("code") if info.error else None
         sql = (
             "INSERT INTO processes(process_id, status, mode, session_id, agent_id, model, "
