@@ -35,15 +35,6 @@ echo '{"type":"result","subtype":"success","is_error":false,"duration_ms":1,\
 "total_cost_usd":0.0001,"usage":{"input_tokens":3,"output_tokens":1},"permission_denials":[]}'
 """
 
-# Keeps the real CLI offline, quiet and single-attempt (tests/e2e/conftest.py, claude-cli.md §2).
-OFFLINE_ENV = {
-    "ANTHROPIC_API_KEY": "dummy",
-    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-    "DISABLE_AUTOUPDATER": "1",
-    "DISABLE_TELEMETRY": "1",
-    "DISABLE_ERROR_REPORTING": "1",
-    "CLAUDE_CODE_MAX_RETRIES": "0",
-}
 
 
 def short_dir(prefix: str) -> Path:

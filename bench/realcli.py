@@ -14,9 +14,10 @@ import time
 import uuid
 
 from bench.core import REAL_CLAUDE, Row, Run, Stats, benchmark, fmt
-from bench.procs import OFFLINE_ENV, real_cli_missing, start_daemon, start_stub_api
+from bench.procs import real_cli_missing, start_daemon, start_stub_api
 from bench.spawn import spawn_line
 from bench.wire import LineConn, request_line
+from devtools.stub_api import OFFLINE_CLI_ENV
 
 WHAT = "real CLI turn via daemon vs bare claude -p"
 
@@ -30,7 +31,7 @@ def p2_real_cli(run: Run) -> list[Row]:
     reps, warm = run.reps(10, 2), 1
     stub = start_stub_api(run)
     d = start_daemon(run, claude_bin=REAL_CLAUDE,
-                     env={**OFFLINE_ENV, "ANTHROPIC_BASE_URL": stub.url})
+                     env={**OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": stub.url})
     env = dict(d.env)  # the daemon's own environment: the CLI child sees exactly this
     conn = LineConn(d.socket, timeout=120)
     conn.request(request_line("CONNECT"))

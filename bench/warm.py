@@ -30,7 +30,6 @@ import orjson
 
 from bench.core import REAL_CLAUDE, ROOT, Row, Run, Stats, benchmark, fmt
 from bench.procs import (
-    OFFLINE_ENV,
     DaemonHandle,
     base_env,
     real_cli_missing,
@@ -40,6 +39,7 @@ from bench.procs import (
     stop_pid,
 )
 from bench.wire import LineConn, request_line
+from devtools.stub_api import OFFLINE_CLI_ENV
 
 POOL_AGE_S = 3.0  # the real CLI finishes its own start-up ~3 s after exec
 BLEMEESD = ROOT / ".venv" / "bin" / "blemeesd"
@@ -52,7 +52,7 @@ class Warm:
         self.stub = start_stub_api(run)
         self.work = run.workdir / "warm-work"  # also the daemon's default cwd (pool flags)
         self.work.mkdir(exist_ok=True)
-        self.env = {**OFFLINE_ENV, "ANTHROPIC_BASE_URL": self.stub.url,
+        self.env = {**OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": self.stub.url,
                     "KSI_WARM_POOL_SIZE": "1", "KSI_PROJECT_ROOT": str(self.work)}
         self.d: DaemonHandle = start_daemon(run, claude_bin=REAL_CLAUDE, env=self.env)
         self.conn = LineConn(self.d.socket, timeout=120)
@@ -306,7 +306,7 @@ def w4_blemeesd(run: Run) -> list[Row]:
     w = warm_setup(run)
     base = short_dir("bl")
     sock = base / "b.sock"
-    env = {**base_env(), **OFFLINE_ENV, "ANTHROPIC_BASE_URL": w.stub.url,
+    env = {**base_env(), **OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": w.stub.url,
            "CLAUDE_CONFIG_DIR": str(base / "claude-config")}
     proc = subprocess.Popen([str(BLEMEESD), "--socket", str(sock), "--claude", str(REAL_CLAUDE),
                              "--log-level", "warning"], cwd=w.work, env=env,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.client import AsyncClient
-from devtools.stub_api import StubAPI
+from devtools.stub_api import OFFLINE_CLI_ENV, StubAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,13 +86,9 @@ def main() -> int:
     work.mkdir()
     with StubAPI() as stub:
         env = {k: v for k, v in os.environ.items() if k != "CLAUDECODE"}
-        env.update({
-            "ANTHROPIC_BASE_URL": stub.url, "ANTHROPIC_API_KEY": "dummy",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1",
-            "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1",
-            "CLAUDE_CODE_MAX_RETRIES": "0", "CLAUDE_CONFIG_DIR": str(base / "claude-config"),
-            "KSI_CLAUDE_BIN": str(claude),
-        })
+        env.update(OFFLINE_CLI_ENV)
+        env.update({"ANTHROPIC_BASE_URL": stub.url, "KSI_CLAUDE_BIN": str(claude),
+                    "CLAUDE_CONFIG_DIR": str(base / "claude-config")})
         say("starting", f"stub Anthropic API on {stub.url}; daemon socket {sock}")
         daemon = subprocess.Popen(
             [sys.executable, str(ROOT / "daemon.py"), "--socket", str(sock), "--state-dir",

@@ -59,6 +59,19 @@ __all__ = ["ERROR_TYPES", "HOST", "StubAPI", "main"]
 # reachable from outside the machine.
 HOST = "127.0.0.1"
 
+# Environment that keeps the real CLI offline, quiet and single-attempt when it talks to this
+# stub (claude-cli.md §2, §6): no telemetry, update checks or error reports (zero DNS lookups
+# with CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC), and one API attempt instead of ~3 minutes of
+# retries against a failing stub. Tests, the demo and the benchmarks all use it.
+OFFLINE_CLI_ENV = {
+    "ANTHROPIC_API_KEY": "dummy",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_AUTOUPDATER": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DISABLE_ERROR_REPORTING": "1",
+    "CLAUDE_CODE_MAX_RETRIES": "0",
+}
+
 # Anthropic error `type` per HTTP status. Statuses not listed map by class (see _error_type).
 ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",

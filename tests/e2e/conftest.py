@@ -14,21 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from devtools.stub_api import StubAPI
+from devtools.stub_api import OFFLINE_CLI_ENV, StubAPI
+from tests.helpers import DaemonProcess
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(__file__).resolve().parent
 
-# Environment that keeps the CLI offline, quiet and single-attempt. MAX_RETRIES=0 matters: with
-# the default of 10 a failing stub holds each run for about three minutes (claude-cli.md §6).
-OFFLINE_ENV = {
-    "ANTHROPIC_API_KEY": "dummy",
-    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-    "DISABLE_AUTOUPDATER": "1",
-    "DISABLE_TELEMETRY": "1",
-    "DISABLE_ERROR_REPORTING": "1",
-    "CLAUDE_CODE_MAX_RETRIES": "0",
-}
 
 RunClaude = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -68,7 +59,7 @@ def claude_env(stub_api: StubAPI, tmp_path: Path) -> dict[str, str]:
     ``CLAUDECODE`` is dropped so a test run from inside Claude Code does not look nested.
     """
     env = {k: v for k, v in os.environ.items() if k != "CLAUDECODE"}
-    env.update(OFFLINE_ENV)
+    env.update(OFFLINE_CLI_ENV)
     env["ANTHROPIC_BASE_URL"] = stub_api.url
     config_dir = tmp_path / "claude-config"
     config_dir.mkdir()
@@ -107,3 +98,22 @@ def run_claude(real_claude_bin: Path, claude_env: dict[str, str], claude_cwd: Pa
         )
 
     return run
+
+
+@pytest.fixture
+def start_real_daemon(real_claude_bin: Path, claude_env: dict[str, str], claude_cwd: Path
+                      ) -> Iterator[Callable[..., DaemonProcess]]:
+    """``start_real_daemon(**extra_env)``: a daemon driving the real CLI against ``stub_api``,
+    with ``claude_cwd`` as its work dir; stopped (and checked for leftovers) at teardown."""
+    started: list[DaemonProcess] = []
+
+    def start(**extra_env: str) -> DaemonProcess:
+        d = DaemonProcess(claude_bin=real_claude_bin, env={**claude_env, **extra_env},
+                          preload=True)
+        d.work = claude_cwd
+        started.append(d)
+        return d.start()
+
+    yield start
+    for d in started:
+        d.cleanup()

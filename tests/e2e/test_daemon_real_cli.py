@@ -7,7 +7,7 @@ log shows what the CLI really sent, which is how continuity and serialisation ar
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +20,8 @@ from tests.helpers import DaemonProcess, pid_alive, wait_for
 
 
 @pytest.fixture
-def real_daemon(real_claude_bin: Path, claude_env: dict[str, str], claude_cwd: Path
-                ) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(claude_bin=real_claude_bin, env=claude_env, preload=True)
-    d.work = claude_cwd
-    d.start()
-    try:
-        yield d
-    finally:
-        d.cleanup()
+def real_daemon(start_real_daemon: Callable[..., DaemonProcess]) -> DaemonProcess:
+    return start_real_daemon()
 
 
 def user_texts(request: dict[str, Any]) -> list[str]:

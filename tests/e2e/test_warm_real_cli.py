@@ -8,7 +8,7 @@ turn proves continuity on one long-lived process; the interrupted prompt followe
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,11 @@ from tests.helpers import DaemonProcess, pid_alive, wait_for
 
 
 @pytest.fixture
-def warm_daemon(real_claude_bin: Path, claude_env: dict[str, str], claude_cwd: Path
-                ) -> Iterator[DaemonProcess]:
-    env = {**claude_env, "KSI_WARM_DEFAULT": "true", "KSI_WARM_POOL_SIZE": "1",
-           # The pool's default cwd is the project root: make it the test's work dir.
-           "KSI_PROJECT_ROOT": str(claude_cwd)}
-    d = DaemonProcess(claude_bin=real_claude_bin, env=env, preload=True)
-    d.work = claude_cwd
-    d.start()
-    try:
-        yield d
-    finally:
-        d.cleanup()
+def warm_daemon(start_real_daemon: Callable[..., DaemonProcess], claude_cwd: Path
+                ) -> DaemonProcess:
+    # The pool's default cwd is the project root: make it the test's work dir.
+    return start_real_daemon(KSI_WARM_DEFAULT="true", KSI_WARM_POOL_SIZE="1",
+                             KSI_PROJECT_ROOT=str(claude_cwd))
 
 
 async def started_pid(c: AsyncClient, reply: dict[str, Any]) -> int:
