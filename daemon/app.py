@@ -159,7 +159,7 @@ class Daemon:
             "pid": os.getpid(),
             "started_at": iso_from_epoch(self.started_at),
             "uptime_s": round(time.time() - self.started_at, 3),
-            "socket": str(self.server.path),
+            "socket": self.server.path_str,
             "counts": {
                 "connections": len(self.server.connections),
                 "subscribers": len(self.bus.subscribers),

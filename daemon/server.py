@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import socket
@@ -196,6 +197,10 @@ class Server:
     @property
     def path(self) -> Path:
         return self.settings.socket_path
+
+    @functools.cached_property
+    def path_str(self) -> str:
+        return str(self.settings.socket_path)
 
     async def start(self) -> None:
         path = self.path
