@@ -89,7 +89,8 @@ class Spawner:
         self.running_count = 0
         self._session_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # lock, turns using it
         self._idempotent: dict[str, tuple[str, float]] = {}  # client_request_id -> (pid, t)
-        self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()  # recent outcomes
+        # Outcomes of recent turns that carried a client_request_id (for replays).
+        self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._ready: asyncio.Event | None = None
         self._load_error: str | None = None
         self._acompletion: Any = None
@@ -436,9 +437,12 @@ class Spawner:
                 completed=info.status == "completed",
             )
         self.turns.pop(info.process_id, None)
-        self._finished[info.process_id] = outcome
-        while len(self._finished) > 1000:
-            self._finished.popitem(last=False)
+        if turn.request.client_request_id:
+            # Kept for idempotent replays only: nothing else can ask for a finished turn's full
+            # outcome, and it holds the CLI's whole JSON.
+            self._finished[info.process_id] = outcome
+            while len(self._finished) > 1000:
+                self._finished.popitem(last=False)
         event = dict(outcome.get("result") or {})
         event.update({"process_id": info.process_id, "status": info.status,
                       "session_id": event.get("session_id") or turn.session_id,
