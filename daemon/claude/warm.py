@@ -6,7 +6,7 @@ turns and each turn is one JSON line on its stdin, answered by lines ending in `
 The turn's result goes through the same :func:`~daemon.claude.results.classify_result`
 as a cold turn, so callers see the same TurnResult and ClaudeCLIError codes.
 
-Policies (each one is a decision, see docs/warm-sessions.md):
+Policies (each one is a decision, see "Warm sessions" in LITELLM_INTEGRATION.md):
 
 * **Fixed flags.** cwd, model, tool, permission and system-prompt flags are argv, fixed at
   start. A turn asking for different ones ends the process and starts a new one with
