@@ -84,6 +84,7 @@ from daemon.claude.chat import (
     provider_fields,
     usage_numbers,
 )
+from daemon.claude.errors import claude_error_of as claude_error_of  # public re-export
 
 PROVIDER = "claude-cli"
 _WARMUP_KWARG = "ksi_warmup"
@@ -180,21 +181,6 @@ def map_claude_error(err: ClaudeCLIError, model: str) -> Exception:
     return _make_error(
         cls, err.message, model, ksi_code=err.code.value, claude_error=err, status_code=status
     )
-
-
-def claude_error_of(exc: BaseException) -> ClaudeCLIError | None:
-    """Find the ClaudeCLIError behind a provider error, unwrapping MidStreamFallbackError."""
-    seen: BaseException | None = exc
-    for _ in range(3):
-        if seen is None:
-            return None
-        if isinstance(seen, ClaudeCLIError):
-            return seen
-        found = getattr(seen, "claude_error", None)
-        if isinstance(found, ClaudeCLIError):
-            return found
-        seen = getattr(seen, "original_exception", None)
-    return None
 
 
 def ksi_code_of(exc: BaseException) -> str | None:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from daemon.claude.chat import cli_model
 from daemon.claude.engine import ClaudeEngine, EngineConfig
-from daemon.claude.locate import claude_version, locate_claude
+from daemon.claude.errors import claude_error_of
 from daemon.claude.options import ClaudeOptions, StartInfo
 from daemon.errors import Conflict, DaemonError, InvalidParameters, NotFound, SpawnFailed
 from daemon.protocol import utc_now_iso
@@ -95,8 +95,6 @@ class Spawner:
         self._load_error: str | None = None
         self._acompletion: Any = None
         self.engine: ClaudeEngine | None = None
-        self._claude_bin: Path | None = None
-        self._claude_version: str | None = None
         self._version_probed = False  # `claude --version` takes ~0.5 s; HEALTH_CHECK says so
         self._bg: set[asyncio.Task[Any]] = set()
         self._loading = False
@@ -105,12 +103,11 @@ class Spawner:
 
     def start(self) -> None:
         self._ready = asyncio.Event()
-        self._claude_bin = locate_claude(self.settings.claude_bin, self.settings.project_root)
         extra_env: dict[str, str] = {}
         if self.settings.cli_max_retries is not None:
             extra_env["CLAUDE_CODE_MAX_RETRIES"] = str(self.settings.cli_max_retries)
         self.engine = ClaudeEngine(EngineConfig(
-            claude_bin=str(self._claude_bin) if self._claude_bin else self.settings.claude_bin,
+            claude_bin=self.settings.claude_bin,
             project_root=self.settings.project_root,
             default_cwd=self.settings.project_root,
             default_model=self.settings.default_model,
@@ -125,8 +122,7 @@ class Spawner:
         self.engine.start_pool()  # pre-warmed CLIs (warm_pool_size of them) start now
         if self.settings.litellm_preload:
             self._ensure_loading()
-        if self._claude_bin is not None:
-            self._spawn_bg(self._probe_version(self._claude_bin))
+        self._spawn_bg(self._probe_version())
 
     def _ensure_loading(self) -> None:
         if not self._loading:
@@ -138,9 +134,10 @@ class Spawner:
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
-    async def _probe_version(self, path: Path) -> None:
+    async def _probe_version(self) -> None:
+        assert self.engine is not None
         try:
-            self._claude_version = await claude_version(path)
+            await self.engine.probe_version()
         finally:
             self._version_probed = True
 
@@ -177,16 +174,15 @@ class Spawner:
         return {"status": "ready" if ready else "loading"}
 
     def claude_status(self) -> dict[str, Any]:
-        if self._claude_bin is None:
+        engine = self.engine
+        path = engine.binary if engine is not None else None
+        if engine is None or path is None:
             return {"found": False, "bin": None, "version": None, "install_hint": INSTALL_HINT}
-        return {"found": True, "bin": str(self._claude_bin), "version": self._claude_version,
+        return {"found": True, "bin": str(path), "version": engine.version,
                 "version_probed": self._version_probed}
 
     def warm_status(self) -> dict[str, Any]:
-        if self.engine is None:
-            return {}
-        describe = getattr(self.engine, "warm_status", None)
-        return describe() if callable(describe) else {}
+        return self.engine.warm_status() if self.engine is not None else {}
 
     # -- SPAWN ------------------------------------------------------------------------------
 
@@ -390,7 +386,7 @@ class Spawner:
         })
 
     def _spawn_error(self, exc: Exception, turn: Turn) -> DaemonError:
-        cli = getattr(exc, "claude_error", None)
+        cli = claude_error_of(exc)
         if cli is not None:
             details = cli.to_dict()
             details.pop("code", None)
@@ -533,11 +529,9 @@ class Spawner:
 
     def warm_processes(self) -> list[dict[str, Any]]:
         """Live warm CLIs (sessions and pool) for GET_PROCESSES."""
-        describe = getattr(self.engine, "warm_processes", None)
-        return list(describe()) if callable(describe) else []
+        return self.engine.warm_processes() if self.engine is not None else []
 
     def with_warm(self, session: SessionInfo) -> SessionInfo:
         """The session, with its warm-process details if a warm CLI serves it now."""
-        describe = getattr(self.engine, "warm_session", None)
-        warm = describe(session.session_id) if callable(describe) else None
+        warm = self.engine.warm_session(session.session_id) if self.engine is not None else None
         return session.model_copy(update={"warm": warm}) if warm else session

@@ -135,6 +135,16 @@ class ClaudeEngine:
         for pgid in list(self._running):
             killpg_quiet(pgid, signal.SIGKILL)
 
+    @property
+    def binary(self) -> Path | None:
+        """The CLI executable turns will use (looked up again while none is found)."""
+        return self._binary()
+
+    @property
+    def version(self) -> str | None:
+        """The CLI's version once :meth:`probe_version` has run, else None."""
+        return self._version
+
     async def probe_version(self) -> str | None:
         """Ask the binary for its version (cached for describe())."""
         path = self._binary()

@@ -86,3 +86,22 @@ class ClaudeCLIError(Exception):
             "pid": self.pid,
             "raw": self.raw,
         }
+
+
+def claude_error_of(exc: BaseException) -> ClaudeCLIError | None:
+    """Find the ClaudeCLIError behind a provider error.
+
+    Works on the provider's LiteLLM exceptions (``.claude_error``) and on LiteLLM's
+    ``MidStreamFallbackError`` wrapping one (``.original_exception``), without importing LiteLLM.
+    """
+    seen: BaseException | None = exc
+    for _ in range(3):
+        if seen is None:
+            return None
+        if isinstance(seen, ClaudeCLIError):
+            return seen
+        found = getattr(seen, "claude_error", None)
+        if isinstance(found, ClaudeCLIError):
+            return found
+        seen = getattr(seen, "original_exception", None)
+    return None
