@@ -129,7 +129,8 @@ class Registry:
             raise invalid_parameters(exc) from None
 
     async def call(self, ctx: Context, name: str, parameters: dict[str, Any]) -> Any:
-        """Run a command in-process (used by observers); returns the JSON-ready result."""
+        """Run a command in-process (observers, and :meth:`dispatch`); returns the JSON-ready
+        result or raises the command's error."""
         spec = self.lookup(name)
         result = await spec.handler(ctx, self.validate(spec, parameters))
         return result.model_dump(mode="json", exclude_none=spec.exclude_none)
@@ -137,10 +138,7 @@ class Registry:
     async def dispatch(self, ctx: Context, req: Request) -> bytes:
         """Run one request and return the encoded reply line; never raises (but on cancel)."""
         try:
-            spec = self.lookup(req.command)
-            result = await spec.handler(ctx, self.validate(spec, req.parameters))
-            return encode_success(req, result.model_dump(mode="json",
-                                                         exclude_none=spec.exclude_none))
+            return encode_success(req, await self.call(ctx, req.command, req.parameters))
         except DaemonError as exc:
             return encode_error(req, exc)
         except Exception:
