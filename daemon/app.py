@@ -165,7 +165,7 @@ class Daemon:
                 "subscribers": len(self.bus.subscribers),
                 "observers": len(self.observers.running),
                 "agents": len(self.state.agents),
-                "sessions": len(self.state.sessions),
+                "sessions": self.state.session_count,
                 "shared_keys": len(self.state.shared),
                 "processes_running": sp.running_count,
                 "processes_queued": len(sp.queue),

@@ -1,6 +1,11 @@
 """The message bus: every event gets a monotonic ``seq``, is kept in a bounded history
 (persisted, so ``GET_EVENTS`` survives a restart) and is fanned out to subscribers.
 
+The history (``event_history`` events, 10 000 by default) lives in SQLite; memory keeps
+only the newest :attr:`EventBus.MEMORY_EVENTS` of it, which answer the usual
+``GET_EVENTS`` (a subscriber catching up on what it just missed). Older pages are read
+from the database. Holding all 10 000 in memory cost ~1.3 KB per SPAWN until it filled.
+
 Publishing never waits: each subscriber has its own bounded inbox, and a full inbox is the
 subscriber's problem, not the publisher's. Socket subscribers are told and disconnected
 (``policy="disconnect"``: they can catch up with ``GET_EVENTS since_seq``); observers lose
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import re
+import sqlite3
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -188,9 +194,16 @@ class EventBus:
     _RESERVE_SQL = ("INSERT INTO meta(key, value) VALUES('seq_reserved', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value=excluded.value")
 
-    def __init__(self, store: Store | None, *, history_size: int) -> None:
+    # The newest events, kept in memory as well as on disk (all of them without a store).
+    MEMORY_EVENTS = 1000
+
+    def __init__(self, store: Store | None, *, history_size: int,
+                 memory_size: int | None = None) -> None:
         self.store = store
-        self.history: deque[StoredEvent] = deque(maxlen=history_size)
+        self.history_size = history_size
+        in_memory = history_size if store is None else min(
+            history_size, memory_size if memory_size is not None else self.MEMORY_EVENTS)
+        self.history: deque[StoredEvent] = deque(maxlen=in_memory)
         self.subscribers: set[Subscriber] = set()
         self.seq = 0
         self.published = 0
@@ -206,11 +219,7 @@ class EventBus:
             "ORDER BY seq DESC LIMIT ?",
             (self.history.maxlen,),
         )
-        for row in reversed(rows):
-            wire = encode_event(row["event_type"], orjson.loads(row["data"]), row["seq"],
-                                row["timestamp"])
-            self.history.append(StoredEvent(row["seq"], row["event_type"], row["timestamp"],
-                                            row["from_agent"], row["to_agent"], _exact(wire)))
+        self.history.extend(_stored_from_row(row) for row in reversed(rows))
         max_rows = await self.store.query("SELECT MAX(seq) AS m FROM events")
         reserved = await self.store.query("SELECT value FROM meta WHERE key='seq_reserved'")
         self.seq = max(max_rows[0]["m"] or 0, reserved[0]["value"] if reserved else 0)
@@ -285,20 +294,57 @@ class EventBus:
         self._since_prune += 1
         if self._since_prune >= self.PRUNE_EVERY:
             self._since_prune = 0
-            assert self.history.maxlen is not None
             self.store.write_nowait("DELETE FROM events WHERE seq <= ?",
-                                    (ev.seq - self.history.maxlen,))
+                                    (ev.seq - self.history_size,))
 
-    def query(self, patterns: Iterable[str] | None, since_seq: int, limit: int
-              ) -> list[StoredEvent]:
-        """Recent history after ``since_seq``, oldest first, at most ``limit`` events."""
+    async def query(self, patterns: Iterable[str] | None, since_seq: int, limit: int
+                    ) -> list[StoredEvent]:
+        """History after ``since_seq``, oldest first, at most ``limit`` events: the newest
+        ``limit`` without ``since_seq``, else the oldest ``limit`` after it."""
         pat = Patterns(patterns) if patterns else None
+        newest = since_seq == 0
+        # The history is the last `history_size` seqs, whatever the table still holds.
+        after = max(since_seq, self.seq - self.history_size)
         out: list[StoredEvent] = []
         for ev in reversed(self.history):
-            if ev.seq <= since_seq:
+            if ev.seq <= after:
                 break
             if pat is None or pat.match(ev.event_type):
                 out.append(ev)
         out.reverse()
-        return out[-limit:] if since_seq == 0 else out[:limit]
+        if newest and len(out) >= limit:
+            return out[-limit:]
+        oldest_in_memory = self.history[0].seq if self.history else self.seq + 1
+        if self.store is None or oldest_in_memory <= after + 1:
+            return out[-limit:] if newest else out[:limit]  # memory holds all of it
+        rows = await self.store.call(lambda conn: _scan_events(conn, pat, after, limit, newest))
+        events = [_stored_from_row(row) for row in rows]
+        if newest:
+            events.reverse()
+        return events
+
+
+def _scan_events(conn: sqlite3.Connection, pat: Patterns | None, after: int, limit: int,
+                 newest: bool) -> list[sqlite3.Row]:
+    """Runs on the store thread. Filters in Python because patterns are fnmatch globs,
+    which SQLite's GLOB does not spell the same way ([!x] vs [^x])."""
+    order = "DESC" if newest else "ASC"
+    cursor = conn.execute(
+        "SELECT seq, event_type, timestamp, from_agent, to_agent, data FROM events "
+        f"WHERE seq > ? ORDER BY seq {order}", (after,))
+    out: list[sqlite3.Row] = []
+    for row in cursor:
+        if pat is None or pat.match(row["event_type"]):
+            out.append(row)
+            if len(out) >= limit:
+                break
+    cursor.close()
+    return out
+
+
+def _stored_from_row(row: sqlite3.Row) -> StoredEvent:
+    wire = encode_event(row["event_type"], orjson.loads(row["data"]), row["seq"],
+                        row["timestamp"])
+    return StoredEvent(row["seq"], row["event_type"], row["timestamp"], row["from_agent"],
+                       row["to_agent"], _exact(wire))
 

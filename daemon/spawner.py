@@ -190,10 +190,13 @@ class Spawner:
         """Run (sync) or enqueue (async) a turn; returns the SPAWN result."""
         if self.daemon.stopping:
             raise DaemonError("the daemon is shutting down", code="SHUTTING_DOWN")
+        # Looked up first: nothing may await between the idempotency check and the turn's
+        # registration, or two copies of one request could both start.
+        known = await self.daemon.state.session(req.session_id) if req.session_id else None
         existing = self._idempotent_hit(req.client_request_id)
         if existing is not None:
             return await self._reply_for(existing, req.mode, replay=True)
-        turn = self._new_turn(req)
+        turn = self._new_turn(req, known)
         self.turns[turn.info.process_id] = turn
         await self.daemon.state.save_process(turn.info, wait=False)
         turn.task = asyncio.create_task(self._run(turn), name=f"turn-{turn.info.process_id}")
@@ -242,13 +245,11 @@ class Spawner:
         hit = self._idempotent.get(client_request_id)
         return hit[0] if hit else None
 
-    def _new_turn(self, req: SpawnRequest) -> Turn:
+    def _new_turn(self, req: SpawnRequest, known: SessionInfo | None) -> Turn:
         process_id = uuid.uuid4().hex[:12]
-        state = self.daemon.state
         requested_cwd = req.options.get("cwd")
         if req.session_id is not None:
             session_id, resume = req.session_id, True
-            known = state.sessions.get(session_id)
             if known is not None:
                 # Resume is cwd-scoped in the CLI: a session always runs where it began.
                 if requested_cwd and Path(requested_cwd).resolve() != Path(known.cwd):

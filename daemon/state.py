@@ -1,9 +1,10 @@
 """The state manager: sessions, agents, shared state and processes, persisted in SQLite.
 
 Reads are served from memory (loaded once at start-up), writes go through to the store
-and are awaited, so a reply means the change is durable. Process records are the one
-unbounded table: memory keeps the live ones plus a window of recent ones; the database
-keeps all of them.
+and are awaited, so a reply means the change is durable. Two tables grow without bound,
+one row per turn or per new session, so memory holds only a window of them and the
+database holds all: processes (the live ones plus the most recent) and sessions (the most
+recently used, an LRU cache in front of the table).
 """
 
 from __future__ import annotations
@@ -72,12 +73,15 @@ class ProcessInfo(BaseModel):
 
 class StateManager:
     RECENT_PROCESSES = 500
+    # Sessions cached in memory (~2 KB each); older ones are read back from the table.
+    CACHED_SESSIONS = 512
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.shared: dict[str, tuple[Any, float]] = {}
         self.agents: dict[str, AgentInfo] = {}
-        self.sessions: dict[str, SessionInfo] = {}
+        self._sessions: OrderedDict[str, SessionInfo] = OrderedDict()  # LRU, oldest first
+        self.session_count = 0
         self.processes: OrderedDict[str, ProcessInfo] = OrderedDict()
         self._agent_costs: dict[str, tuple[int, float]] = {}
 
@@ -94,19 +98,12 @@ class StateManager:
                 registered_at=iso_from_epoch(row["registered_at"]),
                 updated_at=iso_from_epoch(row["updated_at"]),
             )
-        for row in await self.store.query("SELECT * FROM sessions"):
-            self.sessions[row["session_id"]] = SessionInfo(
-                session_id=row["session_id"],
-                cwd=row["cwd"],
-                model=row["model"],
-                agent_id=row["agent_id"],
-                created_at=iso_from_epoch(row["created_at"]),
-                last_used_at=iso_from_epoch(row["last_used_at"]),
-                turns=row["turns"],
-                total_cost_usd=row["total_cost_usd"],
-                last_process_id=row["last_process_id"],
-                log_path=row["log_path"],
-            )
+        rows = await self.store.query(
+            "SELECT * FROM sessions ORDER BY last_used_at DESC LIMIT ?", (self.CACHED_SESSIONS,))
+        for row in reversed(rows):
+            self._cache_session(_session_from_row(row))
+        (count,) = await self.store.query("SELECT COUNT(*) AS n FROM sessions")
+        self.session_count = count["n"]
         # A run that was queued or running when the daemon last stopped did not finish
         # under it; say so instead of showing it as running forever.
         await self.store.write(
@@ -193,6 +190,35 @@ class StateManager:
 
     # -- sessions ---------------------------------------------------------------------
 
+    async def session(self, session_id: str) -> SessionInfo | None:
+        """A known session, from the cache or the table; None if the daemon never ran it."""
+        info = self._sessions.get(session_id)
+        if info is not None:
+            self._sessions.move_to_end(session_id)
+            return info
+        rows = await self.store.query("SELECT * FROM sessions WHERE session_id=?", (session_id,))
+        if not rows:
+            return None
+        # Another task may have cached (and updated) it while we read: that copy wins.
+        cached = self._sessions.get(session_id)
+        return cached if cached is not None else self._cache_session(_session_from_row(rows[0]))
+
+    async def list_sessions(self, agent_id: str | None, limit: int) -> list[SessionInfo]:
+        """Sessions, most recently used first (optionally one agent's)."""
+        where, params = ("WHERE agent_id=? ", (agent_id, limit)) if agent_id else ("", (limit,))
+        rows = await self.store.query(
+            f"SELECT * FROM sessions {where}ORDER BY last_used_at DESC, rowid DESC LIMIT ?",
+            params)
+        # Cached objects are the same rows (writes go through and are awaited first).
+        return [self._sessions.get(row["session_id"]) or _session_from_row(row) for row in rows]
+
+    def _cache_session(self, info: SessionInfo) -> SessionInfo:
+        self._sessions[info.session_id] = info
+        self._sessions.move_to_end(info.session_id)
+        while len(self._sessions) > self.CACHED_SESSIONS:
+            self._sessions.popitem(last=False)
+        return info
+
     async def record_turn(
         self,
         session_id: str,
@@ -206,11 +232,12 @@ class StateManager:
         completed: bool,
     ) -> SessionInfo:
         """Note one finished turn (successful or not) of a session: it now exists for resume."""
+        info = await self.session(session_id)
         now = time.time()
-        info = self.sessions.get(session_id)
         if info is None:
             info = SessionInfo(session_id=session_id, cwd=cwd, created_at=iso_from_epoch(now),
                                last_used_at=iso_from_epoch(now))
+            self.session_count += 1
         info.model = model or info.model
         info.agent_id = agent_id or info.agent_id
         info.last_used_at = iso_from_epoch(now)
@@ -228,7 +255,7 @@ class StateManager:
             (session_id, info.cwd, info.model, info.agent_id, now, now, info.turns,
              info.total_cost_usd, process_id, info.log_path),
         )
-        self.sessions[session_id] = info
+        self._cache_session(info)
         if agent_id and completed:
             n, c = self._agent_costs.get(agent_id, (0, 0.0))
             self._agent_costs[agent_id] = (n + 1, c + cost_usd)
@@ -269,6 +296,21 @@ class StateManager:
             await self.store.write(sql, params)
         else:
             self.store.write_nowait(sql, params)
+
+
+def _session_from_row(row: Any) -> SessionInfo:
+    return SessionInfo(
+        session_id=row["session_id"],
+        cwd=row["cwd"],
+        model=row["model"],
+        agent_id=row["agent_id"],
+        created_at=iso_from_epoch(row["created_at"]),
+        last_used_at=iso_from_epoch(row["last_used_at"]),
+        turns=row["turns"],
+        total_cost_usd=row["total_cost_usd"],
+        last_process_id=row["last_process_id"],
+        log_path=row["log_path"],
+    )
 
 
 def _epoch(iso: str | None) -> float | None:

@@ -64,6 +64,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
         ],
     ),
+    (
+        3,
+        [
+            # Sessions are read from the table (memory caches only the recent ones):
+            # GET_SESSIONS lists them newest first, optionally per agent.
+            "CREATE INDEX sessions_last_used ON sessions(last_used_at)",
+            "CREATE INDEX sessions_agent_last_used ON sessions(agent_id, last_used_at)",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -161,36 +161,80 @@ async def test_directed_events() -> None:
     }
 
 
-def test_history_query_semantics() -> None:
+def _seqs(events: list[StoredEvent]) -> list[int]:
+    return [e.seq for e in events]
+
+
+async def test_history_query_semantics() -> None:
     bus = EventBus(None, history_size=100)
     for i in range(30):
         bus.publish("A_EV" if i % 2 == 0 else "B_EV", {"i": i})
+    await _check_query_semantics(bus)
 
-    def seqs(events: list[StoredEvent]) -> list[int]:
-        return [e.seq for e in events]
+
+async def test_history_query_reads_older_events_from_the_store(tmp_path: Path) -> None:
+    """Memory keeps only the newest few; a query reaching further back reads SQLite and
+    answers exactly as an all-in-memory history would."""
+    store = Store(tmp_path / "bus.sqlite3")
+    await store.open()
+    try:
+        bus = EventBus(store, history_size=100, memory_size=4)
+        await bus.load()
+        for i in range(30):
+            bus.publish("A_EV" if i % 2 == 0 else "B_EV", {"i": i})
+        assert _seqs(list(bus.history)) == [27, 28, 29, 30]
+        await _check_query_semantics(bus)
+        older = await bus.query(None, 2, 1)
+        assert [(e.seq, e.data) for e in older] == [(3, {"i": 2})]
+        assert older[0].wire == (await bus.query(None, 2, 1))[0].wire
+        assert orjson.loads(older[0].wire)["seq"] == 3
+    finally:
+        await store.close()
+
+
+async def _check_query_semantics(bus: EventBus) -> None:
+    async def seqs(patterns: list[str] | None, since: int, limit: int) -> list[int]:
+        return _seqs(await bus.query(patterns, since, limit))
 
     # Without since_seq: the newest `limit`, oldest first.
-    assert seqs(bus.query(None, 0, 5)) == [26, 27, 28, 29, 30]
+    assert await seqs(None, 0, 5) == [26, 27, 28, 29, 30]
     # With since_seq: the oldest `limit` after it, so a client can page forward.
-    assert seqs(bus.query(None, 10, 5)) == [11, 12, 13, 14, 15]
-    assert seqs(bus.query(None, 28, 100)) == [29, 30]
-    assert bus.query(None, 30, 100) == []
-    assert bus.query(None, 1000, 100) == []
+    assert await seqs(None, 10, 5) == [11, 12, 13, 14, 15]
+    assert await seqs(None, 28, 100) == [29, 30]
+    assert await seqs(None, 30, 100) == []
+    assert await seqs(None, 1000, 100) == []
     # Type filters accept globs; limit applies after filtering.
-    assert seqs(bus.query(["A_*"], 0, 3)) == [25, 27, 29]
-    assert seqs(bus.query(["B_EV"], 20, 2)) == [22, 24]
-    assert seqs(bus.query(["A_EV", "B_EV"], 0, 100)) == list(range(1, 31))
-    assert bus.query(["NONE"], 0, 100) == []
+    assert await seqs(["A_*"], 0, 3) == [25, 27, 29]
+    assert await seqs(["B_EV"], 20, 2) == [22, 24]
+    assert await seqs(["A_EV", "B_EV"], 0, 100) == list(range(1, 31))
+    assert await seqs(["NONE"], 0, 100) == []
+    assert await seqs(["[!A]_EV"], 0, 2) == [28, 30]
 
 
-def test_history_is_bounded() -> None:
+async def test_history_is_bounded() -> None:
     bus = EventBus(None, history_size=100)
     for _ in range(250):
         bus.publish("E", {})
     assert len(bus.history) == 100
-    assert [e.seq for e in bus.query(None, 0, 1000)] == list(range(151, 251))
+    assert [e.seq for e in await bus.query(None, 0, 1000)] == list(range(151, 251))
     # since_seq older than the history: what is left, from the oldest kept.
-    assert bus.query(None, 5, 3)[0].seq == 151
+    assert (await bus.query(None, 5, 3))[0].seq == 151
+
+
+async def test_history_on_disk_is_bounded_too(tmp_path: Path) -> None:
+    store = Store(tmp_path / "bus.sqlite3")
+    await store.open()
+    try:
+        bus = EventBus(store, history_size=100, memory_size=10)
+        await bus.load()
+        for _ in range(250):
+            bus.publish("E", {})
+        assert len(bus.history) == 10
+        assert [e.seq for e in await bus.query(None, 0, 1000)] == list(range(151, 251))
+        assert [e.seq for e in await bus.query(None, 5, 3)] == [151, 152, 153]
+        assert [e.seq for e in await bus.query(["E"], 160, 2)] == [161, 162]
+    finally:
+        await store.close()
 
 
 async def test_history_persists_and_seq_continues(tmp_path: Path) -> None:

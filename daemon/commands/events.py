@@ -126,6 +126,6 @@ def register(r: Registry) -> None:
         """Recent events (persisted across restarts), optionally filtered by type patterns
         and newer than ``since_seq``. Without ``since_seq`` the newest ``limit`` are
         returned; with it, the oldest ``limit`` after it (page forward with last_seq)."""
-        events = ctx.daemon.bus.query(p.event_types, p.since_seq, p.limit)
+        events = await ctx.daemon.bus.query(p.event_types, p.since_seq, p.limit)
         last = events[-1].seq if events else p.since_seq
         return GetEventsResult(events=[e.to_dict() for e in events], last_seq=last)

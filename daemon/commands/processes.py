@@ -181,17 +181,15 @@ def register(r: Registry) -> None:
     @r.command("GET_SESSIONS", params=SessionsParams, result=SessionsResult)
     async def get_sessions(ctx: Context, p: SessionsParams) -> SessionsResult:
         """Known sessions, most recently used first (optionally one agent's)."""
-        sessions = [s for s in ctx.daemon.state.sessions.values()
-                    if p.agent_id is None or s.agent_id == p.agent_id]
-        sessions.sort(key=lambda s: s.last_used_at, reverse=True)
-        sessions = [ctx.daemon.spawner.with_warm(s) for s in sessions[: p.limit]]
+        sessions = [ctx.daemon.spawner.with_warm(s)
+                    for s in await ctx.daemon.state.list_sessions(p.agent_id, p.limit)]
         return SessionsResult(sessions=sessions, total=len(sessions))
 
     @r.command("GET_SESSION", params=SessionIdParams, result=SessionResult)
     async def get_session(ctx: Context, p: SessionIdParams) -> SessionResult:
         """One session: cwd, model, turns, total cost, last use, log path, and its recent
         processes."""
-        info = ctx.daemon.state.sessions.get(p.session_id)
+        info = await ctx.daemon.state.session(p.session_id)
         if info is None:
             raise NotFound(f"no session {p.session_id!r} is known to the daemon",
                            code="SESSION_NOT_FOUND")
