@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -535,4 +535,4 @@ class Spawner:
     def with_warm(self, session: SessionInfo) -> SessionInfo:
         """The session, with its warm-process details if a warm CLI serves it now."""
         warm = self.engine.warm_session(session.session_id) if self.engine is not None else None
-        return session.model_copy(update={"warm": warm}) if warm else session
+        return replace(session, warm=warm) if warm else session
