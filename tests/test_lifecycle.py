@@ -532,3 +532,29 @@ def test_seq_is_never_reused_after_a_crash() -> None:
         assert len({e["seq"] for e in stored}) == len(stored)
     finally:
         d.cleanup()
+
+
+CHILD_WATCHER_PROBE = """
+import asyncio, sys, threading
+from daemon.app import use_pidfd_child_watcher
+
+async def main():
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(0.3)")
+    threads = threading.active_count()  # sampled while the child runs
+    return threads, await proc.wait()
+
+chosen = use_pidfd_child_watcher()
+print(chosen, *asyncio.run(main()))
+"""
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12+ picks the pidfd watcher itself")
+def test_children_are_awaited_without_a_thread_each() -> None:
+    """On 3.11 the daemon swaps the thread-per-child watcher for a pidfd one: the child is
+    still reaped with its exit status, and no waitpid thread runs meanwhile."""
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("no pidfd_open on this platform")
+    out = subprocess.run([sys.executable, "-c", CHILD_WATCHER_PROBE], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert out == ["True", "1", "0"]
