@@ -347,9 +347,11 @@ class Spawner:
         # Not written to the database: the queued record is already there, and after a crash
         # it is marked DAEMON_RESTARTED either way. One write fewer per turn.
         self.daemon.state.note_process(info)
-        log_path = await self.turnlog.human(turn.session_id, req.prompt,
-                                            process_id=info.process_id, agent_id=req.agent_id,
-                                            model=req.model)
+        # Queued, not awaited: the log's writer thread creates the file while the CLI
+        # starts. The claude line below is queued behind it and awaited.
+        self.turnlog.human(turn.session_id, req.prompt, process_id=info.process_id,
+                           agent_id=req.agent_id, model=req.model)
+        log_path = self.turnlog.path_for(turn.session_id)
         options = dict(req.options)
         options["cwd"] = turn.cwd
         if turn.resume:
@@ -368,7 +370,10 @@ class Spawner:
         except Exception as exc:
             raise self._spawn_error(exc, turn) from None
         result = response._hidden_params["claude_turn"]
-        await self.turnlog.claude(turn.session_id, result.raw, process_id=info.process_id)
+        # A log that cannot be written is reported (turnlog.write_failed) but does not turn a
+        # paid, successful turn into a failure: the result still reaches the client and state.
+        with contextlib.suppress(OSError):
+            await self.turnlog.claude(turn.session_id, result.raw, process_id=info.process_id)
         return {"result": {
             "process_id": info.process_id, "status": "completed",
             "session_id": result.session_id, "text": result.text, "is_error": result.is_error,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -489,3 +490,18 @@ async def test_a_sessions_turn_is_announced_complete_before_the_next_starts(
             order.append((ev["event"], ev["data"]["process_id"]))
     expected = [(kind, pid) for pid in ids for kind in ("PROCESS_STARTED", "PROCESS_COMPLETE")]
     assert order == expected
+
+
+def test_a_turn_log_that_cannot_be_written_does_not_fail_the_turn(make_daemon: Any) -> None:
+    """The turn is paid for by then: its result still reaches the client and the state,
+    and the daemon reports the log failure in its own log."""
+    d = make_daemon()
+    shutil.rmtree(d.log_dir)
+    d.log_dir.write_text("not a directory")  # every open fails, even for root
+    r = spawn(d, prompt="still answered")
+    assert r["status"] == "success", r
+    assert r["result"]["text"] == "echo: still answered (turn 1)"
+    session = d.result("GET_SESSION", {"session_id": r["result"]["session_id"]})["session"]
+    assert session["turns"] == 1
+    wait_for(lambda: "turnlog.write_failed" in d.stderr(), timeout=5)
+    assert d.result("HEALTH_CHECK")["status"] == "healthy"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import structlog
 
 from daemon import turnlog
 from daemon.turnlog import TurnLog
@@ -75,4 +76,37 @@ async def test_large_and_concurrent_lines_stay_whole(tmp_path: Path) -> None:
     assert len(got) == 20
     assert sorted(int(x["process_id"]) for x in got) == list(range(20))
     assert all(x["result"] in (big, f"small {x['process_id']}") for x in got)
+    log.close()
+
+
+async def test_lines_queued_without_waiting_keep_their_order(tmp_path: Path) -> None:
+    log = TurnLog(tmp_path)
+    for i in range(50):  # as the spawner does: the human line is not awaited
+        log.human("s", f"prompt {i}", process_id=str(i), agent_id=None, model=None)
+        if i % 2:
+            log.claude("s", {"result": f"answer {i}"}, process_id=str(i))
+    await log.error("s", {"code": "X", "message": "last"}, process_id="end")
+    got = lines(tmp_path / "s.jsonl")
+    expected = []
+    for i in range(50):
+        expected.append(("human", str(i)))
+        if i % 2:
+            expected.append(("claude", str(i)))
+    assert [(x["type"], x["process_id"]) for x in got] == [*expected, ("error", "end")]
+    log.close()
+
+
+async def test_a_failed_write_is_logged_and_raised_only_to_an_awaiting_caller(
+        tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    log = TurnLog(logs)
+    logs.rmdir()
+    logs.write_text("not a directory")  # every open now fails, even for root
+    with structlog.testing.capture_logs() as captured:
+        log.human("s", "hi", process_id="p", agent_id=None, model=None)  # not awaited
+        with pytest.raises(NotADirectoryError):
+            await log.claude("s", {"result": "x"}, process_id="p")
+    failures = [e for e in captured if e["event"] == "turnlog.write_failed"]
+    assert len(failures) == 2
+    assert "NotADirectoryError" in failures[0]["error"]
     log.close()
