@@ -436,7 +436,7 @@ class Spawner:
                 turn.session_id, cwd=turn.cwd, model=turn.request.model,
                 agent_id=turn.request.agent_id, cost_usd=cost, process_id=info.process_id,
                 log_path=str(self.turnlog.path_for(turn.session_id)),
-                completed=info.status == "completed",
+                completed=info.status == "completed", new_session=not turn.resume,
             )
         self.turns.pop(info.process_id, None)
         if turn.request.client_request_id:

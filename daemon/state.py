@@ -1,10 +1,13 @@
 """The state manager: sessions, agents, shared state and processes, persisted in SQLite.
 
-Reads are served from memory (loaded once at start-up), writes go through to the store
-and are awaited, so a reply means the change is durable. Two tables grow without bound,
-one row per turn or per new session, so memory holds only a window of them and the
-database holds all: processes (the live ones plus the most recent) and sessions (the most
-recently used, an LRU cache in front of the table).
+Reads are served from memory (loaded once at start-up). A client's own writes (shared
+state, agents) go through to the store and are awaited, so a reply means the change is
+durable; the daemon's per-turn bookkeeping (process records, session rows) is queued in
+order without waiting for its commit.
+
+Two tables grow without bound, one row per turn or per new session, so memory holds only
+a window of them and the database holds all: processes (the live ones plus the most
+recent) and sessions (the most recently used, an LRU cache in front of the table).
 """
 
 from __future__ import annotations
@@ -238,9 +241,16 @@ class StateManager:
         process_id: str,
         log_path: str | None,
         completed: bool,
+        new_session: bool = False,
     ) -> SessionInfo:
-        """Note one finished turn (successful or not) of a session: it now exists for resume."""
-        info = await self.session(session_id)
+        """Note one finished turn (successful or not) of a session: it now exists for resume.
+
+        ``new_session`` (a session id the daemon just made) skips looking for a row. The
+        write is queued, not awaited: every later read goes through the same ordered queue,
+        so the daemon sees it at once, and a reply need not wait for this bookkeeping commit
+        (the turn itself is already in the CLI's session store and the JSONL log).
+        """
+        info = None if new_session else await self.session(session_id)
         now = time.time()
         if info is None:
             info = SessionInfo(session_id=session_id, cwd=cwd, created_at=iso_from_epoch(now),
@@ -253,7 +263,7 @@ class StateManager:
         info.total_cost_usd = round(info.total_cost_usd + cost_usd, 10)
         info.last_process_id = process_id
         info.log_path = log_path or info.log_path
-        await self.store.write(
+        self.store.write_nowait(
             "INSERT INTO sessions(session_id, cwd, model, agent_id, created_at, last_used_at, "
             "turns, total_cost_usd, last_process_id, log_path) VALUES(?,?,?,?,?,?,?,?,?,?) "
             "ON CONFLICT(session_id) DO UPDATE SET model=excluded.model, "
