@@ -418,9 +418,14 @@ def register(provider: ClaudeCLIProvider | None = None) -> ClaudeCLIProvider:
 
 
 def quiet_litellm() -> None:
-    """Daemon-safe LiteLLM settings: no stdout banners, no retries, no prompt logging."""
+    """Daemon-safe LiteLLM settings: no stdout banners, no retries.
+
+    ``turn_off_message_logging`` is left as it is (off by default): it redacts prompts for
+    LiteLLM logging callbacks, none are registered here, and it deep-copies every response
+    to do so (measured: 0.7 ms of CPU per turn, 13 % of the daemon's). Whoever adds a
+    callback that should not see prompts sets it along with the callback.
+    """
     litellm.suppress_debug_info = True
-    litellm.turn_off_message_logging = True
     litellm.drop_params = True
     litellm.num_retries = None
     for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
