@@ -4,6 +4,10 @@ The floor of P1 and P8 is :mod:`bench.floor_server` in ``exec`` mode: a minimal 
 server that runs the same fake with bare ``asyncio.create_subprocess_exec`` per request.
 Both sides are timed the same way, from the benchmark client, so the difference is what
 the daemon adds on top of process creation and a socket round trip.
+
+A second floor, ``litellm`` mode, puts that bare exec behind ``litellm.acompletion`` (a
+minimal CustomLLM). The product requires every turn to go through LiteLLM, so the rows
+P1.L and P8.L.* (reported, no goal) separate LiteLLM's own cost from the daemon's.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ def exec_floor(run: Run):  # -> ServerHandle
     return run.shared("exec_floor", lambda: start_floor(run, "exec", fake=instant_fake(run)))
 
 
+def litellm_floor(run: Run):  # -> ServerHandle
+    return run.shared("litellm_floor",
+                      lambda: start_floor(run, "litellm", fake=instant_fake(run)))
+
+
 def _check_spawn(reply: bytes) -> None:
     if not reply.startswith(b'{"status":"success"') or b'"status":"completed"' not in reply:
         raise RuntimeError(f"SPAWN failed: {reply[:600]!r}")
@@ -45,9 +54,11 @@ def p1_sync_spawn(run: Run) -> list[Row]:
     ours_conn = LineConn(d.socket)
     ours_conn.call("CONNECT")
     floor_conn = LineConn(floor.socket)
+    llm_conn = LineConn(litellm_floor(run).socket)
     ours_ms: list[float] = []
     floor_ms: list[float] = []
     exec_ms: list[float] = []
+    llm_ms: list[float] = []
 
     def ours_once(i: int) -> float:
         line = spawn_line(d.work, f"bench {i}")
@@ -57,10 +68,10 @@ def p1_sync_spawn(run: Run) -> list[Row]:
         _check_spawn(reply)
         return dt
 
-    def floor_once(i: int) -> tuple[float, float]:
+    def floor_once(i: int, conn: LineConn) -> tuple[float, float]:
         line = f"bench {i}\n".encode()
         t0 = time.perf_counter_ns()
-        reply = floor_conn.request(line)
+        reply = conn.request(line)
         dt = (time.perf_counter_ns() - t0) / 1e6
         obj = orjson.loads(reply)
         if obj["rc"] != 0 or '"type":"result"' not in obj["out"]:
@@ -73,19 +84,24 @@ def p1_sync_spawn(run: Run) -> list[Row]:
             # Alternate which side goes first so that drift and ordering effects cancel.
             if i % 2:
                 o = ours_once(i)
-                f, e = floor_once(i)
+                f, e = floor_once(i, floor_conn)
+                lf, _ = floor_once(i, llm_conn)
             else:
-                f, e = floor_once(i)
+                lf, _ = floor_once(i, llm_conn)
+                f, e = floor_once(i, floor_conn)
                 o = ours_once(i)
             if i >= warm:
                 ours_ms.append(o)
                 floor_ms.append(f)
                 exec_ms.append(e)
+                llm_ms.append(lf)
     finally:
         gc.enable()
         ours_conn.close()
         floor_conn.close()
+        llm_conn.close()
     ours, fl, ex = Stats.of(ours_ms, "ms"), Stats.of(floor_ms, "ms"), Stats.of(exec_ms, "ms")
+    llm = Stats.of(llm_ms, "ms")
     added = ours.median - fl.median
     return [Row(
         "P1", "sync SPAWN round trip (p50), instant fake", "ms", ours.median, fl.median,
@@ -93,6 +109,11 @@ def p1_sync_spawn(run: Run) -> list[Row]:
         series={"daemon SPAWN": ours, "floor server exec": fl, "bare exec (in-process)": ex},
         notes=(f"added at p50 {added:.2f} ms; vs bare in-process exec "
                f"{ours.median - ex.median:.2f} ms; p99 ours {ours.p99:.2f} / floor {fl.p99:.2f}"),
+    ), Row(
+        "P1.L", "same, floor = bare exec behind litellm.acompletion", "ms", ours.median,
+        llm.median, compare="delta", goal="report",
+        series={"floor server litellm + exec": llm},
+        notes=f"LiteLLM's own share of the P1 delta: {llm.median - fl.median:.2f} ms at p50",
     )]
 
 
@@ -148,34 +169,45 @@ def p8_throughput(run: Run) -> list[Row]:
     n, rounds = run.reps(400, 40), run.reps(3, 1)
     d4 = fake_daemon(run)
     d16 = start_daemon(run, claude_bin=instant_fake(run), env={"KSI_MAX_CONCURRENCY": "16"})
-    floor = exec_floor(run)
-    # Warm-up: both daemons and the floor run the fake a few times first.
+    floor, llm_floor = exec_floor(run), litellm_floor(run)
+    # Warm-up: both daemons and the floors run the fake a few times first.
     ours_throughput(d4, 8, "warm")
     ours_throughput(d16, 8, "warm")
     floor_throughput(floor.socket, 8, 4)
-    res: dict[int, tuple[list[float], list[float]]] = {4: ([], []), 16: ([], [])}
+    floor_throughput(llm_floor.socket, 8, 4)
+    res: dict[int, tuple[list[float], list[float], list[float]]] = {
+        4: ([], [], []), 16: ([], [], [])}
     gc.disable()
     try:
         for r in range(rounds):
             for cap, d in ((4, d4), (16, d16)):
+                ours, bare, llm = res[cap]
                 if r % 2:
-                    res[cap][1].append(floor_throughput(floor.socket, n, cap))
-                    res[cap][0].append(ours_throughput(d, n, f"r{r}"))
+                    llm.append(floor_throughput(llm_floor.socket, n, cap))
+                    bare.append(floor_throughput(floor.socket, n, cap))
+                    ours.append(ours_throughput(d, n, f"r{r}"))
                 else:
-                    res[cap][0].append(ours_throughput(d, n, f"r{r}"))
-                    res[cap][1].append(floor_throughput(floor.socket, n, cap))
+                    ours.append(ours_throughput(d, n, f"r{r}"))
+                    bare.append(floor_throughput(floor.socket, n, cap))
+                    llm.append(floor_throughput(llm_floor.socket, n, cap))
     finally:
         gc.enable()
     d16.stop()
     rows = []
     for cap in (4, 16):
-        ours, fl = Stats.of(res[cap][0], "spawns/s"), Stats.of(res[cap][1], "spawns/s")
-        ratio = ours.median / fl.median
+        ours_s, fl, llm_s = (Stats.of(x, "spawns/s") for x in res[cap])
+        ratio = ours_s.median / fl.median
         rows.append(Row(
             f"P8.{cap}", f"async SPAWN throughput, cap {cap} ({n} spawns)", "spawns/s",
-            ours.median, fl.median, compare="ratio", goal=">= 0.8x bare", met=ratio >= 0.8,
-            series={"daemon": ours, f"bare exec, {cap} parallel": fl},
+            ours_s.median, fl.median, compare="ratio", goal=">= 0.8x bare", met=ratio >= 0.8,
+            series={"daemon": ours_s, f"bare exec, {cap} parallel": fl},
             notes=f"median of {rounds} round(s) of {n}",
+        ))
+        rows.append(Row(
+            f"P8.L.{cap}", f"same, floor = bare exec behind litellm.acompletion, cap {cap}",
+            "spawns/s", ours_s.median, llm_s.median, compare="ratio", goal="report",
+            series={f"litellm + exec, {cap} parallel": llm_s},
+            notes=f"LiteLLM alone takes the floor to {llm_s.median / fl.median:.2f}x of bare",
         ))
     return rows
 
