@@ -220,7 +220,7 @@ class StateManager:
         rows = await self.store.query(
             f"SELECT * FROM sessions {where}ORDER BY last_used_at DESC, rowid DESC LIMIT ?",
             params)
-        # Cached objects are the same rows (writes go through and are awaited first).
+        # Cached objects match their rows: every write was queued ahead of this query.
         return [self._sessions.get(row["session_id"]) or _session_from_row(row) for row in rows]
 
     def _cache_session(self, info: SessionInfo) -> SessionInfo:
