@@ -172,24 +172,19 @@ async def test_history_query_semantics() -> None:
     await _check_query_semantics(bus)
 
 
-async def test_history_query_reads_older_events_from_the_store(tmp_path: Path) -> None:
+async def test_history_query_reads_older_events_from_the_store(db: Store) -> None:
     """Memory keeps only the newest few; a query reaching further back reads SQLite and
     answers exactly as an all-in-memory history would."""
-    store = Store(tmp_path / "bus.sqlite3")
-    await store.open()
-    try:
-        bus = EventBus(store, history_size=100, memory_size=4)
-        await bus.load()
-        for i in range(30):
-            bus.publish("A_EV" if i % 2 == 0 else "B_EV", {"i": i})
-        assert _seqs(list(bus.history)) == [27, 28, 29, 30]
-        await _check_query_semantics(bus)
-        older = await bus.query(None, 2, 1)
-        assert [(e.seq, e.data) for e in older] == [(3, {"i": 2})]
-        assert older[0].wire == (await bus.query(None, 2, 1))[0].wire
-        assert orjson.loads(older[0].wire)["seq"] == 3
-    finally:
-        await store.close()
+    bus = EventBus(db, history_size=100, memory_size=4)
+    await bus.load()
+    for i in range(30):
+        bus.publish("A_EV" if i % 2 == 0 else "B_EV", {"i": i})
+    assert _seqs(list(bus.history)) == [27, 28, 29, 30]
+    await _check_query_semantics(bus)
+    older = await bus.query(None, 2, 1)
+    assert [(e.seq, e.data) for e in older] == [(3, {"i": 2})]
+    assert older[0].wire == (await bus.query(None, 2, 1))[0].wire
+    assert orjson.loads(older[0].wire)["seq"] == 3
 
 
 async def _check_query_semantics(bus: EventBus) -> None:
@@ -221,20 +216,15 @@ async def test_history_is_bounded() -> None:
     assert (await bus.query(None, 5, 3))[0].seq == 151
 
 
-async def test_history_on_disk_is_bounded_too(tmp_path: Path) -> None:
-    store = Store(tmp_path / "bus.sqlite3")
-    await store.open()
-    try:
-        bus = EventBus(store, history_size=100, memory_size=10)
-        await bus.load()
-        for _ in range(250):
-            bus.publish("E", {})
-        assert len(bus.history) == 10
-        assert [e.seq for e in await bus.query(None, 0, 1000)] == list(range(151, 251))
-        assert [e.seq for e in await bus.query(None, 5, 3)] == [151, 152, 153]
-        assert [e.seq for e in await bus.query(["E"], 160, 2)] == [161, 162]
-    finally:
-        await store.close()
+async def test_history_on_disk_is_bounded_too(db: Store) -> None:
+    bus = EventBus(db, history_size=100, memory_size=10)
+    await bus.load()
+    for _ in range(250):
+        bus.publish("E", {})
+    assert len(bus.history) == 10
+    assert [e.seq for e in await bus.query(None, 0, 1000)] == list(range(151, 251))
+    assert [e.seq for e in await bus.query(None, 5, 3)] == [151, 152, 153]
+    assert [e.seq for e in await bus.query(["E"], 160, 2)] == [161, 162]
 
 
 async def test_history_persists_and_seq_continues(tmp_path: Path) -> None:
@@ -284,21 +274,16 @@ async def test_seq_after_an_unclean_stop_skips_ahead_never_back(tmp_path: Path) 
         await store.close()
 
 
-async def test_persisted_history_is_pruned(tmp_path: Path) -> None:
-    store = Store(tmp_path / "bus.sqlite3")
-    await store.open()
-    try:
-        bus = EventBus(store, history_size=100)
-        for _ in range(EventBus.PRUNE_EVERY):
-            bus.publish("E", {})
-        rows = await store.query("SELECT MIN(seq) AS lo, MAX(seq) AS hi, COUNT(*) AS n FROM events")
-        assert (rows[0]["lo"], rows[0]["hi"], rows[0]["n"]) == (
-            EventBus.PRUNE_EVERY - 99,
-            EventBus.PRUNE_EVERY,
-            100,
-        )
-    finally:
-        await store.close()
+async def test_persisted_history_is_pruned(db: Store) -> None:
+    bus = EventBus(db, history_size=100)
+    for _ in range(EventBus.PRUNE_EVERY):
+        bus.publish("E", {})
+    rows = await db.query("SELECT MIN(seq) AS lo, MAX(seq) AS hi, COUNT(*) AS n FROM events")
+    assert (rows[0]["lo"], rows[0]["hi"], rows[0]["n"]) == (
+        EventBus.PRUNE_EVERY - 99,
+        EventBus.PRUNE_EVERY,
+        100,
+    )
 
 
 # -- the bus behind real connections, in-process (to look at the daemon's own tasks) -----------

@@ -8,7 +8,6 @@ import selectors
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -16,15 +15,6 @@ import pytest
 
 from daemon.client import AsyncClient, CommandError, ConnectionClosed, SyncClient
 from tests.helpers import ROOT, DaemonProcess, short_tmpdir, wait_for
-
-
-@pytest.fixture(scope="module")
-def d() -> Iterator[DaemonProcess]:
-    dp = DaemonProcess().start()
-    try:
-        yield dp
-    finally:
-        dp.cleanup()
 
 
 def cli(

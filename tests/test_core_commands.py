@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
@@ -41,16 +40,6 @@ CORE_COMMANDS = {
     "GET_PROCESSES",
 }
 EVENT_KEYS = {"event", "data", "seq", "timestamp"}
-
-
-@pytest.fixture(scope="module")
-def d() -> Iterator[DaemonProcess]:
-    """One daemon for the module: tests use their own keys, agent ids and event types."""
-    dp = DaemonProcess().start()
-    try:
-        yield dp
-    finally:
-        dp.cleanup()
 
 
 class Schemas:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 
 import orjson
-import pytest
 
 from tests.helpers import DaemonProcess, raw_exchange
 from tests.wire import Wire
@@ -22,15 +20,6 @@ def rss_kb(d: DaemonProcess) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-@pytest.fixture(scope="module")
-def d() -> Iterator[DaemonProcess]:
-    dp = DaemonProcess().start()
-    try:
-        yield dp
-    finally:
-        dp.cleanup()
 
 
 async def test_waiting_and_immediate_commands_are_answered_in_order(d: DaemonProcess) -> None:

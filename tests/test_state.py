@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from daemon.state import StateManager
@@ -12,16 +9,11 @@ from daemon.store import Store
 
 
 @pytest.fixture
-async def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[StateManager]:
+async def state(db: Store, monkeypatch: pytest.MonkeyPatch) -> StateManager:
     monkeypatch.setattr(StateManager, "CACHED_SESSIONS", 3)
-    store = Store(tmp_path / "state.sqlite3")
-    await store.open()
-    manager = StateManager(store)
+    manager = StateManager(db)
     await manager.load()
-    try:
-        yield manager
-    finally:
-        await store.close()
+    return manager
 
 
 async def _turn(state: StateManager, n: int, *, agent: str | None = None,

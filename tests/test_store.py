@@ -5,23 +5,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from daemon import store as store_mod
 from daemon.store import MIGRATIONS, SCHEMA_VERSION, Store, migrate
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(tmp_path / "state" / "ksi.sqlite3")
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def test_open_creates_schema_and_wal(db: Store) -> None:
