@@ -73,6 +73,17 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX sessions_agent_last_used ON sessions(agent_id, last_used_at)",
         ],
     ),
+    (
+        4,
+        [
+            # The full request of each queued async turn, so that it survives a restart
+            # and runs afterwards; the row goes when the turn starts (or is cancelled).
+            """CREATE TABLE pending_turns (
+                process_id TEXT PRIMARY KEY, created_at REAL NOT NULL, request BLOB NOT NULL)""",
+            # client_request_id replays must work across restarts, not only from memory.
+            "CREATE INDEX processes_client_request ON processes(client_request_id)",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
