@@ -16,6 +16,12 @@ history keeps only an exact-size copy of that line (:class:`StoredEvent`), not t
 as Python objects: it holds 10 000 events, and both the payload's dicts and orjson's output
 buffer (allocated with room to spare: ~8 KiB for a 0.7 KiB PROCESS_COMPLETE line) take
 several times the line's size.
+
+Memory is bounded in bytes as well as in events (250 PUBLISHes of 4 MB held 1 GB): the
+in-memory history keeps at most :attr:`EventBus.MEMORY_BYTES` of wire lines (older ones
+are still read back from SQLite), a subscriber's inbox at most its ``max_bytes`` (past
+either limit it overflows, as past ``maxsize``), and :meth:`EventBus.publish` refuses an
+event whose wire line exceeds ``max_bytes`` with ``PAYLOAD_TOO_LARGE``.
 """
 
 from __future__ import annotations
@@ -32,12 +38,17 @@ from typing import Any, Literal
 import orjson
 import structlog
 
+from daemon.errors import DaemonError
 from daemon.protocol import encode_event, utc_now_iso
 from daemon.store import Store
 
 log = structlog.get_logger("ksi.bus")
 
 OverflowPolicy = Literal["disconnect", "drop"]
+
+MiB = 1024 * 1024
+# A subscriber's inbox in bytes, unless it is given another bound (observers use this).
+QUEUE_BYTES = 16 * MiB
 
 
 @dataclass(slots=True)
@@ -136,6 +147,7 @@ class Subscriber:
         patterns: Iterable[str] = (),
         *,
         maxsize: int,
+        max_bytes: int = QUEUE_BYTES,
         agent_id: str | None = None,
         policy: OverflowPolicy = "disconnect",
         sees_directed: bool = False,
@@ -143,6 +155,8 @@ class Subscriber:
         self.name = name
         self.patterns = Patterns(patterns)
         self.maxsize = maxsize
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0  # wire bytes in the inbox
         self.agent_id = agent_id
         self.policy = policy
         # Observers see directed events too; socket subscribers only those sent to them.
@@ -155,7 +169,7 @@ class Subscriber:
         self.on_drop: Callable[[], None] | None = None
         self._wakeup = asyncio.Event()
 
-    def wants(self, event: Event) -> bool:
+    def wants(self, event: Event | StoredEvent) -> bool:
         if event.to_agent is not None and not self.sees_directed and (
             self.agent_id != event.to_agent
         ):
@@ -163,10 +177,16 @@ class Subscriber:
         return self.patterns.match(event.event_type)
 
     def offer(self, event: Event) -> bool:
-        """Queue an event; False if the inbox is full (the bus then applies the policy)."""
-        if len(self.inbox) >= self.maxsize:
+        """Queue an event; False if the inbox is full, in events or bytes (the bus then
+        applies the policy). An empty inbox takes an event of any size: one that keeps up
+        gets every event."""
+        size = len(event.wire)
+        if len(self.inbox) >= self.maxsize or (
+            self.queued_bytes + size > self.max_bytes and self.inbox
+        ):
             return False
         self.inbox.append(event)
+        self.queued_bytes += size
         self._wakeup.set()
         return True
 
@@ -180,6 +200,7 @@ class Subscriber:
             await self._wakeup.wait()
         batch = list(self.inbox)
         self.inbox.clear()
+        self.queued_bytes = 0
         if batch:
             self.last_seq = batch[-1].seq
         return batch
@@ -194,16 +215,20 @@ class EventBus:
     _RESERVE_SQL = ("INSERT INTO meta(key, value) VALUES('seq_reserved', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value=excluded.value")
 
-    # The newest events, kept in memory as well as on disk (all of them without a store).
+    # The newest events, kept in memory as well as on disk (all of them without a store),
+    # at most this many and this many bytes of wire lines.
     MEMORY_EVENTS = 1000
+    MEMORY_BYTES = 16 * MiB
 
     def __init__(self, store: Store | None, *, history_size: int,
-                 memory_size: int | None = None) -> None:
+                 memory_size: int | None = None, memory_bytes: int | None = None) -> None:
         self.store = store
         self.history_size = history_size
         in_memory = history_size if store is None else min(
             history_size, memory_size if memory_size is not None else self.MEMORY_EVENTS)
         self.history: deque[StoredEvent] = deque(maxlen=in_memory)
+        self.memory_bytes = memory_bytes if memory_bytes is not None else self.MEMORY_BYTES
+        self.history_bytes = 0  # wire bytes in self.history
         self.subscribers: set[Subscriber] = set()
         self.seq = 0
         self.published = 0
@@ -219,7 +244,8 @@ class EventBus:
             "ORDER BY seq DESC LIMIT ?",
             (self.history.maxlen,),
         )
-        self.history.extend(_stored_from_row(row) for row in reversed(rows))
+        for row in reversed(rows):
+            self._remember(_stored_from_row(row))
         max_rows = await self.store.query("SELECT MAX(seq) AS m FROM events")
         reserved = await self.store.query("SELECT value FROM meta WHERE key='seq_reserved'")
         self.seq = max(max_rows[0]["m"] or 0, reserved[0]["value"] if reserved else 0)
@@ -249,12 +275,22 @@ class EventBus:
         *,
         from_agent: str | None = None,
         to_agent: str | None = None,
+        max_bytes: int | None = None,
     ) -> Event:
-        self.seq += 1
+        """Publish an event. ``max_bytes``: refuse it (``PAYLOAD_TOO_LARGE``, no seq used)
+        if its wire line is longer. An event that cannot be encoded raises, likewise
+        before it takes a seq."""
+        seq = self.seq + 1
         ts = utc_now_iso()
-        ev = Event(self.seq, event_type, data, ts, from_agent, to_agent,
-                   encode_event(event_type, data, self.seq, ts))
-        self.history.append(ev.stored())
+        wire = encode_event(event_type, data, seq, ts)
+        if max_bytes is not None and len(wire) > max_bytes:
+            raise DaemonError(
+                f"event of {len(wire)} bytes (as sent to subscribers) exceeds the limit of "
+                f"{max_bytes}", code="PAYLOAD_TOO_LARGE",
+                details={"limit_bytes": max_bytes, "size_bytes": len(wire)})
+        self.seq = seq
+        ev = Event(seq, event_type, data, ts, from_agent, to_agent, wire)
+        self._remember(ev.stored())
         self.published += 1
         self._persist(ev)
         for sub in tuple(self.subscribers):
@@ -264,6 +300,23 @@ class EventBus:
                 else:
                     self._overflow(sub, ev)
         return ev
+
+    def _remember(self, ev: StoredEvent) -> None:
+        """Append to the in-memory history, within its count and its byte budget."""
+        history = self.history
+        if len(history) == history.maxlen:
+            self.history_bytes -= len(history[0].wire)  # append() pushes it out
+        history.append(ev)
+        self.history_bytes += len(ev.wire)
+        while self.history_bytes > self.memory_bytes and len(history) > 1:
+            self.history_bytes -= len(history.popleft().wire)
+
+    def first_available_seq(self) -> int:
+        """The oldest seq the history can still return (``seq + 1`` when it is empty)."""
+        floor = max(0, self.seq - self.history_size) + 1
+        if self.store is not None:
+            return floor  # older than memory holds is read back from the store
+        return max(floor, self.history[0].seq if self.history else self.seq + 1)
 
     def _overflow(self, sub: Subscriber, ev: Event) -> None:
         if sub.policy == "drop":
@@ -301,8 +354,16 @@ class EventBus:
                     ) -> list[StoredEvent]:
         """History after ``since_seq``, oldest first, at most ``limit`` events: the newest
         ``limit`` without ``since_seq``, else the oldest ``limit`` after it."""
+        return await self._select(patterns, since_seq, limit, newest=since_seq == 0)
+
+    async def replay(self, patterns: Iterable[str] | None, after: int, limit: int
+                     ) -> list[StoredEvent]:
+        """The oldest ``limit`` events after ``after`` (0: from the oldest kept)."""
+        return await self._select(patterns, after, limit, newest=False)
+
+    async def _select(self, patterns: Iterable[str] | None, since_seq: int, limit: int, *,
+                      newest: bool) -> list[StoredEvent]:
         pat = Patterns(patterns) if patterns else None
-        newest = since_seq == 0
         # The history is the last `history_size` seqs, whatever the table still holds.
         after = max(since_seq, self.seq - self.history_size)
         out: list[StoredEvent] = []

@@ -15,6 +15,17 @@ Pushed event (told apart from replies by the ``event`` key)::
 
 The envelope is checked by hand rather than with pydantic: it is on the hot path of every
 request and has five keys. Command parameters are validated by pydantic in the registry.
+
+Limits that keep every reply encodable and short:
+
+- ``NESTING_TOO_DEEP``: a request nested more than :data:`MAX_DEPTH` (128) arrays/objects
+  deep. orjson parses 1024 levels but encodes only 254, and a reply wraps what it echoes
+  (an ``id``, a shared value, an event payload inside GET_EVENTS) a few levels deeper; a
+  request that was parsed but whose reply could not be encoded left the client without an
+  answer. 128 leaves the encoder 126 levels of room for any reply's own envelope.
+- ``INVALID_REQUEST`` for a ``command`` longer than :data:`MAX_COMMAND_CHARS` (128): the
+  name is echoed in the reply and quoted in the message, so a 7 MB name made a 14 MB reply.
+- :func:`encode_error` never raises: an echo it cannot encode is left out of the reply.
 """
 
 from __future__ import annotations
@@ -29,6 +40,13 @@ from daemon.errors import DaemonError, ProtocolError
 
 PROTOCOL_VERSION = "2.0"
 _ENVELOPE_KEYS = frozenset({"command", "parameters", "version", "metadata", "id"})
+
+MAX_DEPTH = 128  # arrays/objects nested in one request, the envelope object included
+MAX_COMMAND_CHARS = 128
+# orjson encodes at most this many nested containers (255 raise "Recursion limit reached").
+_ENCODER_DEPTH = 254
+# An echoed id or request_id sits one level below the reply's top object.
+_ECHO_DEPTH = MAX_DEPTH - 1
 
 
 def utc_now_iso() -> str:
@@ -85,9 +103,27 @@ def parse_request(line: bytes) -> Request:
         raise ProtocolError(
             f"a request must be a JSON object, got {type(obj).__name__}", code="INVALID_REQUEST"
         )
+    # Nesting deeper than MAX_DEPTH needs more than MAX_DEPTH opening brackets, so the
+    # exact check (an encode of the request) runs only for lines that have that many:
+    # two memchr-speed counts, and none at all for a line too short to hold them.
+    if len(line) > 2 * MAX_DEPTH and line.count(b"[") + line.count(b"{") > MAX_DEPTH and (
+        too_deep(obj)
+    ):
+        err = ProtocolError(
+            f"request nested more than {MAX_DEPTH} arrays/objects deep",
+            code="NESTING_TOO_DEEP", details={"max_depth": MAX_DEPTH},
+        )
+        err.echo = echo_of(obj, check_depth=True)  # type: ignore[attr-defined]
+        raise err
     command = obj.get("command")
     if not isinstance(command, str) or not command:
         raise _envelope_error(obj, "field 'command': required, a non-empty string")
+    if len(command) > MAX_COMMAND_CHARS:
+        err = _envelope_error(
+            obj, f"field 'command': at most {MAX_COMMAND_CHARS} characters, got {len(command)}"
+        )
+        err.details = {"max_length": MAX_COMMAND_CHARS}
+        raise err
     if not obj.keys() <= _ENVELOPE_KEYS:  # a subset test builds no set on the hot path
         extra = obj.keys() - _ENVELOPE_KEYS
         raise _envelope_error(
@@ -115,15 +151,38 @@ def _envelope_error(obj: dict[str, Any], message: str) -> ProtocolError:
     return err
 
 
-def echo_of(obj: dict[str, Any]) -> Echo:
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` (parsed JSON) nests more than ``limit`` arrays/objects.
+
+    Measured by the encoder itself, in C: wrapped in ``254 - limit`` more lists, the value
+    encodes only if it is at most ``limit`` deep. A walk in Python would cost ~1000 times
+    more on a large payload."""
+    probe = value
+    for _ in range(_ENCODER_DEPTH - limit):
+        probe = [probe]
+    try:
+        orjson.dumps(probe)
+    except TypeError:  # orjson.JSONEncodeError: parsed JSON fails only on depth
+        return True
+    return False
+
+
+def echo_of(obj: dict[str, Any], *, check_depth: bool = False) -> Echo:
+    """The echo of a request that could not be served. ``check_depth``: leave out an id
+    or request_id too deep to encode (of a request rejected as NESTING_TOO_DEEP)."""
     command = obj.get("command")
+    if not isinstance(command, str) or len(command) > MAX_COMMAND_CHARS:
+        command = None  # an over-long name is not sent back
     metadata = obj.get("metadata")
-    return Echo(
-        command if isinstance(command, str) else None,
-        obj.get("id"),
-        "id" in obj,
-        metadata.get("request_id") if isinstance(metadata, dict) else None,
-    )
+    echo_id = obj.get("id")
+    has_id = "id" in obj
+    request_id = metadata.get("request_id") if isinstance(metadata, dict) else None
+    if check_depth:
+        if has_id and too_deep(echo_id, _ECHO_DEPTH):
+            echo_id, has_id = None, False
+        if request_id is not None and too_deep(request_id, _ECHO_DEPTH):
+            request_id = None
+    return Echo(command, echo_id, has_id, request_id)
 
 
 def _add_echo(reply: dict[str, Any], echo_id: Any, has_id: bool, request_id: Any) -> None:
@@ -140,6 +199,8 @@ def encode_success(req: Request, result: Any) -> bytes:
 
 
 def encode_error(echo: Request | Echo | None, error: DaemonError) -> bytes:
+    """The error reply line; never raises. What cannot be encoded (an echo or details too
+    deep, say) is left out rather than leaving the client with no reply at all."""
     reply: dict[str, Any] = {
         "status": "error",
         "command": echo.command if echo is not None else None,
@@ -147,7 +208,17 @@ def encode_error(echo: Request | Echo | None, error: DaemonError) -> bytes:
     }
     if echo is not None:
         _add_echo(reply, echo.id, echo.has_id, echo.request_id)
-    return orjson.dumps(reply, option=orjson.OPT_APPEND_NEWLINE)
+    try:
+        return orjson.dumps(reply, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        pass
+    reply.pop("id", None)
+    reply.pop("request_id", None)
+    try:
+        return orjson.dumps(reply, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        reply["error"] = {"code": error.code, "message": str(error.message)}
+        return orjson.dumps(reply, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def encode_event(event_type: str, data: Any, seq: int, timestamp: str) -> bytes:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("ksi.registry")
 
+_SUGGEST_MAX_CHARS = 64  # twice the longest command name
+
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
 
@@ -111,10 +113,14 @@ class Registry:
     def lookup(self, name: str) -> CommandSpec[Any, Any]:
         spec = self._by_name.get(name)
         if spec is None:
-            close = difflib.get_close_matches(name.upper(), self._by_name, n=3)
+            # Suggestions only for a name that could be a typo of one: difflib is quadratic
+            # in the name's length, and a 7 MB name stalled the loop for a second.
+            close = (difflib.get_close_matches(name.upper(), self._by_name, n=3)
+                     if len(name) <= _SUGGEST_MAX_CHARS else [])
             hint = f"; did you mean {', '.join(close)}?" if close else ""
+            shown = name if len(name) <= _SUGGEST_MAX_CHARS else name[:_SUGGEST_MAX_CHARS] + "..."
             raise UnknownCommand(
-                f"unknown command {name!r}{hint} (GET_COMMANDS lists them all)",
+                f"unknown command {shown!r}{hint} (GET_COMMANDS lists them all)",
                 details={"suggestions": close} if close else None,
             )
         return spec

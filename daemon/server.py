@@ -18,6 +18,25 @@ goes on as a task while the connection's later lines wait their turn. Measured (
 the streams version paid one more loop turn per request, ~50 us on the benchmark VM, more
 than parsing, dispatch and encoding together. A handler's first step therefore may run
 outside any task: use ``asyncio.wait_for``, not ``asyncio.timeout``, in command handlers.
+
+Whatever goes wrong while a line is served, the line gets a reply (``INTERNAL_ERROR`` at
+worst) and the connection goes on reading: an exception that escaped into a loop callback
+used to leave reading paused for good, the client hung and the fd was never freed.
+
+Input is bounded in bytes: a line longer than ``max_line_bytes`` is skipped to its end
+(``LINE_TOO_LONG``); all connections' incomplete lines together may hold at most
+``max_pending_input_bytes`` (past that the growing line is refused the same way,
+``INPUT_BUFFERS_FULL``); and a connection whose incomplete line gets no byte for
+``partial_line_timeout_s`` is told (``LINE_TIMEOUT``) and closed.
+
+Subscribers: events are written in chunks of at most ``_FLUSH_BYTES``, each only once the
+peer has taken the previous one, so a slow peer holds at most about two chunks in the
+transport. A subscriber that falls behind (``subscriber_queue`` events or
+``subscriber_queue_bytes`` queued) is dropped: its unsent backlog is discarded and the
+``SUBSCRIBER_DROPPED`` notice is written at once, right after what the transport already
+holds, with ``last_seq`` = the last event written, so ``SUBSCRIBE`` with
+``since_seq=last_seq`` resumes without a gap or a duplicate. ``since_seq`` replays the
+history first (``EVENTS_GAP`` if it no longer reaches back that far), then live events.
 """
 
 from __future__ import annotations
@@ -28,19 +47,20 @@ import functools
 import itertools
 import os
 import socket
+import stat
 import struct
 import time
 import types
 from collections import deque
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import structlog
 
-from daemon.bus import Subscriber
-from daemon.errors import DaemonError, PermissionDenied, ProtocolError
+from daemon.bus import Event, StoredEvent, Subscriber
+from daemon.errors import DaemonError, InvalidParameters, PermissionDenied, ProtocolError
 from daemon.protocol import Request, encode_error, encode_event, parse_request, utc_now_iso
 from daemon.registry import Context
 
@@ -49,12 +69,17 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("ksi.server")
 
-_TOO_LONG: Final = b"\x00too-long"  # sentinel: never a valid line (lines end with \n)
+# Sentinels in place of a refused line: never valid lines (lines end with \n).
+_TOO_LONG: Final = b"\x00too-long"
+_BUFFERS_FULL: Final = b"\x00buffers-full"
 _REFUSE_READ_S: Final = 1.0  # how long a refused peer may take to send its request line
-# How long a dropped subscriber has to read its backlog and the SUBSCRIBER_DROPPED notice
-# before the connection is aborted (a client that stopped reading would otherwise keep it,
-# with its buffers, forever: the pump would wait on drain() for good).
-DROP_GRACE_S: Final = 2.0
+# A dropped subscriber's connection is closed once the transport has written what it holds
+# (at most ~2 chunks and the SUBSCRIBER_DROPPED notice); it is aborted if the peer reads
+# none of it for this long (a client that stopped reading would otherwise keep it, with
+# its buffers, forever). Long enough for a client busy with an event for a few seconds.
+DROP_GRACE_S: Final = 5.0
+# How many history events a since_seq replay reads per query.
+_REPLAY_PAGE: Final = 500
 # Replies to pipelined requests are coalesced: the replies to the lines of one read go out
 # in one write (one syscall, one wake-up of the peer), or once this many bytes wait.
 _FLUSH_BYTES: Final = 64 * 1024
@@ -84,6 +109,8 @@ class Connection(asyncio.Protocol):
         self.tasks: set[asyncio.Task[Any]] = set()
         self._pump: asyncio.Task[None] | None = None
         self._drop_timer: asyncio.TimerHandle | None = None
+        # The last event seq handed to the transport: SUBSCRIBER_DROPPED's last_seq.
+        self._sent_seq = 0
         self.ctx = Context(server.daemon, self)
         # Output: queued replies, written together (see send/flush).
         self._out: list[bytes] = []
@@ -95,8 +122,12 @@ class Connection(asyncio.Protocol):
         # Input: the partial line, complete lines not yet served, and why serving paused.
         self._buf = bytearray()
         self._lines: deque[bytes] = deque()
-        self._skipping = False  # discarding the rest of an oversized line
+        # Discarding the rest of a refused line: the sentinel it is answered with, or None.
+        self._skipping: bytes | None = None
         self._limit = server.settings.max_line_bytes
+        self._held = 0  # len(_buf) as counted in server.pending_input
+        self._last_input = 0.0  # loop time of the last byte of an incomplete line
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._waiting: asyncio.Task[bytes] | None = None  # a request that had to wait
         self._resume_handle: asyncio.Handle | None = None  # serving resumes next loop turn
         self._read_paused = False
@@ -138,9 +169,13 @@ class Connection(asyncio.Protocol):
             self._hang_up()
             return False
         self._eof = True
-        if self._buf and not self._skipping:  # a last line without "\n" still counts
+        if self._skipping is not None:  # a refused last line is answered like the others
+            self._lines.append(self._skipping)
+            self._skipping = None
+        elif self._buf:  # a last line without "\n" still counts
             self._lines.append(bytes(self._buf))
         self._buf.clear()
+        self._account()
         self._process()
         return True  # keep the transport: replies may still be on their way
 
@@ -151,7 +186,12 @@ class Connection(asyncio.Protocol):
         self.server.connections.pop(self.id, None)
         if self._refusing is not None:
             self._refusing.cancel()
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
         self._lines.clear()
+        self._buf.clear()
+        self._skipping = None
+        self._account()
         self.close()
         for fut in self._drain_waiters:
             if not fut.done():
@@ -180,14 +220,17 @@ class Connection(asyncio.Protocol):
     # -- input -----------------------------------------------------------------------------
 
     def _split(self, data: bytes) -> None:
-        """Cut complete lines out of the input; an oversized line becomes ``_TOO_LONG``."""
+        """Cut complete lines out of the input; an oversized line becomes ``_TOO_LONG``, one
+        that would take the incomplete lines of all connections over their budget
+        ``_BUFFERS_FULL``."""
         start = 0
-        if self._skipping:
+        if self._skipping is not None:
             nl = data.find(b"\n")
             if nl < 0:
+                self._last_input = asyncio.get_running_loop().time()
                 return
-            self._skipping = False
-            self._lines.append(_TOO_LONG)
+            self._lines.append(self._skipping)
+            self._skipping = None
             start = nl + 1
         while True:
             nl = data.find(b"\n", start)
@@ -202,10 +245,53 @@ class Connection(asyncio.Protocol):
             self._lines.append(_TOO_LONG if len(line) - 1 > self._limit else line)
             start = nl + 1
         if start < len(data):
-            self._buf += data[start:]
-            if len(self._buf) > self._limit:  # no end in sight: stop keeping it
-                self._buf.clear()
-                self._skipping = True
+            server = self.server
+            if len(self._buf) + len(data) - start > self._limit:  # no end in sight: drop it
+                self._refuse_partial(_TOO_LONG)
+            elif server.pending_input + len(data) - start > server.max_pending_input:
+                # Over the global budget: the line that would grow past it is refused.
+                log.warning("request.rejected", conn=self.id, code="INPUT_BUFFERS_FULL",
+                            pending_bytes=server.pending_input)
+                self._refuse_partial(_BUFFERS_FULL)
+            else:
+                self._buf += data[start:]
+            self._last_input = asyncio.get_running_loop().time()
+            if self._idle_timer is None:
+                self._idle_timer = asyncio.get_running_loop().call_later(
+                    server.settings.partial_line_timeout_s, self._check_idle)
+        if self._held or self._buf:
+            self._account()
+
+    def _refuse_partial(self, sentinel: bytes) -> None:
+        self._buf.clear()
+        self._skipping = sentinel
+
+    def _account(self) -> None:
+        """Keep the server's count of bytes in incomplete lines up to date."""
+        held = len(self._buf)
+        self.server.pending_input += held - self._held
+        self._held = held
+
+    def _check_idle(self) -> None:
+        """An incomplete line that gets no byte for ``partial_line_timeout_s``: close."""
+        self._idle_timer = None
+        if self.closed or (not self._buf and self._skipping is None):
+            return
+        timeout = self.server.settings.partial_line_timeout_s
+        idle = asyncio.get_running_loop().time() - self._last_input
+        if idle < timeout:
+            self._idle_timer = asyncio.get_running_loop().call_later(timeout - idle,
+                                                                     self._check_idle)
+            return
+        log.warning("connection.idle_timeout", conn=self.id, held_bytes=len(self._buf),
+                    timeout_s=timeout)
+        err = ProtocolError(f"incomplete request line, no data for {timeout:g} s",
+                            code="LINE_TIMEOUT", details={"timeout_s": timeout})
+        self._queue(encode_error(None, err))
+        self._buf.clear()
+        self._skipping = None
+        self._account()
+        self.close()
 
     def _process(self) -> None:
         """Serve queued lines in order, inline, until one has to wait, one published an
@@ -217,7 +303,14 @@ class Connection(asyncio.Protocol):
         published = bus.published
         served = 0
         while self._lines and not self.closed and not self._write_paused:
-            outcome = self._serve_line(self._lines.popleft())
+            line = self._lines.popleft()
+            try:
+                outcome = self._serve_line(line)
+            except Exception:  # a bug must cost this line an error reply, nothing more
+                log.exception("request.crashed", conn=self.id)
+                self._queue(encode_error(None, DaemonError(
+                    "internal error while serving the request; see the daemon log")))
+                outcome = _Served.ANSWERED
             if outcome is _Served.NOTHING:
                 continue
             if outcome is _Served.WAITING:
@@ -242,7 +335,16 @@ class Connection(asyncio.Protocol):
 
     def _resume(self) -> None:
         self._resume_handle = None
-        self._process()
+        self._run_process()
+
+    def _run_process(self) -> None:
+        """``_process`` from a loop callback: an exception there would only be logged by
+        the loop, with reading paused for good; close the connection instead."""
+        try:
+            self._process()
+        except Exception:
+            log.exception("connection.crashed", conn=self.id)
+            self.close()
 
     def _serve_line(self, line: bytes) -> _Served:
         """Answer one line, or start answering it (see ``_waiting``)."""
@@ -250,6 +352,13 @@ class Connection(asyncio.Protocol):
             err = ProtocolError(f"request line exceeds {self._limit} bytes",
                                 code="LINE_TOO_LONG", details={"limit_bytes": self._limit})
             log.warning("request.rejected", conn=self.id, code=err.code)
+            self._queue(encode_error(None, err))
+            return _Served.ANSWERED
+        if line is _BUFFERS_FULL:
+            limit = self.server.max_pending_input
+            err = ProtocolError(
+                f"request refused: incomplete requests of all connections hold over {limit} "
+                "bytes; retry", code="INPUT_BUFFERS_FULL", details={"limit_bytes": limit})
             self._queue(encode_error(None, err))
             return _Served.ANSWERED
         if not line.strip():
@@ -285,11 +394,18 @@ class Connection(asyncio.Protocol):
     def _waited(self, req: Request, started: float, task: asyncio.Task[bytes]) -> None:
         self._waiting = None
         if not task.cancelled():
-            self._queue(self._logged(req, task.result(), started))
+            exc = task.exception()
+            if exc is None:
+                self._queue(self._logged(req, task.result(), started))
+            else:  # dispatch does not raise; if it ever does, the request still gets a reply
+                log.error("request.crashed", conn=self.id, command=req.command,
+                          exc_info=exc)
+                self._queue(encode_error(req, DaemonError(
+                    "internal error while serving the request; see the daemon log")))
         if not self.persistent:
             self.close()
             return
-        self._process()
+        self._run_process()
 
     def _logged(self, req: Request, reply: bytes, started: float) -> bytes:
         if reply.startswith(b'{"status":"error"'):
@@ -364,18 +480,32 @@ class Connection(asyncio.Protocol):
             if self.subscriber is not None:
                 self.subscriber.agent_id = agent_id
 
-    def subscribe(self, patterns: list[str], agent_id: str | None) -> Subscriber:
-        self.make_persistent(agent_id)
+    def subscribe(self, patterns: list[str], agent_id: str | None,
+                  since_seq: int | None = None) -> Subscriber:
+        """Subscribe (or add patterns). ``since_seq``: first replay the history after it."""
         sub = self.subscriber
+        if since_seq is not None and sub is not None and not sub.dropped:
+            # Its replay would repeat events this connection has already been sent.
+            raise InvalidParameters("since_seq is only accepted by a connection's first "
+                                    "SUBSCRIBE", details={"last_seq": self._sent_seq})
+        self.make_persistent(agent_id)
         if sub is None or sub.dropped:
+            settings = self.daemon.settings
+            bus = self.daemon.bus
             sub = Subscriber(
-                f"conn-{self.id}", maxsize=self.daemon.settings.subscriber_queue,
-                agent_id=self.agent_id, policy="disconnect",
+                f"conn-{self.id}", maxsize=settings.subscriber_queue,
+                max_bytes=settings.subscriber_queue_bytes, agent_id=self.agent_id,
+                policy="disconnect",
             )
             sub.on_drop = self._dropped
             self.subscriber = sub
-            self.daemon.bus.add(sub)
-            self._pump = asyncio.create_task(self._pump_events(sub), name=f"pump-{self.id}")
+            # No await between reading seq and joining the bus: events up to `upto` come
+            # from the history, every later one is queued live, none is missed or doubled.
+            upto = bus.seq
+            self._sent_seq = upto if since_seq is None else min(since_seq, upto)
+            bus.add(sub)
+            self._pump = asyncio.create_task(self._pump_events(sub, since_seq, upto),
+                                             name=f"pump-{self.id}")
         sub.patterns.update(add=patterns)
         return sub
 
@@ -386,41 +516,100 @@ class Connection(asyncio.Protocol):
         sub.patterns.update(remove=sub.patterns.items if patterns is None else patterns)
         return sorted(sub.patterns.items)
 
-    async def _pump_events(self, sub: Subscriber) -> None:
-        """Write queued events in batches; tell a too-slow subscriber and hang up on it."""
+    async def _pump_events(self, sub: Subscriber, since_seq: int | None, upto: int) -> None:
+        """Replay the history after ``since_seq`` up to ``upto``, then write live events as
+        they come. A drop (see :meth:`_dropped`) closes the connection, which ends this."""
+        if since_seq is not None and since_seq < upto:
+            await self._replay(sub, since_seq, upto)
         while not self.closed:
-            batch = await sub.next_batch()
-            if batch:
-                await self.send(b"".join(ev.wire for ev in batch), now=True)
-            if sub.dropped:
-                notice = encode_event(
-                    "SUBSCRIBER_DROPPED",
-                    {"reason": "slow_consumer", "queue_limit": sub.maxsize,
-                     "last_seq": sub.last_seq,
-                     "hint": "reconnect and use GET_EVENTS with since_seq=last_seq"},
-                    0, utc_now_iso(),
-                )
-                await self.send(notice)
-                self.close()
-                return
+            await self._write_events(await sub.next_batch())
+
+    async def _replay(self, sub: Subscriber, after: int, upto: int) -> None:
+        bus = self.daemon.bus
+        while after < upto and not self.closed:
+            # Checked on every page: the history's oldest end moves on while we read.
+            first = bus.first_available_seq()
+            if after + 1 < first:
+                gap = {"since_seq": after, "first_available_seq": first,
+                       "hint": "events after since_seq and before first_available_seq are "
+                               "no longer in the history"}
+                log.warning("subscriber.events_gap", conn=self.id, since_seq=after,
+                            first_available_seq=first)
+                after = first - 1
+                self._sent_seq = min(after, upto)
+                await self.send(encode_event("EVENTS_GAP", gap, 0, utc_now_iso()), now=True)
+                continue
+            events = await bus.replay(sub.patterns.items, after, _REPLAY_PAGE)
+            if not events:
+                break
+            await self._write_events([e for e in events if e.seq <= upto and sub.wants(e)])
+            after = events[-1].seq
+            self._sent_seq = max(self._sent_seq, min(after, upto))
+        self._sent_seq = max(self._sent_seq, upto)
+
+    async def _write_events(self, events: Sequence[Event | StoredEvent]) -> None:
+        """Write events in chunks of ~``_FLUSH_BYTES``, each once the peer took the last:
+        what a slow peer leaves unread stays countable in the inbox, not in the transport."""
+        chunk: list[bytes] = []
+        size = 0
+        for ev in events:
+            chunk.append(ev.wire)
+            size += len(ev.wire)
+            if size >= _FLUSH_BYTES:
+                await self._push(chunk, ev.seq)
+                chunk = []
+                size = 0
+        if chunk:
+            await self._push(chunk, events[-1].seq)
+
+    async def _push(self, chunk: list[bytes], last_seq: int) -> None:
+        # Recorded first: send() hands the bytes to the transport before it waits.
+        self._sent_seq = last_seq
+        await self.send(chunk[0] if len(chunk) == 1 else b"".join(chunk), now=True)
 
     def _dropped(self) -> None:
-        self._drop_timer = asyncio.get_running_loop().call_later(DROP_GRACE_S,
-                                                                 self._abort_if_stuck)
-
-    def _abort_if_stuck(self) -> None:
-        if self.closed:
-            return
-        log.warning("connection.aborted", conn=self.id, reason="dropped subscriber not reading")
+        """The bus dropped this subscriber (too slow). The notice goes out now, behind only
+        what the transport already holds; the unsent backlog is discarded. Its last_seq is
+        the last event written, so the client can resume with since_seq=last_seq."""
+        sub = self.subscriber
+        assert sub is not None
+        sub.inbox.clear()
+        notice = encode_event(
+            "SUBSCRIBER_DROPPED",
+            {"reason": "slow_consumer", "queue_limit": sub.maxsize,
+             "queue_limit_bytes": sub.max_bytes, "last_seq": self._sent_seq,
+             "hint": "reconnect and SUBSCRIBE with since_seq=last_seq"},
+            0, utc_now_iso(),
+        )
+        self._queue(notice)
+        self.close()  # flushes the notice, ends the pump; the transport closes once written
         if self.transport is not None:
-            self.transport.abort()  # discards the unsendable backlog
-        self.close()
+            held = self.transport.get_write_buffer_size()
+            if held:
+                self._drop_timer = asyncio.get_running_loop().call_later(
+                    DROP_GRACE_S, self._abort_if_stuck, held)
+
+    def _abort_if_stuck(self, held_before: int) -> None:
+        self._drop_timer = None
+        if self.transport is None or self.server.connections.get(self.id) is not self:
+            return  # written and gone
+        held = self.transport.get_write_buffer_size()
+        if 0 < held < held_before:  # the peer is reading: give it more time
+            self._drop_timer = asyncio.get_running_loop().call_later(
+                DROP_GRACE_S, self._abort_if_stuck, held)
+            return
+        log.warning("connection.aborted", conn=self.id, reason="dropped subscriber not reading",
+                    unsent_bytes=held)
+        self.transport.abort()  # discards what it could not send
 
     def close(self) -> None:
         if self.subscriber is not None:
             self.daemon.bus.remove(self.subscriber)
         if self._drop_timer is not None:
             self._drop_timer.cancel()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self._resume_handle is not None:
             self._resume_handle.cancel()
             self._resume_handle = None
@@ -482,6 +671,9 @@ class Server:
         self._server: asyncio.Server | None = None
         self.uid = os.getuid()
         self.accepted = 0
+        # Bytes held in all connections' incomplete lines, and the budget for them.
+        self.pending_input = 0
+        self.max_pending_input = daemon.settings.max_pending_input_bytes
 
     @property
     def path(self) -> Path:
@@ -493,8 +685,7 @@ class Server:
 
     async def start(self) -> None:
         path = self.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
+        _private_socket_dir(path)
         # The umask makes the socket 0600 from birth: no window in which others could connect.
         old = os.umask(0o177)
         try:
@@ -517,6 +708,31 @@ class Server:
         tasks = [t for c in conns for t in c.tasks]
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
+
+
+def _private_socket_dir(sock: Path) -> None:
+    """Make the socket's directory 0700, but only if it is the daemon's own: created here,
+    or owned by us, not sticky and holding nothing but this socket's files. ``--socket
+    /tmp/x.sock`` used to chmod /tmp itself to 0700, locking every other user out of it.
+    In a shared directory the socket stays 0600 and peers are checked by uid anyway."""
+    parent = sock.parent
+    parent.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(parent, 0o700)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(parent, 0o700)  # mkdir's mode went through the umask
+        return
+    st = os.stat(parent)
+    ours = st.st_uid == os.getuid() and not st.st_mode & stat.S_ISVTX
+    if ours and all(name == sock.name or name.startswith(sock.stem + ".") or name == ".gitkeep"
+                    for name in os.listdir(parent)):
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(parent, 0o700)
+        return
+    log.info("socket.shared_dir", path=str(parent), mode=oct(stat.S_IMODE(st.st_mode)),
+             owner_uid=st.st_uid, note="left as it is; the socket itself is 0600")
 
 
 def _peer_credentials(transport: asyncio.BaseTransport) -> tuple[int | None, int | None]:

@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     max_line_bytes: int = Field(default=8 * MiB, ge=1024)
     subscriber_queue: int = Field(default=1000, ge=1)
     event_history: int = Field(default=10_000, ge=100)
+    # Memory bounds in bytes (a count alone let 250 PUBLISHes of 4 MB hold 1 GB).
+    max_event_bytes: int = Field(default=1 * MiB, ge=1024)  # a PUBLISHed event's wire line
+    subscriber_queue_bytes: int = Field(default=16 * MiB, ge=1024)  # one subscriber's backlog
+    # Incomplete request lines held by all connections together (each holds at most
+    # max_line_bytes), and how long one may sit there without a byte arriving.
+    max_pending_input_bytes: int = Field(default=64 * MiB, ge=1024)
+    partial_line_timeout_s: float = Field(default=30.0, gt=0)
 
     # Claude runs.
     claude_bin: str | None = None

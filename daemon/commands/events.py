@@ -27,6 +27,11 @@ def _check_patterns(values: list[str]) -> list[str]:
 class SubscribeParams(Params):
     event_types: list[str] = Field(min_length=1, description="names or globs, e.g. PROCESS_*")
     agent_id: str | None = Field(default=None, min_length=1, max_length=256)
+    since_seq: int | None = Field(
+        default=None, ge=0, strict=True,
+        description="first send every matching event after this seq from the history "
+        "(EVENTS_GAP first if it no longer reaches back that far), then live events: no gap, "
+        "no duplicate. Only on a connection's first SUBSCRIBE.")
 
     @field_validator("event_types")
     @classmethod
@@ -38,7 +43,8 @@ class SubscribeResult(Result):
     status: Literal["active"]
     subscribed_to: list[str]
     agent_id: str | None = None
-    last_seq: int = Field(description="seq of the newest event so far; later ones are pushed")
+    last_seq: int = Field(description="seq of the newest event so far; later ones are pushed "
+                          "(with since_seq, those after since_seq up to this are replayed)")
 
 
 class UnsubscribeParams(Params):
@@ -91,12 +97,14 @@ def register(r: Registry) -> None:
     @r.command("SUBSCRIBE", params=SubscribeParams, result=SubscribeResult)
     async def subscribe(ctx: Context, p: SubscribeParams) -> SubscribeResult:
         """Receive matching events on this connection (which becomes persistent). Patterns
-        may be globs (``PROCESS_*``, ``*``). A subscriber that falls more than the queue
-        limit behind gets SUBSCRIBER_DROPPED and is disconnected."""
+        may be globs (``PROCESS_*``, ``*``). With ``since_seq``, the events after it are
+        replayed from the history first. A subscriber that falls more than the queue limit
+        (events or bytes) behind gets SUBSCRIBER_DROPPED (with ``last_seq``, to resubscribe
+        with ``since_seq``) and is disconnected."""
         if ctx.conn is None:
             raise InvalidParameters("SUBSCRIBE needs a socket connection; observers get all "
                                     "events already")
-        sub = ctx.conn.subscribe(p.event_types, p.agent_id)
+        sub = ctx.conn.subscribe(p.event_types, p.agent_id, p.since_seq)
         return SubscribeResult(status="active", subscribed_to=sorted(sub.patterns.items),
                                agent_id=sub.agent_id, last_seq=ctx.daemon.bus.seq)
 
@@ -109,7 +117,8 @@ def register(r: Registry) -> None:
 
     @r.command("PUBLISH", params=PublishParams, result=PublishResult)
     async def publish(ctx: Context, p: PublishParams) -> PublishResult:
-        """Publish an event to every matching subscriber and observer."""
+        """Publish an event to every matching subscriber and observer. An event whose wire
+        line exceeds ``max_event_bytes`` (1 MiB) is refused with PAYLOAD_TOO_LARGE."""
         if p.event_type.startswith(RESERVED_PREFIXES):
             raise InvalidParameters(
                 f"event type {p.event_type!r} is reserved for the daemon",
@@ -117,7 +126,8 @@ def register(r: Registry) -> None:
             )
         from_agent = p.from_agent or (ctx.conn.agent_id if ctx.conn else None)
         ev = ctx.daemon.bus.publish(p.event_type, p.payload, from_agent=from_agent,
-                                    to_agent=p.to_agent)
+                                    to_agent=p.to_agent,
+                                    max_bytes=ctx.daemon.settings.max_event_bytes)
         return PublishResult(status="published", event_type=ev.event_type, seq=ev.seq,
                              delivered_to=ev.delivered)
 
