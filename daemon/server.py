@@ -278,7 +278,10 @@ class Connection(asyncio.Protocol):
         if self.closed or (not self._buf and self._skipping is None):
             return
         timeout = self.server.settings.partial_line_timeout_s
-        idle = asyncio.get_running_loop().time() - self._last_input
+        now = asyncio.get_running_loop().time()
+        if self._read_paused:  # we stopped reading (back-pressure): the wait is not the peer's
+            self._last_input = now
+        idle = now - self._last_input
         if idle < timeout:
             self._idle_timer = asyncio.get_running_loop().call_later(timeout - idle,
                                                                      self._check_idle)

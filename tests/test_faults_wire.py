@@ -537,3 +537,26 @@ async def test_since_seq_while_events_keep_coming_loses_and_repeats_nothing(
             got = [(await sub.recv())["seq"] for _ in range(len(expected))]
             assert got == expected
             assert sorted(set(got)) == got
+
+
+def test_a_partial_line_held_back_by_the_daemon_is_not_timed_out(d: DaemonProcess) -> None:
+    """A peer that pipelines without reading is held back (reading paused) with the start
+    of its next line already read; that wait is the daemon's, not an idle peer's."""
+    d.result("SET_SHARED", {"key": "held-back", "value": "v" * 50_000})
+    n = 100  # 5 MB of replies: far more than the socket and the transport buffer take
+    request = b"".join(orjson.dumps({"command": "GET_SHARED", "id": i,
+                                     "parameters": {"key": "held-back"}}) + b"\n"
+                       for i in range(n))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(d.socket))
+        s.sendall(b'{"command":"CONNECT"}\n' + request + b'{"command":"HEALTH_CHECK",')
+        time.sleep(IDLE_S * 2)  # not reading: the peer's side of the scenario
+        s.sendall(b'"id":"last"}\n')
+        data = b""
+        while data.count(b"\n") < n + 2:
+            chunk = s.recv(1 << 20)
+            assert chunk, "connection closed early"
+            data += chunk
+    last = orjson.loads(data.splitlines()[-1])
+    assert (last["status"], last["id"]) == ("success", "last"), last
