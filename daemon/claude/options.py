@@ -91,6 +91,16 @@ class ClaudeOptions(BaseModel):
             raise ValueError(f"cwd is not an existing directory: {value!r}")
         return os.path.normpath(value)
 
+    @field_validator("cwd", "allowed_tools", "disallowed_tools", "append_system_prompt",
+                     mode="before")
+    @classmethod
+    def _check_nul(cls, value: object) -> object:
+        # Every one of these ends up in the CLI's argv (or as its cwd): exec cannot pass NUL.
+        parts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        if any(isinstance(p, str) and "\0" in p for p in parts):
+            raise ValueError("must not contain a NUL character")
+        return value
+
     @field_validator("allowed_tools", "disallowed_tools")
     @classmethod
     def _check_tools(cls, value: list[str] | None) -> list[str] | None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from daemon.claude.options import PermissionMode
 from daemon.errors import NotFound
 from daemon.registry import Context, NoParams, Params, Registry, Result
 from daemon.spawner import SpawnRequest
-from daemon.state import ProcessInfo, SessionInfo
+from daemon.state import ProcessInfo, ProcessStatus, SessionInfo
 
 
 def _tool_list(value: Any) -> Any:
@@ -21,7 +21,16 @@ def _tool_list(value: Any) -> Any:
     return value
 
 
+# Upper bounds keep a typo (or 1e30) from becoming a turn that is never timed out.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_TURNS = 10_000
+
+
 class SpawnParams(Params):
+    # Strict: JSON true is not 1 second, "yes" is not a boolean, 3.0 is not a turn count.
+    # A paid turn runs on these values, so a client's slip is an error, not a guess.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     prompt: str = Field(min_length=1, description="sent to the CLI on stdin, never argv")
     mode: Literal["sync", "async"] = "sync"
     type: Literal["claude"] = Field(default="claude", description="KSI compatibility")
@@ -32,12 +41,12 @@ class SpawnParams(Params):
     enable_tools: bool = True
     allowed_tools: list[str] | None = None
     disallowed_tools: list[str] | None = None
-    max_turns: int | None = Field(default=None, ge=1)
+    max_turns: int | None = Field(default=None, ge=1, le=MAX_TURNS)
     append_system_prompt: str | None = None
     permission_mode: PermissionMode | None = None
     cwd: str | None = Field(default=None, description="absolute directory; a session keeps "
                             "the one it began in")
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     client_request_id: str | None = Field(default=None, min_length=1, max_length=256,
                                           description="the same id within the idempotency "
                                           "window returns the same process")
@@ -68,6 +77,15 @@ class SpawnParams(Params):
             raise ValueError("must be an absolute path")
         return v
 
+    @field_validator("cwd", "model", "append_system_prompt", "allowed_tools",
+                     "disallowed_tools")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        # These reach the CLI's argv or a path: a NUL byte cannot be passed to exec.
+        if v is not None and "\0" in (v if isinstance(v, str) else "".join(v)):
+            raise ValueError("must not contain a NUL character")
+        return v
+
     @field_validator("model")
     @classmethod
     def _model(cls, v: str | None) -> str | None:
@@ -88,7 +106,7 @@ class SpawnParams(Params):
 
 class SpawnResult(Result):
     process_id: str
-    status: Literal["queued", "running", "completed", "failed", "cancelled", "timed_out"]
+    status: ProcessStatus
     session_id: str | None = None
     mode: Literal["async"] | None = None
     replayed: bool = Field(default=False, description="true when client_request_id matched "
