@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ from daemon import __version__, logs
 from daemon.bus import EventBus
 from daemon.commands import build_registry
 from daemon.observers import ObserverHost
+from daemon.orphans import end_orphans, find_orphans, owner_token
 from daemon.protocol import iso_from_epoch
 from daemon.server import Server
 from daemon.settings import Settings
@@ -42,6 +45,10 @@ log = structlog.get_logger("ksi.daemon")
 
 
 class AlreadyRunning(RuntimeError):
+    pass
+
+
+class UnsafePidFile(RuntimeError):
     pass
 
 
@@ -60,6 +67,8 @@ class Daemon:
         self._shutdown: asyncio.Event | None = None
         self._force = False
         self._pid_fd: int | None = None
+        self._state_fd: int | None = None
+        self.orphans_ended = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -67,8 +76,13 @@ class Daemon:
         self._shutdown = asyncio.Event()
         self._acquire_pidfile()
         try:
+            self._lock_state()
             await self.store.open()
             await self.state.load()
+            # Before any turn can run: CLIs of an earlier run that died under them would
+            # otherwise run alongside new turns of the same sessions (daemon/orphans.py).
+            found = find_orphans(owner_token(self.settings.state_path), self.state.orphans)
+            self.orphans_ended = await end_orphans(found, self.settings.term_grace_s)
             await self.bus.load()
             await self.observers.start()
             self._install_signals()
@@ -108,7 +122,10 @@ class Daemon:
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP (the terminal that started the daemon went away, or an operator's hangup)
+        # takes the same graceful path: Python's default would end the process on the spot,
+        # leaving CLIs orphaned, sync clients without a reply and the socket behind.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.request_shutdown, signal.Signals(sig).name)
 
     # -- pid file ---------------------------------------------------------------------------
@@ -120,9 +137,8 @@ class Daemon:
         lock is released by the kernel, so its leftovers are stale and safe to remove.
         """
         pid_path = self.settings.pid_path
-        pid_path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(pid_path.parent, 0o700)
-        fd = os.open(pid_path, os.O_RDWR | os.O_CREAT, 0o600)
+        private_dir(pid_path.parent)
+        fd = _open_private(pid_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -141,7 +157,23 @@ class Daemon:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._pid_fd = fd
 
+    def _lock_state(self) -> None:
+        """One daemon per state directory, whatever its socket: two would each take the
+        other's running turns for an earlier run's and settle (and end) them."""
+        private_dir(self.settings.state_path)
+        fd = _open_private(self.settings.state_path / "daemon.lock")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another daemon uses the state directory {self.settings.state_path}") from None
+        self._state_fd = fd
+
     def _release_pidfile(self) -> None:
+        if self._state_fd is not None:
+            os.close(self._state_fd)
+            self._state_fd = None
         if self._pid_fd is None:
             return
         with contextlib.suppress(FileNotFoundError):
@@ -176,6 +208,46 @@ class Daemon:
             "claude": sp.claude_status(),
             "warm": sp.warm_status(),
         }
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` 0700, or make an existing one 0700 if it is the daemon's own.
+
+    A directory someone else owns, or a shared sticky one such as /tmp (where the socket
+    or pid file may be put with ``--socket``), is left as it is: changing its mode would
+    lock every other user out of it.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True)
+        return
+    except FileExistsError:
+        pass
+    st = path.stat()
+    if st.st_uid == os.getuid() and not st.st_mode & stat.S_ISVTX:
+        os.chmod(path, 0o700)
+
+
+def _open_private(path: Path) -> int:
+    """Open (or create) a lock or pid file without following a link planted in its place.
+
+    In a shared directory another user could leave a symlink or hard link named like our
+    pid file; a daemon (root, say) that followed it would truncate and overwrite the
+    target. So: no symlinks (O_NOFOLLOW), a regular file, ours, with no other name.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePidFile(f"{path} is a symbolic link; refusing to use it") from None
+        raise
+    st = os.fstat(fd)
+    problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
+               f"belongs to uid {st.st_uid}" if st.st_uid != os.getuid() else
+               "has other hard links" if st.st_nlink != 1 else None)
+    if problem is not None:
+        os.close(fd)
+        raise UnsafePidFile(f"{path} {problem}; refusing to use it")
+    return fd
 
 
 def probe_health(path: Path, timeout: float = 1.0) -> bool:
@@ -242,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     use_pidfd_child_watcher()
     try:
         return asyncio.run(Daemon(settings).run())
-    except AlreadyRunning as exc:
-        log.error("daemon.already_running", error=str(exc))
+    except (AlreadyRunning, UnsafePidFile) as exc:
+        log.error("daemon.already_running" if isinstance(exc, AlreadyRunning)
+                  else "daemon.unsafe_pid_file", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
 
@@ -30,6 +31,7 @@ from daemon.claude.engine import ClaudeEngine, EngineConfig
 from daemon.claude.errors import claude_error_of
 from daemon.claude.options import ClaudeOptions, StartInfo
 from daemon.errors import Conflict, DaemonError, InvalidParameters, NotFound, SpawnFailed
+from daemon.orphans import child_env, start_ticks
 from daemon.protocol import utc_now_iso
 from daemon.registry import invalid_parameters
 from daemon.state import FINAL_STATUSES, ProcessInfo, SessionInfo
@@ -77,6 +79,9 @@ class Turn:
     cwd: str
     done: asyncio.Future[dict[str, Any]] = field(default_factory=_new_future)
     task: asyncio.Task[None] | None = None
+    # Set at shutdown for a queued async turn: its request is kept in SQLite and it runs
+    # after the restart, so its cancellation now is not recorded as a cancelled turn.
+    deferred: bool = False
 
 
 class Spawner:
@@ -103,7 +108,8 @@ class Spawner:
 
     def start(self) -> None:
         self._ready = asyncio.Event()
-        extra_env: dict[str, str] = {}
+        # Marks every CLI (and its tool subprocesses) as this run's: see daemon/orphans.py.
+        extra_env = child_env(self.settings.state_path)
         if self.settings.cli_max_retries is not None:
             extra_env["CLAUDE_CODE_MAX_RETRIES"] = str(self.settings.cli_max_retries)
         self.engine = ClaudeEngine(EngineConfig(
@@ -120,6 +126,7 @@ class Spawner:
             warm_pool_size=self.settings.warm_pool_size,
         ))
         self.engine.start_pool()  # pre-warmed CLIs (warm_pool_size of them) start now
+        self._resume_pending()
         if self.settings.litellm_preload:
             self._ensure_loading()
         self._spawn_bg(self._probe_version())
@@ -197,10 +204,50 @@ class Spawner:
         if existing is not None:
             return await self._reply_for(existing, req.mode, replay=True)
         turn = self._new_turn(req, known)
-        self.turns[turn.info.process_id] = turn
+        process_id = turn.info.process_id
+        self.turns[process_id] = turn
         await self.daemon.state.save_process(turn.info, wait=False)
+        if req.mode == "async":
+            # The reply promises the turn will run, so its request is durable first.
+            try:
+                await self.daemon.state.keep_pending(process_id, req.model_dump_json().encode())
+            except BaseException:
+                self._forget(turn)
+                raise
+        self._launch(turn)
+        return await self._reply_for(process_id, req.mode)
+
+    def _launch(self, turn: Turn) -> None:
         turn.task = asyncio.create_task(self._run(turn), name=f"turn-{turn.info.process_id}")
-        return await self._reply_for(turn.info.process_id, req.mode)
+
+    def _forget(self, turn: Turn) -> None:
+        """Undo the registration of a turn that will never run."""
+        self.turns.pop(turn.info.process_id, None)
+        if turn.request.client_request_id:
+            self._idempotent.pop(turn.request.client_request_id, None)
+        turn.info.status = "failed"
+        self.daemon.state.note_process(turn.info)
+
+    def _resume_pending(self) -> None:
+        """Queue again the async turns an earlier run had accepted but not started, in
+        their original order, and remember recent client_request_ids for replays."""
+        state = self.daemon.state
+        offset = time.time() - time.monotonic()
+        for key, process_id, created in state.recent_request_ids:
+            self._idempotent[key] = (process_id, created - offset)
+        for info, raw in state.pending:
+            req = SpawnRequest.model_validate_json(raw)
+            cwd = info.cwd or req.options.get("cwd") or str(self.settings.project_root)
+            turn = Turn(info, req, info.session_id or req.session_id or str(uuid.uuid4()),
+                        resume=req.session_id is not None, cwd=cwd)
+            self.turns[info.process_id] = turn
+            state.note_process(info)
+            if req.client_request_id:
+                self._idempotent[req.client_request_id] = (info.process_id, time.monotonic())
+            self._launch(turn)
+            log.info("turn.resumed_after_restart", process_id=info.process_id,
+                     session_id=turn.session_id)
+        state.pending = []
 
     async def _reply_for(self, process_id: str, mode: str, replay: bool = False
                          ) -> dict[str, Any]:
@@ -215,7 +262,8 @@ class Spawner:
             # Shielded: if the waiting client goes away, the paid turn still finishes.
             outcome = await asyncio.shield(turn.done)
         else:
-            outcome = self._finished.get(process_id) or self._outcome_from_record(process_id)
+            outcome = (self._finished.get(process_id)
+                       or await self._outcome_from_record(process_id))
         if "error" in outcome:
             err = dict(outcome["error"])
             raise SpawnFailed(err.pop("message"), code=err.pop("code"), details=err)
@@ -223,16 +271,25 @@ class Spawner:
         result["replayed"] = replay
         return result
 
-    def _outcome_from_record(self, process_id: str) -> dict[str, Any]:
-        """A replay of a turn whose full outcome is no longer cached: what the record says."""
+    async def _outcome_from_record(self, process_id: str) -> dict[str, Any]:
+        """A replay of a turn whose full outcome is no longer cached (evicted, or from before
+        a restart): what the record says, with the answer read back from the turn log."""
         info = self.daemon.state.processes.get(process_id)
         if info is None or info.status != "completed":
             error = (info.error if info and info.error else None) or {
                 "code": "PROCESS_NOT_FOUND", "message": f"process {process_id} is gone"}
             return {"error": {**error, "process_id": process_id}}
-        return {"result": {"process_id": process_id, "status": "completed",
-                           "session_id": info.session_id, "cost_usd": info.cost_usd,
-                           "model": info.model, "agent_id": info.agent_id}}
+        result: dict[str, Any] = {
+            "process_id": process_id, "status": "completed", "session_id": info.session_id,
+            "cost_usd": info.cost_usd, "model": info.model, "agent_id": info.agent_id}
+        if info.session_id:
+            path = self.turnlog.path_for(info.session_id)
+            raw = await asyncio.to_thread(_logged_result, path, process_id)
+            if raw is not None:
+                result.update(text=raw.get("result"), is_error=raw.get("is_error"),
+                              usage=raw.get("usage"), num_turns=raw.get("num_turns"),
+                              duration_ms=raw.get("duration_ms"), log_path=str(path), raw=raw)
+        return {"result": result}
 
     def _idempotent_hit(self, client_request_id: str | None) -> str | None:
         if not client_request_id:
@@ -243,7 +300,12 @@ class Spawner:
             if now - t > window:
                 del self._idempotent[key]
         hit = self._idempotent.get(client_request_id)
-        return hit[0] if hit else None
+        if hit is None:
+            return None
+        info = self.daemon.state.processes.get(hit[0])
+        if info is not None and info.status == "interrupted":
+            return None  # never completed: the resubmission runs it (once)
+        return hit[0]
 
     def _new_turn(self, req: SpawnRequest, known: SessionInfo | None) -> Turn:
         process_id = uuid.uuid4().hex[:12]
@@ -277,7 +339,7 @@ class Spawner:
         info = ProcessInfo(
             process_id=process_id, status="queued", mode=req.mode, session_id=session_id,
             agent_id=req.agent_id, model=req.model, client_request_id=req.client_request_id,
-            prompt_preview=req.prompt[:200], created_at=utc_now_iso(),
+            prompt_preview=req.prompt[:200], created_at=utc_now_iso(), cwd=cwd,
             warm=bool(req.options.get("warm", self.settings.warm_default)),
         )
         if req.client_request_id:
@@ -301,6 +363,8 @@ class Spawner:
                     holding_slot = True
                     outcome = await self._execute(turn)
                 except (asyncio.CancelledError, Exception) as exc:
+                    if turn.deferred and info.status == "queued":
+                        return  # kept for the next run of the daemon (see shutdown)
                     outcome = self._failure(exc, info.process_id)
                 # Announced while the slot and the session lock are still held: events then
                 # never show more turns running than the cap, and turn N of a session is
@@ -310,6 +374,8 @@ class Spawner:
         except asyncio.CancelledError:
             if finishing:
                 raise  # a second cancel (forced shutdown) while recording: give up on it
+            if turn.deferred:
+                return
             # Cancelled while queued behind an earlier turn of the same session.
             await self._finish(turn, self._failure(asyncio.CancelledError(), info.process_id))
         finally:
@@ -344,9 +410,11 @@ class Spawner:
         info.status = "running"
         info.started_at = utc_now_iso()
         info.queue_position = None
-        # Not written to the database: the queued record is already there, and after a crash
-        # it is marked DAEMON_RESTARTED either way. One write fewer per turn.
-        self.daemon.state.note_process(info)
+        # Queued, not awaited: from here on a crash leaves the turn "interrupted", never
+        # re-run (it may have been paid for), so its kept request goes too.
+        self.daemon.state.queue_process(info)
+        if req.mode == "async":
+            self.daemon.state.drop_pending(info.process_id)
         # Queued, not awaited: the log's writer thread creates the file while the CLI
         # starts. The claude line below is queued behind it and awaited.
         self.turnlog.human(turn.session_id, req.prompt, process_id=info.process_id,
@@ -384,7 +452,12 @@ class Spawner:
 
     def _on_start(self, turn: Turn, start: StartInfo) -> None:
         turn.info.pid = start.pid
+        # The CLI leads its own process group; the start time tells it from a later process
+        # that reuses the pid, so a restarted daemon can end it safely (daemon/orphans.py).
+        turn.info.pgid = start.pid
+        turn.info.pid_ticks = start_ticks(start.pid)
         turn.info.warm = start.mode == "warm"
+        self.daemon.state.queue_process(turn.info)
         self.daemon.bus.publish("PROCESS_STARTED", {
             "process_id": turn.info.process_id, "session_id": turn.session_id,
             "agent_id": turn.request.agent_id, "pid": start.pid, "model": turn.request.model,
@@ -428,6 +501,8 @@ class Spawner:
             cost = float(outcome["result"].get("cost_usd") or 0.0)
             info.cost_usd = cost
         await self.daemon.state.save_process(info, wait=False)
+        if not started and turn.request.mode == "async":
+            self.daemon.state.drop_pending(info.process_id)  # cancelled while queued
         error_code = outcome["error"]["code"] if "error" in outcome else None
         if started and error_code not in _NO_SESSION_CODES:
             # The CLI stored the session as soon as it started: it can be resumed even after
@@ -503,6 +578,10 @@ class Spawner:
         turn.task.cancel()
         # The run's own cleanup kills the CLI's process group before the task ends.
         await asyncio.wait([turn.task])
+        # The reply means the cancel is durable: this write commits behind the ones the turn
+        # queued (its record, and the end of its kept request), so a crash now cannot bring
+        # a cancelled queued turn back to life after the restart.
+        await self.daemon.state.save_process(turn.info)
         return turn.info
 
     def force_stop(self) -> None:
@@ -511,8 +590,11 @@ class Spawner:
                 turn.task.cancel()
 
     async def shutdown(self, grace_s: float) -> None:
-        for turn in list(self.turns.values()):  # queued turns never started: drop them now
+        for turn in list(self.turns.values()):  # queued turns never started: stop them now
             if turn.info.status == "queued" and turn.task is not None:
+                # An async one keeps its request in SQLite and runs after the restart; a sync
+                # one's client is about to lose its connection, so it is cancelled.
+                turn.deferred = turn.request.mode == "async"
                 turn.task.cancel()
         tasks = [t.task for t in self.turns.values() if t.task is not None]
         if tasks:
@@ -541,3 +623,22 @@ class Spawner:
         """The session, with its warm-process details if a warm CLI serves it now."""
         warm = self.engine.warm_session(session.session_id) if self.engine is not None else None
         return replace(session, warm=warm) if warm else session
+
+
+def _logged_result(path: Path, process_id: str) -> dict[str, Any] | None:
+    """The CLI's JSON result of one turn, from its session's JSONL log (None if absent)."""
+    needle = f'"process_id":"{process_id}"'.encode()
+    try:
+        with path.open("rb") as fh:
+            for line in fh:
+                if needle in line and line.startswith(b'{"'):
+                    obj = orjson.loads(line)
+                    if obj.get("type") == "claude" and obj.get("process_id") == process_id:
+                        raw: dict[str, Any] = obj
+                        raw.pop("timestamp", None)
+                        raw.pop("process_id", None)
+                        raw["type"] = "result"
+                        return raw
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return None

@@ -21,11 +21,16 @@ import orjson
 from pydantic import BaseModel, Field, TypeAdapter
 from pydantic.dataclasses import dataclass
 
+from daemon.orphans import Recorded
 from daemon.protocol import iso_from_epoch
 from daemon.store import Store
 
-ProcessStatus = Literal["queued", "running", "completed", "failed", "cancelled", "timed_out"]
-FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out"})
+ProcessStatus = Literal[
+    "queued", "running", "completed", "failed", "cancelled", "timed_out", "interrupted"
+]
+# "interrupted": the daemon stopped (or died) under the turn; the session is intact and the
+# request may be resubmitted (with the same client_request_id it runs once more, once).
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out", "interrupted"})
 
 
 class AgentInfo(BaseModel):
@@ -74,6 +79,10 @@ class ProcessInfo:
     finished_at: str | None = None
     cost_usd: float | None = None
     pid: int | None = None
+    pgid: int | None = Field(default=None, description="the CLI's process group")
+    pid_ticks: int | None = Field(default=None, description="the CLI pid's kernel start "
+                                  "time: tells it from a later process reusing the pid")
+    cwd: str | None = None
     warm: bool = False
     queue_position: int | None = None
     error: dict[str, Any] | None = None
@@ -84,6 +93,8 @@ _PROCESS_JSON: TypeAdapter[ProcessInfo] = TypeAdapter(ProcessInfo)
 
 class StateManager:
     RECENT_PROCESSES = 500
+    # How far back start-up looks for client_request_ids (the spawner applies its own window).
+    IDEMPOTENCY_LOOKBACK_S = 24 * 3600.0
     # Sessions cached in memory (~0.5 KB each); older ones are read back from the table.
     CACHED_SESSIONS = 512
 
@@ -95,6 +106,10 @@ class StateManager:
         self.session_count = 0
         self.processes: OrderedDict[str, ProcessInfo] = OrderedDict()
         self._agent_costs: dict[str, tuple[int, float]] = {}
+        # Filled by load(): what an earlier run left behind.
+        self.orphans: list[Recorded] = []
+        self.pending: list[tuple[ProcessInfo, bytes]] = []
+        self.recent_request_ids: list[tuple[str, str, float]] = []
 
     async def load(self) -> None:
         for row in await self.store.query("SELECT key, value, updated_at FROM shared"):
@@ -115,20 +130,14 @@ class StateManager:
             self._cache_session(_session_from_row(row))
         (count,) = await self.store.query("SELECT COUNT(*) AS n FROM sessions")
         self.session_count = count["n"]
-        # A run that was queued or running when the daemon last stopped did not finish
-        # under it; say so instead of showing it as running forever.
-        await self.store.write(
-            "UPDATE processes SET status='failed', error_code='DAEMON_RESTARTED', "
-            "finished_at=? WHERE status IN ('queued','running')",
-            (time.time(),),
-        )
+        await self._recover()
         rows = await self.store.query(
             "SELECT record, status, error_code FROM processes ORDER BY created_at DESC LIMIT ?",
             (self.RECENT_PROCESSES,),
         )
         for row in reversed(rows):
             info = _PROCESS_JSON.validate_json(row["record"])
-            if info.status != row["status"]:
+            if info.status != row["status"]:  # marked by a daemon before schema 4
                 info.status = row["status"]
                 info.error = {"code": row["error_code"], "message": "the daemon stopped first"}
             self.processes[info.process_id] = info
@@ -137,6 +146,69 @@ class StateManager:
             "WHERE agent_id IS NOT NULL AND status='completed' GROUP BY agent_id"
         ):
             self._agent_costs[row["agent_id"]] = (row["n"], row["cost"])
+
+    async def _recover(self) -> None:
+        """Settle the turns an earlier run left unfinished (it stopped or died under them).
+
+        A turn that was running is ``interrupted``: it may have been paid for, so it is never
+        re-run behind the client's back, and its CLI (if still alive) is reported in
+        ``orphans`` for start-up to end. A queued async turn whose request was kept in
+        ``pending_turns`` stays queued and is handed back in ``pending`` to run again; any
+        other queued turn (a sync one, whose client lost its connection) is ``interrupted``.
+        """
+        self.orphans = []
+        self.pending = []
+        pending = {row["process_id"]: row["request"] for row in await self.store.query(
+            "SELECT process_id, request FROM pending_turns")}
+        rows = await self.store.query(
+            "SELECT record FROM processes WHERE status IN ('queued','running') "
+            "ORDER BY created_at")
+        now = time.time()
+        for row in rows:
+            info = _PROCESS_JSON.validate_json(row["record"])
+            if info.status == "queued" and info.process_id in pending:
+                self.pending.append((info, pending.pop(info.process_id)))
+                continue
+            if info.pid is not None and info.pgid is not None and info.pid_ticks is not None:
+                self.orphans.append(Recorded(info.pid, info.pgid, info.pid_ticks))
+            started = info.status == "running"
+            info.status = "interrupted"
+            info.finished_at = iso_from_epoch(now)
+            info.error = {
+                "code": "INTERRUPTED",
+                "message": ("the daemon stopped while this turn ran; the session is intact "
+                            "and the request may be resubmitted") if started else
+                           "the daemon stopped before this turn started",
+                "process_id": info.process_id,
+            }
+            await self.save_process(info)
+            if started and info.session_id and info.cwd:
+                # The CLI stored the session when it started: it can be resumed.
+                await self.record_turn(
+                    info.session_id, cwd=info.cwd, model=info.model, agent_id=info.agent_id,
+                    cost_usd=0.0, process_id=info.process_id, log_path=None, completed=False)
+        for process_id in pending:  # requests whose turn had started or ended meanwhile
+            await self.store.write("DELETE FROM pending_turns WHERE process_id=?", (process_id,))
+        window_start = now - self.IDEMPOTENCY_LOOKBACK_S
+        self.recent_request_ids = [
+            (row["client_request_id"], row["process_id"], row["created_at"])
+            for row in await self.store.query(
+                "SELECT client_request_id, process_id, created_at FROM processes "
+                "WHERE client_request_id IS NOT NULL AND created_at >= ? ORDER BY created_at",
+                (window_start,))]
+
+    # -- pending (queued async) turns ---------------------------------------------------
+
+    async def keep_pending(self, process_id: str, request: bytes) -> None:
+        """Persist a queued async turn's request (awaited: an async SPAWN's reply promises
+        the turn will run, even across a restart)."""
+        await self.store.write(
+            "INSERT OR REPLACE INTO pending_turns(process_id, created_at, request) "
+            "VALUES(?,?,?)", (process_id, time.time(), request))
+
+    def drop_pending(self, process_id: str) -> None:
+        """The turn started, or will never run: its request need not survive a restart."""
+        self.store.write_nowait("DELETE FROM pending_turns WHERE process_id=?", (process_id,))
 
     # -- shared state -----------------------------------------------------------------
 
@@ -293,6 +365,16 @@ class StateManager:
 
     async def save_process(self, info: ProcessInfo, *, wait: bool = True) -> None:
         """Upsert a process record; ``wait=False`` for transitions nobody is waiting on."""
+        if wait:
+            await self.store.write(*self._process_upsert(info))
+        else:
+            self.queue_process(info)
+
+    def queue_process(self, info: ProcessInfo) -> None:
+        """Upsert a process record behind earlier writes, without waiting for the commit."""
+        self.store.write_nowait(*self._process_upsert(info))
+
+    def _process_upsert(self, info: ProcessInfo) -> tuple[str, tuple[Any, ...]]:
         self.note_process(info)
         error_code = info.error.get("code") if info.error else None
         sql = (
@@ -310,10 +392,7 @@ class StateManager:
             _epoch(info.started_at), _epoch(info.finished_at), info.cost_usd, error_code,
             _PROCESS_JSON.dump_json(info),
         )
-        if wait:
-            await self.store.write(sql, params)
-        else:
-            self.store.write_nowait(sql, params)
+        return sql, params
 
 
 def _session_from_row(row: Any) -> SessionInfo:

@@ -1,0 +1,284 @@
+"""Faults around the daemon's own process: SIGKILL and SIGHUP of the daemon, orphaned CLIs,
+turns that must survive a restart, replays that must not pay twice, an unsafe pid file,
+and SPAWN parameters that used to be coerced into something nobody asked for."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.helpers import DaemonProcess, pid_alive, short_tmpdir, wait_for
+
+
+def turns_run(d: DaemonProcess) -> list[dict[str, Any]]:
+    """Every turn the fake CLI was started for (not `claude --version`)."""
+    if not d.fake_log.exists():
+        return []
+    rows = [orjson.loads(x) for x in d.fake_log.read_bytes().splitlines() if x.strip()]
+    return [r for r in rows if "argv" in r and "-p" in r["argv"]]
+
+
+def prompts_run(d: DaemonProcess) -> list[str]:
+    """The prompts the fake CLI answered (or began to), in order."""
+    if not d.fake_log.exists():
+        return []
+    rows = [orjson.loads(x) for x in d.fake_log.read_bytes().splitlines() if x.strip()]
+    return [r["turn_prompt"] for r in rows if "turn_prompt" in r]
+
+
+def read_pid(path: Path) -> int:
+    wait_for(lambda: path.exists() and path.read_text().strip(), timeout=20)
+    return int(path.read_text())
+
+
+@pytest.fixture
+def pids() -> Iterator[list[int]]:
+    """CLI pids a test made the daemon start; any still alive at the end are ended, so a
+    failing test leaves no orphan behind."""
+    started: list[int] = []
+    yield started
+    for pid in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def make_daemon() -> Iterator[Any]:
+    made: list[DaemonProcess] = []
+
+    def make(*args: str, env: dict[str, str] | None = None, **kw: Any) -> DaemonProcess:
+        d = DaemonProcess(args=list(args), env=env, preload=True, **kw).start()
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
+
+
+def spawn(d: DaemonProcess, **params: Any) -> dict[str, Any]:
+    params.setdefault("cwd", str(d.work))
+    return d.call("SPAWN", params)
+
+
+def processes(d: DaemonProcess) -> dict[str, dict[str, Any]]:
+    return {p["process_id"]: p for p in d.result("GET_PROCESSES")["processes"]}
+
+
+# -- SIGKILL of the daemon ---------------------------------------------------------------
+
+
+def test_kill9_leaves_no_cli_running_after_the_restart(make_daemon: Any, pids: list[int]
+                                                       ) -> None:
+    d = make_daemon()
+    runs = []
+    for i in range(3):
+        pidfile = d.base / f"cli{i}.pid"
+        extra = f"[[grandchild:{d.base / 'grandchild.pid'}]]" if i == 0 else ""
+        reply = spawn(d, prompt=f"[[pidfile:{pidfile}]]{extra}[[sleep:120]] turn {i}",
+                      mode="async")
+        assert reply["status"] == "success", reply
+        runs.append((reply["result"]["process_id"], reply["result"]["session_id"], pidfile))
+    cli_pids = [read_pid(p) for _, _, p in runs]
+    pids.extend(cli_pids)
+    grandchild = read_pid(d.base / "grandchild.pid")
+    pids.append(grandchild)
+    # Their records carry what a restarted daemon needs to find them safely.
+    def recorded() -> bool:
+        recs = processes(d)
+        return all(recs[process_id]["pid"] == pid and recs[process_id]["pid_ticks"]
+                   for pid, (process_id, _, _) in zip(cli_pids, runs, strict=True))
+
+    wait_for(recorded)
+
+    d.stop(signal.SIGKILL)
+    # Without the daemon they are still running (re-parented): the fault being fixed.
+    assert all(pid_alive(p) for p in cli_pids)
+
+    d.start()
+    # By the time the socket answers, start-up has ended them all, grandchild included.
+    assert not any(pid_alive(p) for p in [*cli_pids, grandchild])
+    recs = processes(d)
+    for process_id, session_id, _ in runs:
+        rec = recs[process_id]
+        assert rec["status"] == "interrupted"
+        assert rec["error"]["code"] == "INTERRUPTED"
+        # The session is intact: the daemon knows it, and it can be resumed.
+        assert d.result("GET_SESSION", {"session_id": session_id})["session"]["cwd"] == str(
+            d.work)
+    assert any(e.get("event") == "daemon.orphans_ended" for e in d.log_events())
+    _, session_id, _ = runs[1]
+    again = spawn(d, prompt="after the crash", session_id=session_id)
+    assert again["status"] == "success", again
+    assert again["result"]["text"].startswith("echo: after the crash")
+
+
+def test_a_second_daemon_on_the_same_state_is_refused(make_daemon: Any, pids: list[int]
+                                                       ) -> None:
+    """Two daemons sharing one state directory (different sockets) would each take the
+    other's running turns for an earlier run's: the second one refuses to start, and the
+    first one's CLI runs on."""
+    first = make_daemon()
+    pidfile = first.base / "cli.pid"
+    spawn(first, prompt=f"[[pidfile:{pidfile}]][[sleep:120]]", mode="async")
+    pid = read_pid(pidfile)
+    pids.append(pid)
+    second = DaemonProcess(args=["--state-dir", str(first.state_dir)])
+    try:
+        with pytest.raises(RuntimeError, match="another daemon uses the state directory"):
+            second.start(timeout=10)
+    finally:
+        second.cleanup()
+    assert pid_alive(pid)
+    assert first.result("HEALTH_CHECK")["status"] == "healthy"
+
+
+# -- SIGHUP -------------------------------------------------------------------------------
+
+
+def test_sighup_stops_gracefully(make_daemon: Any, pids: list[int]) -> None:
+    d = make_daemon()
+    pidfile = d.base / "cli.pid"
+    replies: list[dict[str, Any]] = []
+    caller = threading.Thread(
+        target=lambda: replies.append(spawn(d, prompt=f"[[pidfile:{pidfile}]][[sleep:1]] hi")))
+    caller.start()
+    pid = read_pid(pidfile)
+    pids.append(pid)
+    os.kill(d.pid, signal.SIGHUP)
+    assert d.proc is not None
+    assert d.proc.wait(30) == 0  # a clean exit, not death by -SIGHUP
+    caller.join(30)
+    # The sync client got its answer: the running turn finished within the shutdown grace.
+    assert len(replies) == 1
+    assert replies[0]["status"] == "success", replies
+    assert replies[0]["result"]["text"].startswith("echo: ")
+    assert not pid_alive(pid)
+    assert not d.socket.exists()
+    assert not d.socket.with_suffix(".pid").exists()
+    assert any(e.get("event") == "daemon.shutting_down" and e.get("reason") == "SIGHUP"
+               for e in d.log_events())
+
+
+# -- queued turns across a restart ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_queued_async_turns_run_after_a_restart(make_daemon: Any, pids: list[int],
+                                                how: str) -> None:
+    d = make_daemon("--max-concurrency", "1", env={"KSI_SHUTDOWN_GRACE_S": "0"})
+    pidfile = d.base / "blocker.pid"
+    blocker = spawn(d, prompt=f"[[pidfile:{pidfile}]][[sleep:120]] blocker", mode="async")
+    pids.append(read_pid(pidfile))
+    queued = [spawn(d, prompt=f"queued {i}", mode="async")["result"] for i in range(3)]
+    assert all(q["status"] == "queued" for q in queued)
+    cancelled = queued.pop()
+    assert d.result("CANCEL_PROCESS", {"process_id": cancelled["process_id"]})[
+        "status"] == "cancelled"
+
+    d.stop(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
+    d.start()
+    wait_for(lambda: all(processes(d)[q["process_id"]]["status"] == "completed"
+                         for q in queued), timeout=30)
+    recs = processes(d)
+    blocked = recs[blocker["result"]["process_id"]]
+    assert blocked["status"] == ("interrupted" if how == "sigkill" else "cancelled")
+    for q in queued:
+        assert recs[q["process_id"]]["status"] == "completed"
+    assert recs[cancelled["process_id"]]["status"] == "cancelled"
+    # Run once each, in the order they were accepted; the cancelled one never ran.
+    prompts = prompts_run(d)
+    ran = [p for p in prompts if p.startswith("queued")]
+    assert ran == ["queued 0", "queued 1"], prompts
+
+
+# -- replays across a restart -----------------------------------------------------------
+
+
+def test_replay_after_a_restart_does_not_pay_twice(make_daemon: Any, pids: list[int]) -> None:
+    d = make_daemon()
+    first = spawn(d, prompt="paid once", client_request_id="job-1")
+    assert first["status"] == "success", first
+    pidfile = d.base / "cli.pid"
+    spawn(d, prompt=f"[[pidfile:{pidfile}]][[sleep:2]] cut short", mode="async",
+          client_request_id="job-2")
+    pids.append(read_pid(pidfile))
+    d.stop(signal.SIGKILL)
+    d.start()
+    runs_before = len(turns_run(d))
+
+    # A completed turn is replayed with its answer, not run again.
+    replay = spawn(d, prompt="paid once", client_request_id="job-1")
+    assert replay["status"] == "success", replay
+    assert replay["result"]["replayed"] is True
+    assert replay["result"]["text"] == first["result"]["text"]
+    assert replay["result"]["process_id"] == first["result"]["process_id"]
+    assert len(turns_run(d)) == runs_before
+
+    # An interrupted one runs again when resubmitted, once; a further resubmission replays.
+    rerun = spawn(d, prompt="[[sleep:0]] cut short", client_request_id="job-2")
+    assert rerun["status"] == "success", rerun
+    assert rerun["result"]["replayed"] is False
+    again = spawn(d, prompt="[[sleep:0]] cut short", client_request_id="job-2")
+    assert again["result"]["replayed"] is True
+    assert again["result"]["process_id"] == rerun["result"]["process_id"]
+    assert len(turns_run(d)) == runs_before + 1
+
+
+# -- the pid file and shared directories -------------------------------------------------
+
+
+def test_planted_pid_file_symlink_is_refused() -> None:
+    base = short_tmpdir()
+    victim = base / "victim.txt"
+    victim.write_text("precious\n")
+    d = DaemonProcess(base)
+    d.socket.parent.mkdir(parents=True, exist_ok=True)
+    d.socket.with_suffix(".pid").symlink_to(victim)
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        d.start(timeout=10)
+    assert victim.read_text() == "precious\n"
+    assert "is a symbolic link; refusing to use it" in d.stderr()
+
+
+def test_a_shared_sticky_directory_keeps_its_mode() -> None:
+    base = short_tmpdir()
+    shared = base / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    d = DaemonProcess(base)
+    d.socket = shared / "ksi.sock"
+    d.start()
+    try:
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+        assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(shared / "ksi.pid").st_mode) == 0o600
+    finally:
+        d.cleanup()
+
+
+# -- parameters that used to be coerced --------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("timeout_s", True), ("timeout_s", "inf"), ("timeout_s", 1e30), ("timeout_s", "5"),
+    ("max_turns", True), ("max_turns", 1e30), ("max_turns", 2.0),
+    ("warm", "yes"), ("warm", 1), ("enable_tools", "false"),
+    ("cwd", "/tmp/with\x00nul"), ("append_system_prompt", "a\x00b"),
+    ("allowed_tools", ["Read", "Ba\x00sh"]),
+])
+def test_spawn_parameters_are_not_coerced(d: DaemonProcess, field: str, value: Any) -> None:
+    reply = d.call("SPAWN", {"prompt": "hi", field: value})
+    assert reply["status"] == "error", reply
+    assert reply["error"]["code"] == "INVALID_PARAMETERS"
+    assert field in reply["error"]["message"] or field in orjson.dumps(reply["error"]).decode()
+    assert not turns_run(d)
