@@ -12,6 +12,7 @@ that turns exceptions into error replies; anything that is not a ``DaemonError``
     ├── NotFound             SESSION_NOT_FOUND, PROCESS_NOT_FOUND, AGENT_NOT_FOUND
     ├── Conflict             e.g. PROCESS_FINISHED (cancel of a finished process)
     ├── Unavailable          SHUTTING_DOWN, NOT_READY
+    ├── StorageError         STORAGE_FULL, STORAGE_ERROR, STORAGE_BUSY
     └── SpawnFailed          the CLI's own codes (TIMEOUT, RATE_LIMITED, ...)
 """
 
@@ -69,6 +70,18 @@ class Unavailable(DaemonError):
 
 class PermissionDenied(DaemonError):
     code = "PERMISSION_DENIED"
+
+
+class StorageError(DaemonError):
+    """The daemon's state could not be persisted, so the change did not happen.
+
+    ``STORAGE_FULL``: the disk (or quota) holding the state is full; ``STORAGE_ERROR``: any
+    other failure to write it (I/O error, read-only, corrupt); ``STORAGE_BUSY``: writes are
+    queued faster than the disk takes them and the queue is at its byte limit (retry later).
+    ``details`` name the SQLite error and the path.
+    """
+
+    code = "STORAGE_ERROR"
 
 
 class SpawnFailed(DaemonError):

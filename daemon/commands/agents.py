@@ -51,7 +51,8 @@ def register(r: Registry) -> None:
     @r.command("REGISTER_AGENT", params=RegisterParams, result=RegisterResult)
     async def register_agent(ctx: Context, p: RegisterParams) -> RegisterResult:
         """Register (or update) an agent with a role, capabilities and free-form metadata.
-        Publishes AGENT_REGISTERED."""
+        Publishes AGENT_REGISTERED. STORAGE_FULL or STORAGE_ERROR if it could not be
+        persisted (the registry is unchanged)."""
         info = await ctx.daemon.state.register_agent(p.agent_id, p.role, p.capabilities,
                                                      p.metadata)
         ctx.daemon.bus.publish("AGENT_REGISTERED", {"agent_id": p.agent_id, "role": p.role})
@@ -59,7 +60,8 @@ def register(r: Registry) -> None:
 
     @r.command("UNREGISTER_AGENT", params=AgentIdParams, result=UnregisterResult)
     async def unregister_agent(ctx: Context, p: AgentIdParams) -> UnregisterResult:
-        """Remove an agent from the registry. Publishes AGENT_UNREGISTERED."""
+        """Remove an agent from the registry. Publishes AGENT_UNREGISTERED. STORAGE_FULL or
+        STORAGE_ERROR if that could not be persisted (the agent stays registered)."""
         if not await ctx.daemon.state.unregister_agent(p.agent_id):
             known = sorted(ctx.daemon.state.agents)[:5]
             raise NotFound(f"no agent {p.agent_id!r} is registered", code="AGENT_NOT_FOUND",

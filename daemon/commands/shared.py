@@ -52,7 +52,8 @@ def register(r: Registry) -> None:
     @r.command("SET_SHARED", params=SetParams, result=SetResult)
     async def set_shared(ctx: Context, p: SetParams) -> SetResult:
         """Store a JSON value under a key; durable when the reply arrives. Publishes
-        SHARED_STATE_CHANGED."""
+        SHARED_STATE_CHANGED. If it cannot be persisted the reply is STORAGE_FULL or
+        STORAGE_ERROR and nothing changed."""
         ts = await ctx.daemon.state.set_shared(p.key, p.value)
         ctx.daemon.bus.publish("SHARED_STATE_CHANGED", {"key": p.key, "action": "set"})
         return SetResult(key=p.key, status="set", updated_at=iso_from_epoch(ts))
@@ -68,7 +69,8 @@ def register(r: Registry) -> None:
 
     @r.command("DELETE_SHARED", params=KeyParams, result=DeleteResult)
     async def delete_shared(ctx: Context, p: KeyParams) -> DeleteResult:
-        """Delete a key; ``deleted: false`` if it did not exist."""
+        """Delete a key; ``deleted: false`` if it did not exist. STORAGE_FULL or
+        STORAGE_ERROR if the deletion could not be persisted (the key is still there)."""
         deleted = await ctx.daemon.state.delete_shared(p.key)
         if deleted:
             ctx.daemon.bus.publish("SHARED_STATE_CHANGED", {"key": p.key, "action": "delete"})
