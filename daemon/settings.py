@@ -52,9 +52,16 @@ class Settings(BaseSettings):
     default_timeout_s: float = Field(default=600.0, gt=0)
     term_grace_s: float = Field(default=3.0, ge=0)
     idempotency_window_s: float = Field(default=600.0, ge=0)
-    # Passed to every CLI run unless the daemon's own environment already sets them:
-    # a failing API otherwise holds a run for ~3 minutes of CLI-internal retries.
-    cli_max_retries: int | None = Field(default=None, ge=0, le=15)
+    # CLAUDE_CODE_MAX_RETRIES for every CLI run unless the daemon's own environment sets it.
+    # 0: the daemon retries instead (below), visibly and with the queue held while the API
+    # rate-limits; the CLI's own loop would hold a failing run for ~3 minutes, unseen.
+    cli_max_retries: int | None = Field(default=0, ge=0, le=15)
+    # Daemon retries of a turn that failed on a transient API error (429, 5xx, 529,
+    # connection) before it did any paid work: exponential backoff from api_retry_base_s,
+    # capped at api_retry_max_s, plus up to 25 % jitter.
+    api_retries: int = Field(default=3, ge=0, le=10)
+    api_retry_base_s: float = Field(default=1.0, gt=0, le=60)
+    api_retry_max_s: float = Field(default=30.0, gt=0, le=300)
 
     # Warm sessions (one long-lived CLI per active session) and the pre-warmed pool.
     warm_default: bool = False

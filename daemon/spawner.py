@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import os
+import random
+import re
 import sys
 import time
 import uuid
@@ -34,6 +37,7 @@ from daemon.errors import Conflict, DaemonError, InvalidParameters, NotFound, Sp
 from daemon.orphans import child_env, start_ticks
 from daemon.protocol import utc_now_iso
 from daemon.registry import invalid_parameters
+from daemon.settings import Settings
 from daemon.state import FINAL_STATUSES, ProcessInfo, SessionInfo
 from daemon.turnlog import TurnLog
 
@@ -82,6 +86,11 @@ class Turn:
     # Set at shutdown for a queued async turn: its request is kept in SQLite and it runs
     # after the restart, so its cancellation now is not recorded as a cancelled turn.
     deferred: bool = False
+    progress: int = 0  # PROCESS_PROGRESS events so far (their per-process index)
+
+    def next_index(self) -> int:
+        self.progress += 1
+        return self.progress - 1
 
 
 class Spawner:
@@ -103,6 +112,7 @@ class Spawner:
         self._version_probed = False  # `claude --version` takes ~0.5 s; HEALTH_CHECK says so
         self._bg: set[asyncio.Task[Any]] = set()
         self._loading = False
+        self._hold_until = 0.0  # monotonic: no turn calls the API before (rate limited)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -110,8 +120,9 @@ class Spawner:
         self._ready = asyncio.Event()
         # Marks every CLI (and its tool subprocesses) as this run's: see daemon/orphans.py.
         extra_env = child_env(self.settings.state_path)
-        if self.settings.cli_max_retries is not None:
-            extra_env["CLAUDE_CODE_MAX_RETRIES"] = str(self.settings.cli_max_retries)
+        retries = self.settings.cli_max_retries
+        if retries is not None and "CLAUDE_CODE_MAX_RETRIES" not in os.environ:
+            extra_env["CLAUDE_CODE_MAX_RETRIES"] = str(retries)
         self.engine = ClaudeEngine(EngineConfig(
             claude_bin=self.settings.claude_bin,
             project_root=self.settings.project_root,
@@ -427,16 +438,7 @@ class Spawner:
         else:
             options["new_session_id"] = turn.session_id
         options["on_start"] = lambda start: self._on_start(turn, start)
-        try:
-            response = await self._acompletion(
-                model=f"claude-cli/{req.model}",
-                messages=[{"role": "user", "content": req.prompt}],
-                claude=options,
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise self._spawn_error(exc, turn) from None
+        response = await self._attempts(turn, options)
         result = response._hidden_params["claude_turn"]
         # A log that cannot be written is reported (turnlog.write_failed) but does not turn a
         # paid, successful turn into a failure: the result still reaches the client and state.
@@ -449,6 +451,55 @@ class Spawner:
             "duration_ms": result.duration_ms, "model": result.model, "agent_id": req.agent_id,
             "warm": info.warm, "log_path": str(log_path), "raw": result.raw,
         }}
+
+    async def _attempts(self, turn: Turn, options: dict[str, Any]) -> Any:
+        """Call the provider; retry a transient API failure that did no paid work.
+
+        Before a retry the session is rewound to where it was before the failed attempt
+        (the CLI had stored the prompt already and would replay it next to the retried one),
+        and while the API rate-limits or is overloaded, every turn waits for the backoff
+        before it calls again (``_hold_until``): a queue of turns does not hammer it.
+        """
+        assert self.engine is not None
+        req = turn.request
+        attempt = 0
+        while True:
+            await self._wait_for_hold()
+            mark = self.engine.transcript_mark(turn.session_id, turn.cwd)
+            try:
+                return await self._acompletion(
+                    model=f"claude-cli/{req.model}",
+                    messages=[{"role": "user", "content": req.prompt}],
+                    claude=options,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = self._spawn_error(exc, turn)
+            delay = retry_delay(error, attempt, self.settings)
+            if delay is None:
+                raise error
+            attempt += 1
+            await self.engine.rewind(turn.session_id, turn.cwd, mark)
+            if error.code == "RATE_LIMITED" or _overloaded(error):
+                self._hold_until = max(self._hold_until, time.monotonic() + delay)
+            details = error.details or {}
+            log.warning("turn.api_retry", process_id=turn.info.process_id, attempt=attempt,
+                        delay_s=round(delay, 3), code=error.code,
+                        status=details.get("api_error_status"))
+            self.daemon.bus.publish("PROCESS_PROGRESS", {
+                "process_id": turn.info.process_id, "session_id": turn.session_id,
+                "agent_id": req.agent_id, "index": turn.next_index(), "kind": "api_retry",
+                "attempt": attempt, "max_retries": self.settings.api_retries,
+                "delay_s": round(delay, 3), "status": details.get("api_error_status"),
+                "code": error.code, "message": error.message[:500],
+            })
+            await asyncio.sleep(delay)
+
+    async def _wait_for_hold(self) -> None:
+        wait = self._hold_until - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def _on_start(self, turn: Turn, start: StartInfo) -> None:
         turn.info.pid = start.pid
@@ -642,3 +693,44 @@ def _logged_result(path: Path, process_id: str) -> dict[str, Any] | None:
     except (OSError, orjson.JSONDecodeError):
         return None
     return None
+
+
+# Statuses worth another attempt: the request was refused or lost before the model did work.
+_TRANSIENT_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+_TRANSIENT_TEXT = ("unable to connect", "overloaded", "econnreset", "socket hang up",
+                   "connection reset", "connection error")
+_RETRY_AFTER = re.compile(r"retry[- _]after\W{0,3}(\d+(?:\.\d+)?)", re.IGNORECASE)
+_MAX_RETRY_AFTER_S = 60.0  # beyond this the CLI itself gives up; so do we
+
+
+def _overloaded(error: DaemonError) -> bool:
+    details = error.details or {}
+    return details.get("api_error_status") == 529 or "overloaded" in error.message.lower()
+
+
+def retry_delay(error: DaemonError, attempt: int, settings: Settings) -> float | None:
+    """Seconds to wait before retrying after ``error`` (attempt 0 = the first retry), or
+    None if it must not be retried: not transient, retries used up, or the failed attempt
+    did paid work (cost or output), which a rerun would pay for again."""
+    if attempt >= settings.api_retries or error.code not in ("RATE_LIMITED", "API_ERROR"):
+        return None
+    details = error.details or {}
+    status = details.get("api_error_status")
+    if status is None:
+        if not any(t in error.message.lower() for t in _TRANSIENT_TEXT):
+            return None  # e.g. "Request timed out": the request may have been served
+    elif status not in _TRANSIENT_STATUSES:
+        return None
+    raw = details.get("raw") or {}
+    usage = raw.get("usage") or {}
+    if (raw.get("total_cost_usd") or 0) > 0 or (usage.get("output_tokens") or 0) > 0:
+        return None
+    delay: float = min(settings.api_retry_max_s, settings.api_retry_base_s * 2**attempt)
+    delay *= 1 + random.uniform(0, 0.25)
+    hint = _RETRY_AFTER.search(f"{error.message} {details.get('stderr_tail') or ''}")
+    if hint is not None:
+        after = float(hint.group(1))
+        if after > _MAX_RETRY_AFTER_S:
+            return None
+        delay = max(delay, after)
+    return delay

@@ -48,6 +48,7 @@ Prompt markers (anywhere in the prompt, several may combine):
   [[sleep:S]]        sleep S seconds before answering (interruptible in warm mode)
   [[hang:S]]         sleep S seconds without reading stdin (warm mode: interrupts go unanswered)
   [[error:N]]        API error N (400/401/429/5xx) or [[error:connect]]; exit 1
+  [[flaky:N:PATH:K]] API error N for the first K runs with this marker (counted in PATH)
   [[max-turns]]      error_max_turns result; exit 1
   [[crash:N]]        traceback on stderr, nothing on stdout, exit N
   [[bad-json]]       print "this is not json" on stdout, exit 0
@@ -65,7 +66,7 @@ Environment:
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _TRIGGER_RE = re.compile(
     r"\[\[(sleep|hang|error|max-turns|crash|bad-json|huge|stderr|ignore-sigterm|grandchild"
-    r"|pidfile|tool)(?::(.*?))?\]\]"
+    r"|pidfile|tool|flaky)(?::(.*?))?\]\]"
 )
 # Tool lists are "comma or space separated", but a rule like "Bash(git *)" contains a space.
 _TOOL_ENTRY_RE = re.compile(r"[^,\s(]+(?:\([^)]*\))?")
@@ -306,6 +307,20 @@ def log_event(obj: JsonObj) -> None:
     path = os.environ.get("FAKE_CLAUDE_LOG")
     if path:
         append_line(path, obj)
+
+
+def flaky_fails(arg: str) -> bool:
+    """``N:PATH:K``: count this run in PATH; the first K runs fail."""
+    _code, _, rest = arg.partition(":")
+    path, _, times = rest.rpartition(":")
+    try:
+        with open(path) as f:
+            count = int(f.read() or 0) + 1
+    except (OSError, ValueError):
+        count = 1
+    with open(path, "w") as f:
+        f.write(str(count))
+    return count <= number(times)
 
 
 def number(text: str, default: float = 0) -> float:
@@ -767,6 +782,8 @@ class Fake:
             return 1
         if "error" in triggers:
             return self.api_error(t0, triggers["error"])
+        if "flaky" in triggers and flaky_fails(triggers["flaky"]):
+            return self.api_error(t0, triggers["flaky"].split(":", 1)[0])
         if "max-turns" in triggers:
             return self.max_turns(t0)
         if "tool" in triggers:

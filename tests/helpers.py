@@ -93,6 +93,9 @@ class DaemonProcess:
                 "CLAUDE_CONFIG_DIR": str(self.config_dir),
                 "FAKE_CLAUDE_LOG": str(self.fake_log),
                 "KSI_LITELLM_PRELOAD": "true" if preload else "false",
+                # Transient API errors are retried (3 times, from 1 s by default): tests of
+                # error mapping need not wait for the production backoff.
+                "KSI_API_RETRY_BASE_S": "0.01",
             }
         )
         if claude_bin is not None:

@@ -282,3 +282,103 @@ def test_spawn_parameters_are_not_coerced(d: DaemonProcess, field: str, value: A
     assert reply["error"]["code"] == "INVALID_PARAMETERS"
     assert field in reply["error"]["message"] or field in orjson.dumps(reply["error"]).decode()
     assert not turns_run(d)
+
+
+# -- transient API failures ----------------------------------------------------------------
+
+
+def progress(d: DaemonProcess, process_id: str) -> list[dict[str, Any]]:
+    events = d.result("GET_EVENTS", {"event_types": ["PROCESS_PROGRESS"]})["events"]
+    return [e["data"] for e in events if e["data"]["process_id"] == process_id]
+
+
+def test_transient_api_errors_are_retried_and_the_model_sees_the_prompt_once(
+        make_daemon: Any) -> None:
+    d = make_daemon()
+    counter = d.base / "flaky-1"
+    prompt = f"[[flaky:529:{counter}:2]] hello"
+    reply = spawn(d, prompt=prompt)
+    assert reply["status"] == "success", reply
+    r = reply["result"]
+    # The fake numbers turns by the user messages in the session: a retry that left the
+    # failed attempts' copies of the prompt in the transcript would answer "(turn 3)".
+    assert r["text"] == f"echo: {prompt} (turn 1)"
+    assert prompts_run(d).count(prompt) == 3
+    retries = progress(d, r["process_id"])
+    assert [e["kind"] for e in retries] == ["api_retry", "api_retry"]
+    assert [e["index"] for e in retries] == [0, 1]
+    assert [e["attempt"] for e in retries] == [1, 2]
+    assert {e["status"] for e in retries} == {529}
+    assert all(e["delay_s"] > 0 for e in retries)
+    # The session goes on from one clean turn.
+    follow = spawn(d, prompt="next", session_id=r["session_id"])["result"]
+    assert follow["text"] == "echo: next (turn 2)"
+
+    # A resumed turn that fails once is rewound to the end of the turn before it.
+    counter2 = d.base / "flaky-2"
+    third = spawn(d, prompt=f"[[flaky:429:{counter2}:1]] third", session_id=r["session_id"])
+    assert third["status"] == "success", third
+    assert third["result"]["text"].endswith("(turn 3)")
+
+
+def test_retries_are_bounded_and_the_last_error_is_reported(make_daemon: Any) -> None:
+    d = make_daemon(env={"KSI_API_RETRIES": "2"})
+    reply = spawn(d, prompt="[[error:500]] never")
+    assert reply["status"] == "error"
+    assert reply["error"]["code"] == "API_ERROR"
+    assert prompts_run(d).count("[[error:500]] never") == 3  # the first attempt + 2 retries
+    # Not transient: one attempt only.
+    assert spawn(d, prompt="[[error:401]] no key")["error"]["code"] == "AUTH_FAILED"
+    assert prompts_run(d).count("[[error:401]] no key") == 1
+
+
+def test_a_rate_limit_holds_the_other_turns(make_daemon: Any) -> None:
+    d = make_daemon(env={"KSI_API_RETRY_BASE_S": "0.8"})
+    counter = d.base / "flaky"
+    first: list[dict[str, Any]] = []
+    caller = threading.Thread(target=lambda: first.append(
+        spawn(d, prompt=f"[[flaky:429:{counter}:1]] first")))
+    caller.start()
+    wait_for(lambda: counter.exists() and counter.read_text() == "1")
+    second = spawn(d, prompt="second")
+    caller.join(30)
+    assert first[0]["status"] == "success"
+    assert second["status"] == "success"
+    rows = [orjson.loads(x) for x in d.fake_log.read_bytes().splitlines() if x.strip()]
+    started = {r["turn_prompt"]: r["time"] for r in rows if "turn_prompt" in r}
+    failed_at = min(r["time"] for r in rows if r.get("turn_prompt", "").endswith("first"))
+    # "second" was sent while the API rate-limited: it waited out the same backoff.
+    assert started["second"] - failed_at >= 0.75
+
+
+def test_retry_delay_rules() -> None:
+    from daemon.errors import SpawnFailed
+    from daemon.settings import Settings
+    from daemon.spawner import retry_delay
+
+    s = Settings(api_retries=3, api_retry_base_s=1.0, api_retry_max_s=30.0)
+
+    def err(code: str, status: int | None, message: str = "API Error", **raw: Any
+            ) -> SpawnFailed:
+        return SpawnFailed(message, code=code, details={"api_error_status": status,
+                                                        "raw": raw or None})
+
+    first = retry_delay(err("RATE_LIMITED", 429), 0, s)
+    assert first is not None
+    assert 1.0 <= first <= 1.25
+    third = retry_delay(err("API_ERROR", 529), 2, s)
+    assert third is not None
+    assert 4.0 <= third <= 5.0
+    assert retry_delay(err("API_ERROR", 529), 3, s) is None  # used up
+    assert retry_delay(err("API_ERROR", 400), 0, s) is None
+    assert retry_delay(err("AUTH_FAILED", 401), 0, s) is None
+    assert retry_delay(err("API_ERROR", None, "Request timed out"), 0, s) is None
+    connect = retry_delay(err("API_ERROR", None, "Unable to connect to API"), 0, s)
+    assert connect is not None
+    # The failed attempt did paid work (a tool round, say): a rerun would pay again.
+    assert retry_delay(err("API_ERROR", 529, total_cost_usd=0.02), 0, s) is None
+    assert retry_delay(err("API_ERROR", 500, usage={"output_tokens": 7}), 0, s) is None
+    hinted = retry_delay(err("RATE_LIMITED", 429, "rate limited; retry-after: 7"), 0, s)
+    assert hinted is not None
+    assert hinted >= 7.0
+    assert retry_delay(err("RATE_LIMITED", 429, "retry after 120"), 0, s) is None

@@ -198,6 +198,41 @@ class ClaudeEngine:
         """Every live warm CLI (sessions and pool) with pid, RSS and idle time."""
         return self._warm.processes()
 
+    # -- rewinding a failed attempt ---------------------------------------------------
+
+    def transcript_path(self, session_id: str, cwd: str) -> Path:
+        """Where the CLI keeps a session's transcript (reference claude-cli.md §8)."""
+        env = self._env()
+        config = env.get("CLAUDE_CONFIG_DIR") or os.path.join(
+            env.get("HOME") or os.path.expanduser("~"), ".claude")
+        slug = cwd.replace("/", "-").replace(".", "-")
+        return Path(config) / "projects" / slug / f"{session_id}.jsonl"
+
+    def transcript_mark(self, session_id: str, cwd: str) -> int | None:
+        """The transcript's length now (None: it does not exist yet), for :meth:`rewind`."""
+        try:
+            return self.transcript_path(session_id, cwd).stat().st_size
+        except OSError:
+            return None
+
+    async def rewind(self, session_id: str, cwd: str, mark: int | None) -> None:
+        """Undo what a failed attempt added to a session, so that a retry of the same prompt
+        reaches the model once: the CLI stores a prompt before calling the API and replays
+        it on the next resume (measured), which would send it twice.
+
+        The session's warm CLI (if any) holds the attempt in memory, so it is stopped first;
+        the next attempt resumes from the rewound file.
+        """
+        await self._warm.forget(session_id)
+        path = self.transcript_path(session_id, cwd)
+        try:
+            if mark is None:
+                path.unlink()
+            else:
+                os.truncate(path, mark)
+        except FileNotFoundError:
+            pass
+
     def session_cwd(self, session_id: str) -> str | None:
         """The cwd a session was last run in, if this engine has seen it."""
         return self._session_cwds.get(session_id)

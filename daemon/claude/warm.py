@@ -119,6 +119,14 @@ class WarmBackend:
         if self._retiring:
             await asyncio.wait(list(self._retiring.values()))
 
+    async def forget(self, session_id: str) -> None:
+        """Stop the session's warm CLI and forget that one ever ran it (its next turn starts
+        from the session's file as it is then; see ClaudeEngine.rewind)."""
+        self._history.pop(session_id, None)
+        proc = self._sessions.get(session_id)
+        if proc is not None:
+            await asyncio.shield(self._retire(proc, "rewind"))
+
     # -- one turn ------------------------------------------------------------------------
 
     async def _turn(
