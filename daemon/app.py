@@ -32,6 +32,7 @@ import structlog
 from daemon import __version__, logs
 from daemon.bus import EventBus
 from daemon.commands import build_registry
+from daemon.fsmodes import private_dir, socket_files
 from daemon.observers import ObserverHost
 from daemon.orphans import end_orphans, find_orphans, owner_token
 from daemon.protocol import iso_from_epoch
@@ -137,7 +138,7 @@ class Daemon:
         lock is released by the kernel, so its leftovers are stale and safe to remove.
         """
         pid_path = self.settings.pid_path
-        private_dir(pid_path.parent)
+        private_dir(pid_path.parent, socket_files(self.settings.socket_path))
         fd = _open_private(pid_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -160,7 +161,7 @@ class Daemon:
     def _lock_state(self) -> None:
         """One daemon per state directory, whatever its socket: two would each take the
         other's running turns for an earlier run's and settle (and end) them."""
-        private_dir(self.settings.state_path)
+        private_dir(self.settings.state_path, _state_files)
         fd = _open_private(self.settings.state_path / "daemon.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -210,21 +211,8 @@ class Daemon:
         }
 
 
-def private_dir(path: Path) -> None:
-    """Create ``path`` 0700, or make an existing one 0700 if it is the daemon's own.
-
-    A directory someone else owns, or a shared sticky one such as /tmp (where the socket
-    or pid file may be put with ``--socket``), is left as it is: changing its mode would
-    lock every other user out of it.
-    """
-    try:
-        path.mkdir(mode=0o700, parents=True)
-        return
-    except FileExistsError:
-        pass
-    st = path.stat()
-    if st.st_uid == os.getuid() and not st.st_mode & stat.S_ISVTX:
-        os.chmod(path, 0o700)
+def _state_files(name: str) -> bool:
+    return name.startswith("ksi.sqlite3") or name == "daemon.lock"
 
 
 def _open_private(path: Path) -> int:

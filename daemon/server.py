@@ -47,7 +47,6 @@ import functools
 import itertools
 import os
 import socket
-import stat
 import struct
 import time
 import types
@@ -61,6 +60,7 @@ import structlog
 
 from daemon.bus import Event, StoredEvent, Subscriber
 from daemon.errors import DaemonError, InvalidParameters, PermissionDenied, ProtocolError
+from daemon.fsmodes import private_dir, socket_files
 from daemon.protocol import Request, encode_error, encode_event, parse_request, utc_now_iso
 from daemon.registry import Context
 
@@ -688,7 +688,7 @@ class Server:
 
     async def start(self) -> None:
         path = self.path
-        _private_socket_dir(path)
+        private_dir(path.parent, socket_files(path))
         # The umask makes the socket 0600 from birth: no window in which others could connect.
         old = os.umask(0o177)
         try:
@@ -711,31 +711,6 @@ class Server:
         tasks = [t for c in conns for t in c.tasks]
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
-
-
-def _private_socket_dir(sock: Path) -> None:
-    """Make the socket's directory 0700, but only if it is the daemon's own: created here,
-    or owned by us, not sticky and holding nothing but this socket's files. ``--socket
-    /tmp/x.sock`` used to chmod /tmp itself to 0700, locking every other user out of it.
-    In a shared directory the socket stays 0600 and peers are checked by uid anyway."""
-    parent = sock.parent
-    parent.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.mkdir(parent, 0o700)
-    except FileExistsError:
-        pass
-    else:
-        os.chmod(parent, 0o700)  # mkdir's mode went through the umask
-        return
-    st = os.stat(parent)
-    ours = st.st_uid == os.getuid() and not st.st_mode & stat.S_ISVTX
-    if ours and all(name == sock.name or name.startswith(sock.stem + ".") or name == ".gitkeep"
-                    for name in os.listdir(parent)):
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            os.chmod(parent, 0o700)
-        return
-    log.info("socket.shared_dir", path=str(parent), mode=oct(stat.S_IMODE(st.st_mode)),
-             owner_uid=st.st_uid, note="left as it is; the socket itself is 0600")
 
 
 def _peer_credentials(transport: asyncio.BaseTransport) -> tuple[int | None, int | None]:
