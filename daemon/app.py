@@ -186,8 +186,10 @@ class Daemon:
 
     def health(self) -> dict[str, Any]:
         sp = self.spawner
+        storage = self.store.health()
         return {
-            "status": "shutting_down" if self.stopping else "healthy",
+            "status": "shutting_down" if self.stopping else
+                      "healthy" if storage["writable"] else "degraded",
             "version": __version__,
             "pid": os.getpid(),
             "started_at": iso_from_epoch(self.started_at),
@@ -208,6 +210,8 @@ class Daemon:
             "litellm": sp.litellm_status(),
             "claude": sp.claude_status(),
             "warm": sp.warm_status(),
+            "storage": storage,
+            "orphans_ended": self.orphans_ended,
         }
 
 

@@ -208,6 +208,9 @@ class Spawner:
         """Run (sync) or enqueue (async) a turn; returns the SPAWN result."""
         if self.daemon.stopping:
             raise DaemonError("the daemon is shutting down", code="SHUTTING_DOWN")
+        # A turn whose records could not be kept must not run: it would be paid for and
+        # then be missing from its session, the process list and the replay cache.
+        self.daemon.store.check_writable()
         # Looked up first: nothing may await between the idempotency check and the turn's
         # registration, or two copies of one request could both start.
         known = await self.daemon.state.session(req.session_id) if req.session_id else None

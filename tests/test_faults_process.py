@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from tests.helpers import DaemonProcess, pid_alive, short_tmpdir, wait_for
+from tests.test_faults_storage import fill, tmpfs  # noqa: F401  (tmpfs is a fixture)
 
 
 def turns_run(d: DaemonProcess) -> list[dict[str, Any]]:
@@ -382,3 +383,40 @@ def test_retry_delay_rules() -> None:
     assert hinted is not None
     assert hinted >= 7.0
     assert retry_delay(err("RATE_LIMITED", 429, "retry after 120"), 0, s) is None
+
+
+# -- a state disk that refuses writes -------------------------------------------------------
+
+
+def test_spawn_and_publish_refuse_while_the_state_disk_is_full(tmpfs: Any) -> None:  # noqa: F811
+    """SPAWN and PUBLISH record their effect without waiting for the commit; while the store
+    is failing they say so instead of answering success for records that would be lost."""
+    disk = tmpfs("4m")
+    d = DaemonProcess(preload=True)
+    d.state_dir = disk / "state"
+    try:
+        d.start()
+        assert d.result("HEALTH_CHECK")["status"] == "healthy"
+        filler = fill(disk)
+        refused = d.call("SET_SHARED", {"key": "k", "value": "v" * 1_000_000})
+        assert refused["error"]["code"] == "STORAGE_FULL"
+        health = d.result("HEALTH_CHECK")
+        assert health["status"] == "degraded"
+        assert health["storage"]["writable"] is False
+        spawned = d.call("SPAWN", {"prompt": "hi", "cwd": str(d.work)})
+        assert spawned["status"] == "error"
+        assert spawned["error"]["code"] == "STORAGE_FULL"
+        published = d.call("PUBLISH", {"event_type": "NOTE", "payload": {"x": 1}})
+        assert published["error"]["code"] == "STORAGE_FULL"
+        assert not turns_run(d)  # nothing was paid for
+        filler.unlink()
+
+        def recovered() -> bool:
+            return d.call("PUBLISH", {"event_type": "NOTE", "payload": {"x": 2}})[
+                "status"] == "success"
+
+        wait_for(recovered, timeout=10)
+        assert d.result("HEALTH_CHECK")["status"] == "healthy"
+        assert spawn(d, prompt="after")["status"] == "success"
+    finally:
+        d.cleanup()

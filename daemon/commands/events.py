@@ -124,6 +124,10 @@ def register(r: Registry) -> None:
                 f"event type {p.event_type!r} is reserved for the daemon",
                 details={"reserved_prefixes": list(RESERVED_PREFIXES)},
             )
+        # The event's history row is written without waiting: while the store is failing or
+        # behind, say so (STORAGE_*) instead of answering "published" for an event that
+        # GET_EVENTS and SUBSCRIBE since_seq would then never replay.
+        await ctx.daemon.store.wait_writable()
         from_agent = p.from_agent or (ctx.conn.agent_id if ctx.conn else None)
         ev = ctx.daemon.bus.publish(p.event_type, p.payload, from_agent=from_agent,
                                     to_agent=p.to_agent,

@@ -12,7 +12,8 @@ from daemon.registry import Context, NoParams, Params, Registry, Result
 
 
 class HealthResult(Result):
-    status: Literal["healthy", "starting", "shutting_down"]
+    status: Literal["healthy", "degraded", "starting", "shutting_down"] = Field(
+        description="degraded: the state database refuses writes (see storage)")
     version: str
     pid: int
     started_at: str
@@ -22,6 +23,10 @@ class HealthResult(Result):
     litellm: dict[str, Any] = Field(description="status: not_loaded | loading | ready | failed")
     claude: dict[str, Any] = Field(description="which CLI binary and version the daemon uses")
     warm: dict[str, Any] = Field(default_factory=dict)
+    storage: dict[str, Any] = Field(
+        default_factory=dict, description="writable, failure, queued_bytes, lost_writes")
+    orphans_ended: int = Field(default=0, description="CLI processes of an earlier run "
+                               "that start-up found still running and ended")
 
 
 class CommandsResult(Result):
