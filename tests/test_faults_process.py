@@ -420,3 +420,28 @@ def test_spawn_and_publish_refuse_while_the_state_disk_is_full(tmpfs: Any) -> No
         assert spawn(d, prompt="after")["status"] == "success"
     finally:
         d.cleanup()
+
+
+# -- SIGKILL of the CLI -------------------------------------------------------------------
+
+
+def test_kill9_of_the_cli_mid_turn_is_cli_crashed_and_the_session_goes_on(
+        make_daemon: Any, pids: list[int]) -> None:
+    d = make_daemon()
+    first = spawn(d, prompt="one")["result"]
+    pidfile = d.base / "cli.pid"
+    replies: list[dict[str, Any]] = []
+    caller = threading.Thread(target=lambda: replies.append(spawn(
+        d, prompt=f"[[pidfile:{pidfile}]][[sleep:60]] two", session_id=first["session_id"])))
+    caller.start()
+    pid = read_pid(pidfile)
+    pids.append(pid)
+    os.kill(pid, signal.SIGKILL)
+    caller.join(30)
+    assert replies[0]["status"] == "error"
+    assert replies[0]["error"]["code"] == "CLI_CRASHED"  # not retried: not an API failure
+    assert prompts_run(d).count(f"[[pidfile:{pidfile}]][[sleep:60]] two") == 1
+    wait_for(lambda: not pid_alive(pid))  # reaped: no zombie left behind
+    assert d.result("HEALTH_CHECK")["status"] == "healthy"
+    after = spawn(d, prompt="three", session_id=first["session_id"])
+    assert after["status"] == "success", after
