@@ -24,7 +24,7 @@ queue holds twice that, counting it in :attr:`Store.lost_writes`.
 
 The database and its ``-wal``/``-shm`` files are 0600 from birth (SQLite gives the side
 files the mode of the database file, so the database is created 0600 before SQLite opens
-it) and the directory is 0700 (see :func:`private_dir`).
+it) and the directory is 0700 (see :func:`daemon.fsmodes.private_dir`).
 
 Why not aiosqlite: it runs one statement per thread hop and commits per call; the daemon
 needs group commit and fire-and-forget writes that keep their order. Why not anyio's
@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import queue
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +48,7 @@ from typing import Any, TypeVar
 import structlog
 
 from daemon.errors import StorageError
+from daemon.fsmodes import private_dir
 
 log = structlog.get_logger("ksi.store")
 
@@ -432,31 +431,6 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute(f"PRAGMA user_version={version}")
         log.info("store.migrated", version=version)
     return SCHEMA_VERSION
-
-
-def private_dir(path: Path, ours: Callable[[str], bool]) -> None:
-    """Make ``path`` a directory only its owner can enter: created 0700, or tightened to
-    0700 if it exists, belongs to us, is not sticky and holds only our files (``ours``
-    says which names are). A directory shared with others (``/tmp``, a home, someone else's)
-    is left alone with a warning: the files in it are 0600 anyway."""
-    try:
-        path.mkdir(mode=0o700, parents=True)  # umask can only take bits away from 0700
-        return
-    except FileExistsError:
-        pass
-    st = os.stat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
-    if not st.st_mode & 0o077:
-        return
-    dedicated = (st.st_uid == os.geteuid() and not st.st_mode & stat.S_ISVTX
-                 and all(ours(name) for name in os.listdir(path)))
-    if dedicated:  # ours from an older release that made it 0755
-        os.chmod(path, 0o700)
-        log.info("store.dir_made_private", path=str(path), was=oct(st.st_mode & 0o7777))
-    else:
-        log.warning("store.dir_shared", path=str(path), mode=oct(st.st_mode & 0o7777),
-                    hint="its files are 0600; use a directory of the daemon's own")
 
 
 def _create_private(db: Path) -> None:

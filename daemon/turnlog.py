@@ -41,8 +41,8 @@ from typing import Any
 import orjson
 import structlog
 
+from daemon.fsmodes import private_dir
 from daemon.protocol import utc_now_iso
-from daemon.store import private_dir
 
 log = structlog.get_logger("ksi.turnlog")
 
