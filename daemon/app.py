@@ -57,7 +57,8 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started_at = time.time()
-        self.store = Store(settings.state_path / "ksi.sqlite3")
+        self.store = Store(settings.state_path / "ksi.sqlite3",
+                           queue_bytes=settings.store_queue_bytes)
         self.state = StateManager(self.store)
         self.bus = EventBus(self.store, history_size=settings.event_history)
         self.registry = build_registry()
