@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import os
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from daemon.store import Store
-from tests.helpers import DaemonProcess
+from tests.helpers import DaemonProcess, short_tmpdir
 
 
 @pytest.fixture
@@ -51,3 +53,28 @@ def spawn_daemon() -> Iterator[DaemonProcess]:
         yield d
     finally:
         d.cleanup()
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[str], Path]]:
+    """Mount small tmpfs file systems (torn down, and only ours, after the test)."""
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs a tmpfs mount, which needs root (CI runs as root)")
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = short_tmpdir("ksi-tmpfs")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                               str(where)], capture_output=True, text=True, check=False)
+        if done.returncode:
+            where.rmdir()
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        # Lazily if need be: a test that failed may still hold a file open on it.
+        if subprocess.run(["umount", str(where)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(where)], check=True)
+        where.rmdir()

@@ -16,8 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.helpers import DaemonProcess, pid_alive, short_tmpdir, wait_for
-from tests.test_faults_storage import fill, tmpfs  # noqa: F401  (tmpfs is a fixture)
+from tests.helpers import DaemonProcess, fill, pid_alive, short_tmpdir, wait_for
 
 
 def turns_run(d: DaemonProcess) -> list[dict[str, Any]]:
@@ -388,7 +387,7 @@ def test_retry_delay_rules() -> None:
 # -- a state disk that refuses writes -------------------------------------------------------
 
 
-def test_spawn_and_publish_refuse_while_the_state_disk_is_full(tmpfs: Any) -> None:  # noqa: F811
+def test_spawn_and_publish_refuse_while_the_state_disk_is_full(tmpfs: Any) -> None:
     """SPAWN and PUBLISH record their effect without waiting for the commit; while the store
     is failing they say so instead of answering success for records that would be lost."""
     disk = tmpfs("4m")

@@ -16,7 +16,7 @@ import sqlite3
 import stat
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from daemon.errors import StorageError
 from daemon.state import StateManager
 from daemon.store import Store
 from daemon.turnlog import TurnLog
-from tests.helpers import DaemonProcess, short_tmpdir
+from tests.helpers import DaemonProcess, fill, short_tmpdir
 
 SET = ("INSERT INTO shared(key, value, updated_at) VALUES(?,?,?) "
        "ON CONFLICT(key) DO UPDATE SET value=excluded.value")
@@ -47,27 +47,6 @@ def keys(db: Path) -> set[str]:
         return {k for (k,) in conn.execute("SELECT key FROM shared")}
     finally:
         conn.close()
-
-
-def fill(directory: Path) -> Path:
-    """Fill the file system holding ``directory`` up to the last byte."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    block = b"\0" * 65536
-    try:
-        while True:
-            try:
-                os.write(fd, block)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                if len(block) == 1:
-                    break
-                block = block[: len(block) // 2]
-    finally:
-        os.close(fd)
-    assert os.statvfs(directory).f_bavail == 0
-    return filler
 
 
 async def write_until_full(log: TurnLog, session_id: str) -> int:
@@ -116,31 +95,6 @@ async def state(db: Store) -> StateManager:
     manager = StateManager(db)
     await manager.load()
     return manager
-
-
-@pytest.fixture
-def tmpfs() -> Iterator[Callable[[str], Path]]:
-    """Mount small tmpfs file systems (torn down, and only ours, after the test)."""
-    if os.geteuid() != 0:
-        pytest.skip("a real full disk needs a tmpfs mount, which needs root (CI runs as root)")
-    mounts: list[Path] = []
-
-    def mount(size: str) -> Path:
-        where = short_tmpdir("ksi-tmpfs")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
-                               str(where)], capture_output=True, text=True, check=False)
-        if done.returncode:
-            where.rmdir()
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-        mounts.append(where)
-        return where
-
-    yield mount
-    for where in mounts:
-        # Lazily if need be: a test that failed may still hold a file open on it.
-        if subprocess.run(["umount", str(where)], check=False).returncode:
-            subprocess.run(["umount", "-l", str(where)], check=True)
-        where.rmdir()
 
 
 def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
