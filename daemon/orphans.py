@@ -139,23 +139,22 @@ async def end_orphans(orphans: dict[int, int], grace_s: float) -> int:
     # Never our own group: a daemon started from a turn of the dead one (its Bash tool)
     # would be in that turn's group and carry its marks.
     groups = {pgid for pgid in orphans.values() if pgid > 1 and pgid != os.getpgrp()}
-    for pgid in groups:
-        with contextlib.suppress(OSError):
-            os.killpg(pgid, signal.SIGTERM)
-    for pid in orphans:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
+    _signal(groups, orphans, signal.SIGTERM)
     # Polled: they are not our children, so there is no exit to wait for (pidfds would do,
     # but a process can exit between the scan and pidfd_open; polling /proc is simpler).
     for _ in range(max(1, round(grace_s / _POLL_S))):
         if all(_is_zombie(p) for p in orphans):
             break
         await asyncio.sleep(_POLL_S)
-    for pgid in groups:
-        with contextlib.suppress(OSError):
-            os.killpg(pgid, signal.SIGKILL)
-    for pid in orphans:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+    _signal(groups, orphans, signal.SIGKILL)
     log.warning("daemon.orphans_ended", pids=sorted(orphans), groups=sorted(groups))
     return len(orphans)
+
+
+def _signal(groups: Iterable[int], pids: Iterable[int], sig: int) -> None:
+    for pgid in groups:
+        with contextlib.suppress(OSError):
+            os.killpg(pgid, sig)
+    for pid in pids:  # also those that left their group with setsid
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)

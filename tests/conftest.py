@@ -6,6 +6,7 @@ import os
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,22 @@ def daemon() -> Iterator[DaemonProcess]:
     try:
         yield d
     finally:
+        d.cleanup()
+
+
+@pytest.fixture
+def make_daemon() -> Iterator[Callable[..., DaemonProcess]]:
+    """Start daemons with LiteLLM preloaded (driving the fake CLI), extra flags and
+    environment; all are cleaned up after the test."""
+    started: list[DaemonProcess] = []
+
+    def make(*args: str, env: dict[str, str] | None = None, **kw: Any) -> DaemonProcess:
+        d = DaemonProcess(args=list(args), env=env, preload=True, **kw).start()
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
         d.cleanup()
 
 

@@ -208,3 +208,9 @@ def fill(directory: Path) -> Path:
         os.close(fd)
     assert os.statvfs(directory).f_bavail == 0
     return filler
+
+
+def spawn(d: DaemonProcess, **params: Any) -> dict[str, Any]:
+    """SPAWN on ``d``, in its work directory unless ``cwd`` is given."""
+    params.setdefault("cwd", str(d.work))
+    return d.call("SPAWN", params)

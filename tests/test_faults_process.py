@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.helpers import DaemonProcess, fill, pid_alive, short_tmpdir, wait_for
+from tests.helpers import DaemonProcess, fill, pid_alive, short_tmpdir, spawn, wait_for
 
 
 def turns_run(d: DaemonProcess) -> list[dict[str, Any]]:
@@ -50,24 +50,6 @@ def pids() -> Iterator[list[int]]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
-
-@pytest.fixture
-def make_daemon() -> Iterator[Any]:
-    made: list[DaemonProcess] = []
-
-    def make(*args: str, env: dict[str, str] | None = None, **kw: Any) -> DaemonProcess:
-        d = DaemonProcess(args=list(args), env=env, preload=True, **kw).start()
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.cleanup()
-
-
-def spawn(d: DaemonProcess, **params: Any) -> dict[str, Any]:
-    params.setdefault("cwd", str(d.work))
-    return d.call("SPAWN", params)
 
 
 def processes(d: DaemonProcess) -> dict[str, dict[str, Any]]:

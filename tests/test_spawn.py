@@ -7,7 +7,6 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import orjson
 import pytest
 
 from daemon.client import AsyncClient
-from tests.helpers import DaemonProcess, pid_alive, short_tmpdir, wait_for
+from tests.helpers import DaemonProcess, pid_alive, short_tmpdir, spawn, wait_for
 
 
 def fake_invocations(d: DaemonProcess) -> list[dict[str, Any]]:
@@ -25,24 +24,6 @@ def fake_invocations(d: DaemonProcess) -> list[dict[str, Any]]:
     # Only turns: the daemon also runs `claude --version` once at start-up.
     return [r for r in rows if "argv" in r and "-p" in r["argv"]]
 
-
-@pytest.fixture
-def make_daemon() -> Iterator[Any]:
-    started: list[DaemonProcess] = []
-
-    def make(*args: str, env: dict[str, str] | None = None, **kw: Any) -> DaemonProcess:
-        d = DaemonProcess(args=list(args), env=env, preload=True, **kw).start()
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        d.cleanup()
-
-
-def spawn(d: DaemonProcess, **params: Any) -> dict[str, Any]:
-    params.setdefault("cwd", str(d.work))
-    return d.call("SPAWN", params)
 
 
 def test_sync_spawn_returns_answer_session_cost_and_usage(make_daemon: Any) -> None:
