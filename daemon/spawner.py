@@ -483,7 +483,9 @@ class Spawner:
             if delay is None:
                 raise error
             attempt += 1
-            await self.engine.rewind(turn.session_id, turn.cwd, mark)
+            if not await self.engine.rewind(turn.session_id, turn.cwd, mark,
+                                            new_session=not turn.resume):
+                raise error
             if error.code == "RATE_LIMITED" or _overloaded(error):
                 self._hold_until = max(self._hold_until, time.monotonic() + delay)
             details = error.details or {}

@@ -385,7 +385,8 @@ def config_dir() -> str:
 
 
 def project_dir(cwd: str) -> str:
-    return os.path.join(config_dir(), "projects", cwd.replace("/", "-").replace(".", "-"))
+    # As the real 2.1.197 does: every character but ASCII letters and digits becomes "-".
+    return os.path.join(config_dir(), "projects", re.sub(r"[^A-Za-z0-9]", "-", cwd))
 
 
 def load_transcript(path: str) -> list[JsonObj]:

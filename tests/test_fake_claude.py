@@ -308,7 +308,7 @@ def test_resume_continuity_and_transcript(work: Path, env: dict[str, str], tmp_p
     third = run_fake(["-p", "-r", SID], "three", cwd=work, env=env)
     assert third.stdout == b"echo: three (turn 3)\n"
 
-    slug = str(work).replace("/", "-").replace(".", "-")
+    slug = re.sub(r"[^A-Za-z0-9]", "-", str(work))
     transcript = tmp_path / "config" / "projects" / slug / f"{SID}.jsonl"
     assert transcript.stat().st_mode & 0o777 == 0o600
     entries = [json.loads(line) for line in transcript.read_text().splitlines()]

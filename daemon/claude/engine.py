@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import uuid
 from collections import OrderedDict
@@ -47,6 +48,7 @@ from daemon.claude.warm_process import ProcSpec
 log = structlog.get_logger("ksi.claude.engine")
 
 _MAX_REMEMBERED_SESSIONS = 10_000
+_SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9]")
 
 
 @dataclass(kw_only=True)
@@ -200,13 +202,17 @@ class ClaudeEngine:
 
     # -- rewinding a failed attempt ---------------------------------------------------
 
-    def transcript_path(self, session_id: str, cwd: str) -> Path:
-        """Where the CLI keeps a session's transcript (reference claude-cli.md §8)."""
+    def _projects_dir(self) -> Path:
         env = self._env()
         config = env.get("CLAUDE_CONFIG_DIR") or os.path.join(
             env.get("HOME") or os.path.expanduser("~"), ".claude")
-        slug = cwd.replace("/", "-").replace(".", "-")
-        return Path(config) / "projects" / slug / f"{session_id}.jsonl"
+        return Path(config) / "projects"
+
+    def transcript_path(self, session_id: str, cwd: str) -> Path:
+        """Where the CLI keeps a session's transcript: ``projects/<cwd slug>/<id>.jsonl``.
+        The slug is the cwd with every character but ASCII letters and digits made "-"
+        (measured with 2.1.197: "/tmp/a_b c@d.e" -> "-tmp-a-b-c-d-e")."""
+        return self._projects_dir() / _SLUG_UNSAFE.sub("-", cwd) / f"{session_id}.jsonl"
 
     def transcript_mark(self, session_id: str, cwd: str) -> int | None:
         """The transcript's length now (None: it does not exist yet), for :meth:`rewind`."""
@@ -215,23 +221,33 @@ class ClaudeEngine:
         except OSError:
             return None
 
-    async def rewind(self, session_id: str, cwd: str, mark: int | None) -> None:
+    async def rewind(self, session_id: str, cwd: str, mark: int | None, *,
+                     new_session: bool) -> bool:
         """Undo what a failed attempt added to a session, so that a retry of the same prompt
         reaches the model once: the CLI stores a prompt before calling the API and replays
         it on the next resume (measured), which would send it twice.
 
         The session's warm CLI (if any) holds the attempt in memory, so it is stopped first;
-        the next attempt resumes from the rewound file.
+        the next attempt resumes from the rewound file. Returns False if the transcript
+        could not be found where it was expected, so a retry would not be safe.
         """
         await self._warm.forget(session_id)
         path = self.transcript_path(session_id, cwd)
-        try:
-            if mark is None:
-                path.unlink()
-            else:
+        if mark is not None:
+            try:
                 os.truncate(path, mark)
-        except FileNotFoundError:
-            pass
+            except FileNotFoundError:
+                return False  # it existed before the attempt: something else removed it
+            return True
+        if path.exists():  # made by the failed attempt
+            path.unlink()
+            return True
+        if not new_session:
+            return False  # the CLI keeps it elsewhere: how long it was before is unknown
+        # A new session's file did not exist before the attempt, wherever the CLI put it.
+        for found in self._projects_dir().glob(f"*/{session_id}.jsonl"):
+            found.unlink()
+        return True
 
     def session_cwd(self, session_id: str) -> str | None:
         """The cwd a session was last run in, if this engine has seen it."""

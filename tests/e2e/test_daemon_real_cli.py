@@ -180,3 +180,24 @@ async def test_provider_straight_from_litellm(real_claude_bin: Path, claude_env:
     finally:
         litellm.custom_provider_map = saved
         await engine.aclose()
+
+
+def test_a_transient_failure_is_retried_and_the_model_sees_one_prompt(
+        real_daemon: DaemonProcess, stub_api: StubAPI) -> None:
+    """The real CLI stores a prompt before it calls the API and sends it again on the next
+    resume; the daemon's retry rewinds the session first, for a first turn and a resumed
+    one. (The work directory's name has "_": the CLI's slug turns it into "-".)"""
+    stub_api.script_failure(529, 2)
+    first = spawn(real_daemon, prompt="hello")
+    assert first["status"] == "success", first
+    assert first["result"]["text"] == "echo: hello"
+    sid = first["result"]["session_id"]
+    stub_api.script_failure(429, 1)
+    second = spawn(real_daemon, prompt="second", session_id=sid)
+    assert second["status"] == "success", second
+    calls = model_calls(stub_api)
+    assert user_texts(calls[-1]) == ["user:hello", "assistant:echo: hello", "user:second"]
+    events = real_daemon.result("GET_EVENTS", {"event_types": ["PROCESS_PROGRESS"]})["events"]
+    retries = [(e["data"]["status"], e["data"]["attempt"]) for e in events
+               if e["data"]["kind"] == "api_retry"]
+    assert retries == [(529, 1), (529, 2), (429, 1)]
