@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -372,10 +373,12 @@ async def test_neighbours_are_unaffected(d: DaemonProcess) -> None:
 # -- clients that go away --------------------------------------------------------------------
 
 
-def _send_and_vanish(d: DaemonProcess, data: bytes, reset: bool) -> None:
+def _send_and_vanish(d: DaemonProcess, data: bytes, reset: bool, wait_s: float = 0.0) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(d.socket))
     s.sendall(data)
+    if wait_s:
+        time.sleep(wait_s)  # the daemon is mid-reply: its unread output fills the socket
     if reset:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     s.close()
@@ -385,10 +388,13 @@ def test_client_disconnecting_mid_reply(d: DaemonProcess) -> None:
     logs = LogCursor(d)
     for i in range(30):
         _send_and_vanish(d, b'{"command":"GET_COMMANDS"}\n', reset=i % 2 == 0)
-    # Persistent connections that pipeline a lot and leave without reading.
+    # Persistent connections that pipeline a lot and leave without reading. They leave once
+    # the daemon is surely mid-reply (~1.5 MB of replies, far more than a socket buffers):
+    # closing at once raced with the daemon's first write, and sometimes nothing was cut off.
     for _ in range(5):
         _send_and_vanish(
-            d, b'{"command":"CONNECT"}\n' + b'{"command":"GET_COMMANDS"}\n' * 50, reset=False
+            d, b'{"command":"CONNECT"}\n' + b'{"command":"GET_COMMANDS"}\n' * 50, reset=False,
+            wait_s=0.2,
         )
     logs.wait("connection.lost_mid_reply")
     assert_healthy(d)
