@@ -40,7 +40,7 @@ from daemon.server import Server
 from daemon.settings import Settings
 from daemon.spawner import Spawner
 from daemon.state import StateManager
-from daemon.store import Store
+from daemon.store import STATE_LOCK, Store
 
 log = structlog.get_logger("ksi.daemon")
 
@@ -163,7 +163,7 @@ class Daemon:
         """One daemon per state directory, whatever its socket: two would each take the
         other's running turns for an earlier run's and settle (and end) them."""
         private_dir(self.settings.state_path, _state_files)
-        fd = _open_private(self.settings.state_path / "daemon.lock")
+        fd = _open_private(self.settings.state_path / STATE_LOCK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -217,7 +217,7 @@ class Daemon:
 
 
 def _state_files(name: str) -> bool:
-    return name.startswith("ksi.sqlite3") or name == "daemon.lock"
+    return name.startswith("ksi.sqlite3") or name == STATE_LOCK
 
 
 def _open_private(path: Path) -> int:

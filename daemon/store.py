@@ -112,6 +112,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _STOP = object()
+# The daemon's lock on its state directory (daemon/app.py): one daemon per state.
+STATE_LOCK = "daemon.lock"
 
 # Small on purpose: throughput is the same from 4 MiB up (group commit needs little), but
 # every queued byte is a freed-later block that fragments the heap: a 64 KB PUBLISH burst
@@ -398,7 +400,8 @@ class Store:
             log.error("store.write_failed", error=repr(exc), lost_writes=self.lost_writes)
 
     def _connect(self) -> sqlite3.Connection:
-        private_dir(self.path.parent, lambda name: name.startswith(self.path.name))
+        private_dir(self.path.parent,
+                    lambda name: name.startswith(self.path.name) or name == STATE_LOCK)
         _create_private(self.path)
         conn = sqlite3.connect(self.path, isolation_level="DEFERRED", check_same_thread=True)
         conn.row_factory = sqlite3.Row
