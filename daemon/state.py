@@ -181,14 +181,16 @@ class StateManager:
                            "the daemon stopped before this turn started",
                 "process_id": info.process_id,
             }
-            await self.save_process(info)
+            # Queued, not awaited (one commit for all of them): a crash before it commits
+            # leaves the rows as they were, and the next start settles them the same way.
+            self.queue_process(info)
             if started and info.session_id and info.cwd:
                 # The CLI stored the session when it started: it can be resumed.
                 await self.record_turn(
                     info.session_id, cwd=info.cwd, model=info.model, agent_id=info.agent_id,
                     cost_usd=0.0, process_id=info.process_id, log_path=None, completed=False)
         for process_id in pending:  # requests whose turn had started or ended meanwhile
-            await self.store.write("DELETE FROM pending_turns WHERE process_id=?", (process_id,))
+            self.drop_pending(process_id)
         window_start = now - self.IDEMPOTENCY_LOOKBACK_S
         self.recent_request_ids = [
             (row["client_request_id"], row["process_id"], row["created_at"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -202,7 +203,9 @@ class ClaudeEngine:
 
     # -- rewinding a failed attempt ---------------------------------------------------
 
+    @functools.cached_property
     def _projects_dir(self) -> Path:
+        # Once: it reads the whole environment, and every turn attempt asks for it.
         env = self._env()
         config = env.get("CLAUDE_CONFIG_DIR") or os.path.join(
             env.get("HOME") or os.path.expanduser("~"), ".claude")
@@ -212,7 +215,7 @@ class ClaudeEngine:
         """Where the CLI keeps a session's transcript: ``projects/<cwd slug>/<id>.jsonl``.
         The slug is the cwd with every character but ASCII letters and digits made "-"
         (measured with 2.1.197: "/tmp/a_b c@d.e" -> "-tmp-a-b-c-d-e")."""
-        return self._projects_dir() / _SLUG_UNSAFE.sub("-", cwd) / f"{session_id}.jsonl"
+        return self._projects_dir / _SLUG_UNSAFE.sub("-", cwd) / f"{session_id}.jsonl"
 
     def transcript_mark(self, session_id: str, cwd: str) -> int | None:
         """The transcript's length now (None: it does not exist yet), for :meth:`rewind`."""
@@ -245,7 +248,7 @@ class ClaudeEngine:
         if not new_session:
             return False  # the CLI keeps it elsewhere: how long it was before is unknown
         # A new session's file did not exist before the attempt, wherever the CLI put it.
-        for found in self._projects_dir().glob(f"*/{session_id}.jsonl"):
+        for found in self._projects_dir.glob(f"*/{session_id}.jsonl"):
             found.unlink()
         return True
 
