@@ -40,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny repetition counts (CI smoke)")
     ap.add_argument("--only", help="comma-separated benchmark ids, e.g. P1,P3")
-    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json",
-                    help="where to write the JSON report")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=ROOT / "bench" / "results" / "latest.json",
+        help="where to write the JSON report",
+    )
     ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = ap.parse_args(argv)
     benches = selected(args.only.split(",") if args.only else None)
@@ -97,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     for bid, err in errors.items():
         print(f"\n{bid} error:\n{err}")
     report: dict[str, Any] = {
-        "mode": mode, "machine": facts, "total_s": round(total, 1), "timings_s": timings,
-        "rows": [r.to_dict() for r in rows], "errors": errors,
+        "mode": mode,
+        "machine": facts,
+        "total_s": round(total, 1),
+        "timings_s": timings,
+        "rows": [r.to_dict() for r in rows],
+        "errors": errors,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(f".{os.getpid()}.tmp")

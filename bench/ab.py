@@ -44,8 +44,9 @@ def make_base(revert: list[str], rev: str) -> Path:
         else:
             shutil.copy2(src, base / name)
     for path in revert:
-        old = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True,
-                             capture_output=True).stdout
+        old = subprocess.run(
+            ["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True
+        ).stdout
         (base / path).write_bytes(old)
     return base
 
@@ -78,8 +79,7 @@ def _measures(d: DaemonHandle, smoke: bool) -> dict[str, tuple[float, str]]:
     return out
 
 
-def _sequential_pairs(daemons: dict[str, DaemonHandle], n: int
-                      ) -> dict[str, tuple[float, str]]:
+def _sequential_pairs(daemons: dict[str, DaemonHandle], n: int) -> dict[str, tuple[float, str]]:
     """Sequential latency, alternating single requests between the two daemons."""
     out: dict[str, tuple[float, str]] = {}
     conns = {side: LineConn(d.socket) for side, d in daemons.items()}
@@ -89,7 +89,7 @@ def _sequential_pairs(daemons: dict[str, DaemonHandle], n: int
         for name, line in (("HEALTH_CHECK", HC), ("GET_SHARED", GS)):
             lat: dict[str, list[float]] = {side: [] for side in conns}
             for i in range(n):
-                for side in (("before", "after") if i % 2 else ("after", "before")):
+                for side in ("before", "after") if i % 2 else ("after", "before"):
                     _sequential(conns[side], line, 1, lat[side])
             for side in conns:
                 out[f"{side}:{name} sequential p50"] = (Stats.of(lat[side], "us").median, "us")
@@ -107,8 +107,10 @@ def interleaved(base: Path, rounds: int, smoke: bool) -> None:
     try:
         fake = instant_fake(run)
         env = {"KSI_MAX_CONCURRENCY": "4"}
-        daemons = {"before": start_daemon(run, claude_bin=fake, env=env, root=base),
-                   "after": start_daemon(run, claude_bin=fake, env=env, root=ROOT)}
+        daemons = {
+            "before": start_daemon(run, claude_bin=fake, env=env, root=base),
+            "after": start_daemon(run, claude_bin=fake, env=env, root=ROOT),
+        }
         for d in daemons.values():  # warm-up, and the key GET_SHARED reads
             c = LineConn(d.socket)
             c.request(CONNECT)
@@ -129,8 +131,7 @@ def interleaved(base: Path, rounds: int, smoke: bool) -> None:
     finally:
         run.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\n{'measure (median of rounds)':<34} {'before':>10} {'after':>10} "
-          f"{'after/before':>12}")
+    print(f"\n{'measure (median of rounds)':<34} {'before':>10} {'after':>10} {'after/before':>12}")
     for name, after in got["after"].items():
         mb, ma = statistics.median(got["before"][name]), statistics.median(after)
         print(f"{name:<34} {fmt(mb):>10} {fmt(ma):>10} {ma / mb:>11.3f}x  {units[name]}")
@@ -143,8 +144,9 @@ def main() -> int:
     src.add_argument("--revert", help="comma-separated files to take from --rev")
     ap.add_argument("--rev", default="HEAD")
     ap.add_argument("--only", help="whole benchmarks by id, e.g. P3,P4")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="default 20 (interleaved) or 2 (--only)")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="default 20 (interleaved) or 2 (--only)"
+    )
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     base = args.base or make_base(args.revert.split(","), args.rev)
@@ -170,9 +172,11 @@ def main() -> int:
                     for b in benches:
                         for row in b.fn(run):
                             results[side].setdefault(row.id, []).append(row)
-                            print(f"  round {r} {side:6} {row.id}: "
-                                  f"{row.ours_text or fmt(row.ours_value)} {row.unit}",
-                                  flush=True)
+                            print(
+                                f"  round {r} {side:6} {row.id}: "
+                                f"{row.ours_text or fmt(row.ours_value)} {row.unit}",
+                                flush=True,
+                            )
                 finally:
                     run.close()
                     shutil.rmtree(workdir, ignore_errors=True)
@@ -186,8 +190,10 @@ def main() -> int:
         if not before or not after:
             continue
         mb, ma = statistics.median(before), statistics.median(after)
-        print(f"{rid:<11} {rows[0].what[:58]:<58} {fmt(mb):>12} {fmt(ma):>12} {ma / mb:>11.3f}x"
-              f"  {rows[0].unit}")
+        print(
+            f"{rid:<11} {rows[0].what[:58]:<58} {fmt(mb):>12} {fmt(ma):>12} {ma / mb:>11.3f}x"
+            f"  {rows[0].unit}"
+        )
     return 0
 
 

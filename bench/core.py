@@ -68,16 +68,24 @@ class Stats:
         s = sorted(xs)
         if not s:
             return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan, unit)
-        return cls(len(s), s[0], percentile(s, 50), percentile(s, 99), s[-1],
-                   sum(s) / len(s), unit)
+        return cls(len(s), s[0], percentile(s, 50), percentile(s, 99), s[-1], sum(s) / len(s), unit)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "min": self.min, "median": self.median, "p99": self.p99,
-                "max": self.max, "mean": self.mean, "unit": self.unit}
+        return {
+            "n": self.n,
+            "min": self.min,
+            "median": self.median,
+            "p99": self.p99,
+            "max": self.max,
+            "mean": self.mean,
+            "unit": self.unit,
+        }
 
     def brief(self) -> str:
-        return (f"n={self.n} min={fmt(self.min)} med={fmt(self.median)} "
-                f"p99={fmt(self.p99)} max={fmt(self.max)} {self.unit}")
+        return (
+            f"n={self.n} min={fmt(self.min)} med={fmt(self.median)} "
+            f"p99={fmt(self.p99)} max={fmt(self.max)} {self.unit}"
+        )
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
@@ -140,11 +148,18 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "id": self.id, "what": self.what, "unit": self.unit,
-            "ours": self.ours_value, "floor": self.floor_value,
-            "compare": self.compare, "comparison": self.comparison,
-            "goal": self.goal, "met": self.met, "notes": self.notes,
-            "skipped": self.skipped, "ours_text": self.ours_text,
+            "id": self.id,
+            "what": self.what,
+            "unit": self.unit,
+            "ours": self.ours_value,
+            "floor": self.floor_value,
+            "compare": self.compare,
+            "comparison": self.comparison,
+            "goal": self.goal,
+            "met": self.met,
+            "notes": self.notes,
+            "skipped": self.skipped,
+            "ours_text": self.ours_text,
             "series": {k: v.to_dict() for k, v in self.series.items()},
             "extra": self.extra,
         }
@@ -198,15 +213,17 @@ class Benchmark:
 REGISTRY: dict[str, Benchmark] = {}
 
 
-def benchmark(bench_id: str, title: str, *, order: int | None = None
-              ) -> Callable[[BenchFn], BenchFn]:
+def benchmark(
+    bench_id: str, title: str, *, order: int | None = None
+) -> Callable[[BenchFn], BenchFn]:
     """Register a benchmark function under ``bench_id`` (run in ``order``, then id)."""
 
     def decorate(fn: BenchFn) -> BenchFn:
         if bench_id in REGISTRY:
             raise ValueError(f"benchmark {bench_id} registered twice")
-        REGISTRY[bench_id] = Benchmark(bench_id, title, fn,
-                                       order if order is not None else len(REGISTRY) * 10)
+        REGISTRY[bench_id] = Benchmark(
+            bench_id, title, fn, order if order is not None else len(REGISTRY) * 10
+        )
         return fn
 
     return decorate
@@ -219,8 +236,10 @@ def selected(ids: Sequence[str] | None) -> list[Benchmark]:
     wanted = {i.upper() for i in ids}
     unknown = wanted - set(REGISTRY)
     if unknown:
-        raise SystemExit(f"unknown benchmark id(s): {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(b.id for b in benches)}")
+        raise SystemExit(
+            f"unknown benchmark id(s): {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(b.id for b in benches)}"
+        )
     return [b for b in benches if b.id in wanted]
 
 
@@ -229,8 +248,7 @@ def selected(ids: Sequence[str] | None) -> list[Benchmark]:
 
 def _cmd(argv: list[str], cwd: Path | None = None) -> str | None:
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=cwd,
-                             check=False)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=cwd, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -289,12 +307,24 @@ def render_table(rows: Sequence[Row]) -> str:
             body.append((r.id, r.what, "skipped", "-", "-", r.goal, "-"))
             continue
         met = "-" if r.met is None else ("yes" if r.met else "NO")
-        body.append((r.id, r.what, r.ours_text or value_text(r.ours_value, r.unit),
-                     value_text(r.floor_value, r.unit), r.comparison_text(), r.goal, met))
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-              for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
+        body.append(
+            (
+                r.id,
+                r.what,
+                r.ours_text or value_text(r.ours_value, r.unit),
+                value_text(r.floor_value, r.unit),
+                r.comparison_text(),
+                r.goal,
+                met,
+            )
+        )
+    widths = [
+        max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)
+    ]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
     return "\n".join(lines)
 
@@ -314,8 +344,10 @@ def render_details(rows: Sequence[Row]) -> str:
 
 
 def render_facts(facts: dict[str, Any]) -> str:
-    return (f"machine: {facts['nproc']} cpus ({facts['cpu_model']}), "
-            f"{facts['mem_total_mb']} MB, kernel {facts['kernel']}, python {facts['python']}, "
-            f"claude CLI {facts['claude_cli'] or 'not installed'}, "
-            f"commit {str(facts['git_commit'])[:12]}{' (dirty)' if facts['git_dirty'] else ''}, "
-            f"load {' '.join(f'{x:.2f}' for x in facts['loadavg_at_start'])}")
+    return (
+        f"machine: {facts['nproc']} cpus ({facts['cpu_model']}), "
+        f"{facts['mem_total_mb']} MB, kernel {facts['kernel']}, python {facts['python']}, "
+        f"claude CLI {facts['claude_cli'] or 'not installed'}, "
+        f"commit {str(facts['git_commit'])[:12]}{' (dirty)' if facts['git_dirty'] else ''}, "
+        f"load {' '.join(f'{x:.2f}' for x in facts['loadavg_at_start'])}"
+    )

@@ -67,11 +67,22 @@ async def serve_echo(path: str, replies: dict[bytes, bytes], oneshot: bool) -> N
 async def bare_exec(fake: str, prompt: bytes) -> tuple[int, bytes, int]:
     """Run the fake once: (returncode, stdout, exec time in ns)."""
     started = time.perf_counter_ns()
-    argv = [fake, "-p", "--output-format", "json", "--model", "sonnet",
-            "--session-id", str(uuid.uuid4())]
+    argv = [
+        fake,
+        "-p",
+        "--output-format",
+        "json",
+        "--model",
+        "sonnet",
+        "--session-id",
+        str(uuid.uuid4()),
+    ]
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, _ = await proc.communicate(prompt)
     assert proc.returncode is not None
     return proc.returncode, out, time.perf_counter_ns() - started
@@ -98,7 +109,8 @@ def litellm_runner(fake: str) -> Callable[[bytes], Awaitable[tuple[int, bytes, i
 
     async def run(prompt: bytes) -> tuple[int, bytes, int]:
         response = await litellm.acompletion(
-            model="floor/sonnet", messages=[{"role": "user", "content": prompt.decode()}])
+            model="floor/sonnet", messages=[{"role": "user", "content": prompt.decode()}]
+        )
         hidden = response._hidden_params
         return hidden["rc"], response.choices[0].message.content.encode(), hidden["exec_ns"]
 
@@ -113,9 +125,12 @@ async def serve_exec(path: str, fake: str, via_litellm: bool = False) -> None:
     async def run_one(line: bytes, sem: asyncio.Semaphore, writer: asyncio.StreamWriter) -> None:
         async with sem:
             rc, out, exec_ns = await runner(line)
-        writer.write(orjson.dumps({"exec_ns": exec_ns, "rc": rc,
-                                   "out": out.decode(errors="replace")},
-                                  option=orjson.OPT_APPEND_NEWLINE))
+        writer.write(
+            orjson.dumps(
+                {"exec_ns": exec_ns, "rc": rc, "out": out.decode(errors="replace")},
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+        )
         await writer.drain()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -36,7 +36,6 @@ echo '{"type":"result","subtype":"success","is_error":false,"duration_ms":1,\
 """
 
 
-
 def short_dir(prefix: str) -> Path:
     """A fresh directory under /tmp (AF_UNIX paths must stay under ~107 bytes)."""
     return Path(tempfile.mkdtemp(prefix=f"kb-{prefix}-", dir="/tmp"))
@@ -163,21 +162,39 @@ def start_daemon(
     base = short_dir("d")
     (base / "work").mkdir()
     full_env = base_env()
-    full_env.update({
-        "KSI_LITELLM_PRELOAD": "true" if preload else "false",
-        "CLAUDE_CONFIG_DIR": str(base / "claude-config"),
-    })
+    full_env.update(
+        {
+            "KSI_LITELLM_PRELOAD": "true" if preload else "false",
+            "CLAUDE_CONFIG_DIR": str(base / "claude-config"),
+        }
+    )
     if claude_bin is not None:
         full_env["KSI_CLAUDE_BIN"] = str(claude_bin)
     full_env.update(env or {})
     daemon_py = (root or run.daemon_root) / "daemon.py"
-    cmd = [str(VENV_PY), str(daemon_py), "--socket", str(base / "s" / "d.sock"),
-           "--state-dir", str(base / "state"), "--log-dir", str(base / "logs"),
-           "--log-format", "json", *(args or [])]
+    cmd = [
+        str(VENV_PY),
+        str(daemon_py),
+        "--socket",
+        str(base / "s" / "d.sock"),
+        "--state-dir",
+        str(base / "state"),
+        "--log-dir",
+        str(base / "logs"),
+        "--log-format",
+        "json",
+        *(args or []),
+    ]
     with open(base / "daemon.stderr", "ab") as err:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=base / "work", env=full_env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=base / "work",
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     handle = DaemonHandle(base, proc, started, full_env)
 
     def cleanup() -> None:
@@ -202,8 +219,13 @@ class ServerHandle:
         return stop_pid(self.proc)
 
 
-def start_floor(run: Run, mode: str, *, replies: list[tuple[bytes, bytes]] | None = None,
-                fake: Path | None = None) -> ServerHandle:
+def start_floor(
+    run: Run,
+    mode: str,
+    *,
+    replies: list[tuple[bytes, bytes]] | None = None,
+    fake: Path | None = None,
+) -> ServerHandle:
     """Start a :mod:`bench.floor_server` process and wait until it answers."""
     base = short_dir("f")
     sock = base / "f.sock"
@@ -214,8 +236,9 @@ def start_floor(run: Run, mode: str, *, replies: list[tuple[bytes, bytes]] | Non
         cmd += ["--replies", str(path)]
     if fake is not None:
         cmd += ["--fake", str(fake)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=base_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
     handle = ServerHandle(sock, proc)
 
     def cleanup() -> None:
@@ -247,10 +270,22 @@ def start_stub_api(run: Run) -> StubHandle:
     base = short_dir("stub")
     port_file = base / "port"
     proc = subprocess.Popen(
-        [str(VENV_PY), "-m", "devtools.stub_api", "--port", "0", "--port-file", str(port_file),
-         "--quiet"],
-        cwd=ROOT, env=base_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        [
+            str(VENV_PY),
+            "-m",
+            "devtools.stub_api",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        env=base_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def cleanup() -> None:
         stop_pid(proc)
@@ -278,8 +313,7 @@ def fake_daemon(run: Run) -> DaemonHandle:
     """The run's shared daemon on the instant fake CLI (concurrency cap 4), SPAWN-ready."""
 
     def make() -> DaemonHandle:
-        return start_daemon(run, claude_bin=instant_fake(run),
-                            env={"KSI_MAX_CONCURRENCY": "4"})
+        return start_daemon(run, claude_bin=instant_fake(run), env={"KSI_MAX_CONCURRENCY": "4"})
 
     handle: DaemonHandle = run.shared("fake_daemon", make)
     return handle

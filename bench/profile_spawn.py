@@ -102,8 +102,7 @@ def layer_of(frames: list[str]) -> str:
     return "other"
 
 
-def _tops(stacks: list[tuple[list[str], int]], total: int, top: int,
-          with_self: bool) -> list[str]:
+def _tops(stacks: list[tuple[list[str], int]], total: int, top: int, with_self: bool) -> list[str]:
     self_t: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     layers: Counter[str] = Counter()
@@ -131,8 +130,10 @@ def summarise(stacks: list[tuple[str, list[str], int]], possible: float, top: in
         groups.setdefault(group, []).append((frames, c))
     sizes = {g: sum(c for _, c in v) for g, v in groups.items()}
     out = ["busy samples per thread group (% of the run's wall time):"]
-    out += [f"  {100 * n / possible:5.1f}%  {g}" for g, n in
-            sorted(sizes.items(), key=lambda kv: -kv[1])]
+    out += [
+        f"  {100 * n / possible:5.1f}%  {g}"
+        for g, n in sorted(sizes.items(), key=lambda kv: -kv[1])
+    ]
     for g in sorted(groups, key=lambda k: -sizes[k]):
         if sizes[g] < 0.02 * possible:
             continue
@@ -166,14 +167,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="output prefix (default bench/results/profile-<load>)")
-    ap.add_argument("--load", choices=sorted(LOADS), default="spawn",
-                    help="spawn: sync SPAWNs back to back (P1); health / get_shared: "
-                    "pipelined windows of 100 on one connection (P3)")
-    ap.add_argument("--blocking", action="store_true",
-                    help="pause the daemon for each sample: exact stacks, but ~3x slower "
-                    "turns (default: --nonblocking, rare torn stacks)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output prefix (default bench/results/profile-<load>)",
+    )
+    ap.add_argument(
+        "--load",
+        choices=sorted(LOADS),
+        default="spawn",
+        help="spawn: sync SPAWNs back to back (P1); health / get_shared: "
+        "pipelined windows of 100 on one connection (P3)",
+    )
+    ap.add_argument(
+        "--blocking",
+        action="store_true",
+        help="pause the daemon for each sample: exact stacks, but ~3x slower "
+        "turns (default: --nonblocking, rare torn stacks)",
+    )
     args = ap.parse_args()
     args.out = args.out or ROOT / "bench" / "results" / f"profile-{args.load}"
     py_spy = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
@@ -190,11 +202,26 @@ def main() -> int:
         for i in range(30):  # warm-up
             _check_spawn(conn.request(spawn_line(d.work, f"warm {i}")))
         raw = args.out.with_suffix(".raw.txt")
-        spy = subprocess.Popen([py_spy, "record", "--pid", str(d.pid), "--rate", str(args.rate),
-                                "--format", "raw", "--output", str(raw),
-                                *([] if args.blocking else ["--nonblocking"]),
-                                "--threads", "--duration", str(int(args.seconds))],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        spy = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(d.pid),
+                "--rate",
+                str(args.rate),
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+                *([] if args.blocking else ["--nonblocking"]),
+                "--threads",
+                "--duration",
+                str(int(args.seconds)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         time.sleep(1.0)  # let py-spy attach
         n = 0
         t0 = time.perf_counter()
@@ -206,10 +233,11 @@ def main() -> int:
             print(f"py-spy failed ({spy.returncode}): {err}")
             return 1
         conn.close()
-        summary = (f"load {args.load}: {n} requests in {elapsed:.1f} s ({n / elapsed:.0f}/s, "
-                   f"{1e6 * elapsed / n:.1f} us each), py-spy {args.rate} Hz, daemon pid "
-                   f"{d.pid}\n\n" + summarise(parse_raw(raw.read_text()),
-                                                 args.rate * args.seconds))
+        summary = (
+            f"load {args.load}: {n} requests in {elapsed:.1f} s ({n / elapsed:.0f}/s, "
+            f"{1e6 * elapsed / n:.1f} us each), py-spy {args.rate} Hz, daemon pid "
+            f"{d.pid}\n\n" + summarise(parse_raw(raw.read_text()), args.rate * args.seconds)
+        )
         args.out.with_suffix(".txt").write_text(summary + "\n")
         print(summary)
         print(f"\nwritten: {args.out.with_suffix('.txt')} and {raw}")

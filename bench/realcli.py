@@ -30,8 +30,9 @@ def p2_real_cli(run: Run) -> list[Row]:
         return [Row("P2", WHAT, "s", None, goal="ratio <= 1.02", skipped=why)]
     reps, warm = run.reps(10, 2), 1
     stub = start_stub_api(run)
-    d = start_daemon(run, claude_bin=REAL_CLAUDE,
-                     env={**OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": stub.url})
+    d = start_daemon(
+        run, claude_bin=REAL_CLAUDE, env={**OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": stub.url}
+    )
     env = dict(d.env)  # the daemon's own environment: the CLI child sees exactly this
     conn = LineConn(d.socket, timeout=120)
     conn.request(request_line("CONNECT"))
@@ -46,15 +47,32 @@ def p2_real_cli(run: Run) -> list[Row]:
         return dt
 
     def bare(i: int) -> float:
-        argv = [str(REAL_CLAUDE), "-p", "--output-format", "json", "--model", "sonnet",
-                "--session-id", str(uuid.uuid4())]
+        argv = [
+            str(REAL_CLAUDE),
+            "-p",
+            "--output-format",
+            "json",
+            "--model",
+            "sonnet",
+            "--session-id",
+            str(uuid.uuid4()),
+        ]
         t0 = time.perf_counter()
-        out = subprocess.run(argv, input=f"bench p2 bare {i}".encode(), capture_output=True,
-                             cwd=d.work, env=env, timeout=120, check=False)
+        out = subprocess.run(
+            argv,
+            input=f"bench p2 bare {i}".encode(),
+            capture_output=True,
+            cwd=d.work,
+            env=env,
+            timeout=120,
+            check=False,
+        )
         dt = time.perf_counter() - t0
         if out.returncode != 0 or b'"type":"result"' not in out.stdout:
-            raise RuntimeError(f"bare claude -p failed ({out.returncode}): "
-                               f"{out.stdout[:400]!r} {out.stderr[:400]!r}")
+            raise RuntimeError(
+                f"bare claude -p failed ({out.returncode}): "
+                f"{out.stdout[:400]!r} {out.stderr[:400]!r}"
+            )
         return dt
 
     o_s: list[float] = []
@@ -73,9 +91,18 @@ def p2_real_cli(run: Run) -> list[Row]:
         d.stop()
     o_st, b_st = Stats.of(o_s, "s"), Stats.of(b_s, "s")
     ratio = o_st.median / b_st.median
-    return [Row(
-        "P2", WHAT, "s", o_st.median, b_st.median, compare="ratio", goal="ratio <= 1.02",
-        met=ratio <= 1.02, series={"daemon sync SPAWN": o_st, "bare claude -p": b_st},
-        notes=f"added at p50 {1000 * (o_st.median - b_st.median):+.1f} ms; min ratio "
-              f"{o_st.min / b_st.min:.3f}; {reps} pair(s); p99 ours {fmt(o_st.p99)} s",
-    )]
+    return [
+        Row(
+            "P2",
+            WHAT,
+            "s",
+            o_st.median,
+            b_st.median,
+            compare="ratio",
+            goal="ratio <= 1.02",
+            met=ratio <= 1.02,
+            series={"daemon sync SPAWN": o_st, "bare claude -p": b_st},
+            notes=f"added at p50 {1000 * (o_st.median - b_st.median):+.1f} ms; min ratio "
+            f"{o_st.min / b_st.min:.3f}; {reps} pair(s); p99 ours {fmt(o_st.p99)} s",
+        )
+    ]

@@ -101,13 +101,20 @@ def p3_persistent(run: Run) -> list[Row]:
     rows = []
     for cmd in ("HEALTH_CHECK", "GET_SHARED"):
         o, f = Stats.of(seq[("ours", cmd)], "us"), Stats.of(seq[("floor", cmd)], "us")
-        rows.append(Row(
-            f"P3.seq.{'HC' if cmd == 'HEALTH_CHECK' else 'GS'}",
-            f"{cmd} sequential latency (p50)", "us", o.median, f.median, compare="delta",
-            goal="p50 <= 60 us", met=o.median <= 60,
-            series={"daemon": o, "echo floor": f},
-            notes=f"p99 ours {fmt(o.p99)} / floor {fmt(f.p99)} us; {fmt(1e6 / o.median)} req/s",
-        ))
+        rows.append(
+            Row(
+                f"P3.seq.{'HC' if cmd == 'HEALTH_CHECK' else 'GS'}",
+                f"{cmd} sequential latency (p50)",
+                "us",
+                o.median,
+                f.median,
+                compare="delta",
+                goal="p50 <= 60 us",
+                met=o.median <= 60,
+                series={"daemon": o, "echo floor": f},
+                notes=f"p99 ours {fmt(o.p99)} / floor {fmt(f.p99)} us; {fmt(1e6 / o.median)} req/s",
+            )
+        )
     for cmd in ("HEALTH_CHECK", "GET_SHARED"):
         series = {}
         for w in windows:
@@ -115,12 +122,20 @@ def p3_persistent(run: Run) -> list[Row]:
             series[f"echo floor, window {w}"] = Stats.of(pipe[("floor", cmd, w)], "req/s")
         o, f = series["daemon, window 1000"], series["echo floor, window 1000"]
         o100, f100 = series["daemon, window 100"], series["echo floor, window 100"]
-        rows.append(Row(
-            f"P3.pipe.{'HC' if cmd == 'HEALTH_CHECK' else 'GS'}",
-            f"{cmd} pipelined throughput (window 1000)", "req/s", o.median, f.median,
-            compare="ratio", goal=">= 25k/s", met=o.median >= 25_000, series=series,
-            notes=f"window 100: ours {fmt(o100.median)} / floor {fmt(f100.median)} req/s",
-        ))
+        rows.append(
+            Row(
+                f"P3.pipe.{'HC' if cmd == 'HEALTH_CHECK' else 'GS'}",
+                f"{cmd} pipelined throughput (window 1000)",
+                "req/s",
+                o.median,
+                f.median,
+                compare="ratio",
+                goal=">= 25k/s",
+                met=o.median >= 25_000,
+                series=series,
+                notes=f"window 100: ours {fmt(o100.median)} / floor {fmt(f100.median)} req/s",
+            )
+        )
     return rows
 
 
@@ -151,13 +166,23 @@ def p4_oneshot(run: Run) -> list[Row]:
     finally:
         gc.enable()
     o, f = Stats.of(lat["ours"], "us"), Stats.of(lat["floor"], "us")
-    o_rate, f_rate = len(lat["ours"]) / (sum(lat["ours"]) / 1e6), \
-        len(lat["floor"]) / (sum(lat["floor"]) / 1e6)
-    return [Row(
-        "P4", "one-shot connections/s (sequential client)", "conn/s", o_rate, f_rate,
-        compare="ratio", goal="report", series={"daemon latency": o, "echo floor latency": f},
-        notes=f"p50 ours {fmt(o.median)} / floor {fmt(f.median)} us per connection",
-    )]
+    o_rate, f_rate = (
+        len(lat["ours"]) / (sum(lat["ours"]) / 1e6),
+        len(lat["floor"]) / (sum(lat["floor"]) / 1e6),
+    )
+    return [
+        Row(
+            "P4",
+            "one-shot connections/s (sequential client)",
+            "conn/s",
+            o_rate,
+            f_rate,
+            compare="ratio",
+            goal="report",
+            series={"daemon latency": o, "echo floor latency": f},
+            notes=f"p50 ours {fmt(o.median)} / floor {fmt(f.median)} us per connection",
+        )
+    ]
 
 
 # -- P5 -------------------------------------------------------------------------------------
@@ -237,8 +262,11 @@ def p5_fanout(run: Run) -> list[Row]:
         try:
             for i in range(pings + 5):
                 t_send = time.monotonic_ns()
-                ctl.send(request_line("PUBLISH", {"event_type": "BENCH_PING",
-                                                  "payload": {"t_ns": t_send, "i": i}}))
+                ctl.send(
+                    request_line(
+                        "PUBLISH", {"event_type": "BENCH_PING", "payload": {"t_ns": t_send, "i": i}}
+                    )
+                )
                 got = subs.receive_one_each()
                 reply = ctl.read_line()
                 if not reply.startswith(b'{"status":"success"'):
@@ -277,24 +305,41 @@ def p5_fanout(run: Run) -> list[Row]:
             gc.enable()
             subs.close()
         pa, pl = Stats.of(ping_all, "ms"), Stats.of(ping_last, "ms")
-        ct, cs, ce = (Stats.of(comp_ts, "ms"), Stats.of(comp_spread, "ms"),
-                      Stats.of(comp_e2e, "ms"))
+        ct, cs, ce = (
+            Stats.of(comp_ts, "ms"),
+            Stats.of(comp_spread, "ms"),
+            Stats.of(comp_e2e, "ms"),
+        )
         goal = "p99 <= 10 ms" if k == 100 else "report"
-        rows.append(Row(
-            f"P5.{k}", f"PROCESS_COMPLETE to {k} subscriber(s), publish->last receipt", "ms",
-            ct.p99, goal=goal, met=(ct.p99 <= 10) if k == 100 else None,
-            ours_text=f"p50 {fmt(ct.median)} / p99 {fmt(ct.p99)} ms",
-            series={"complete: event ts -> last receipt": ct,
+        rows.append(
+            Row(
+                f"P5.{k}",
+                f"PROCESS_COMPLETE to {k} subscriber(s), publish->last receipt",
+                "ms",
+                ct.p99,
+                goal=goal,
+                met=(ct.p99 <= 10) if k == 100 else None,
+                ours_text=f"p50 {fmt(ct.median)} / p99 {fmt(ct.p99)} ms",
+                series={
+                    "complete: event ts -> last receipt": ct,
                     "complete: first->last receipt": cs,
-                    "complete: SPAWN sent -> last receipt": ce},
-            notes="event timestamp has ms resolution (truncated): up to +1 ms high",
-        ))
-        rows.append(Row(
-            f"P5.{k}p", f"PUBLISH BENCH_PING to {k} subscriber(s), send->receipt", "ms",
-            pa.p99, goal=goal, met=(pa.p99 <= 10) if k == 100 else None,
-            ours_text=f"p50 {fmt(pa.median)} / p99 {fmt(pa.p99)} ms",
-            series={"ping: every delivery": pa, "ping: last subscriber": pl},
-            notes="includes the publisher's request hop and PUBLISH handling",
-        ))
+                    "complete: SPAWN sent -> last receipt": ce,
+                },
+                notes="event timestamp has ms resolution (truncated): up to +1 ms high",
+            )
+        )
+        rows.append(
+            Row(
+                f"P5.{k}p",
+                f"PUBLISH BENCH_PING to {k} subscriber(s), send->receipt",
+                "ms",
+                pa.p99,
+                goal=goal,
+                met=(pa.p99 <= 10) if k == 100 else None,
+                ours_text=f"p50 {fmt(pa.median)} / p99 {fmt(pa.p99)} ms",
+                series={"ping: every delivery": pa, "ping: last subscriber": pl},
+                notes="includes the publisher's request hop and PUBLISH handling",
+            )
+        )
     ctl.close()
     return rows

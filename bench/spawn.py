@@ -34,8 +34,7 @@ def exec_floor(run: Run):  # -> ServerHandle
 
 
 def litellm_floor(run: Run):  # -> ServerHandle
-    return run.shared("litellm_floor",
-                      lambda: start_floor(run, "litellm", fake=instant_fake(run)))
+    return run.shared("litellm_floor", lambda: start_floor(run, "litellm", fake=instant_fake(run)))
 
 
 def _check_spawn(reply: bytes) -> None:
@@ -103,18 +102,34 @@ def p1_sync_spawn(run: Run) -> list[Row]:
     ours, fl, ex = Stats.of(ours_ms, "ms"), Stats.of(floor_ms, "ms"), Stats.of(exec_ms, "ms")
     llm = Stats.of(llm_ms, "ms")
     added = ours.median - fl.median
-    return [Row(
-        "P1", "sync SPAWN round trip (p50), instant fake", "ms", ours.median, fl.median,
-        compare="delta", goal="<= +3 ms at p50", met=added <= 3.0,
-        series={"daemon SPAWN": ours, "floor server exec": fl, "bare exec (in-process)": ex},
-        notes=(f"added at p50 {added:.2f} ms; vs bare in-process exec "
-               f"{ours.median - ex.median:.2f} ms; p99 ours {ours.p99:.2f} / floor {fl.p99:.2f}"),
-    ), Row(
-        "P1.L", "same, floor = bare exec behind litellm.acompletion", "ms", ours.median,
-        llm.median, compare="delta", goal="report",
-        series={"floor server litellm + exec": llm},
-        notes=f"LiteLLM's own share of the P1 delta: {llm.median - fl.median:.2f} ms at p50",
-    )]
+    return [
+        Row(
+            "P1",
+            "sync SPAWN round trip (p50), instant fake",
+            "ms",
+            ours.median,
+            fl.median,
+            compare="delta",
+            goal="<= +3 ms at p50",
+            met=added <= 3.0,
+            series={"daemon SPAWN": ours, "floor server exec": fl, "bare exec (in-process)": ex},
+            notes=(
+                f"added at p50 {added:.2f} ms; vs bare in-process exec "
+                f"{ours.median - ex.median:.2f} ms; p99 ours {ours.p99:.2f} / floor {fl.p99:.2f}"
+            ),
+        ),
+        Row(
+            "P1.L",
+            "same, floor = bare exec behind litellm.acompletion",
+            "ms",
+            ours.median,
+            llm.median,
+            compare="delta",
+            goal="report",
+            series={"floor server litellm + exec": llm},
+            notes=f"LiteLLM's own share of the P1 delta: {llm.median - fl.median:.2f} ms at p50",
+        ),
+    ]
 
 
 # -- P8 -------------------------------------------------------------------------------------
@@ -176,7 +191,9 @@ def p8_throughput(run: Run) -> list[Row]:
     floor_throughput(floor.socket, 8, 4)
     floor_throughput(llm_floor.socket, 8, 4)
     res: dict[int, tuple[list[float], list[float], list[float]]] = {
-        4: ([], [], []), 16: ([], [], [])}
+        4: ([], [], []),
+        16: ([], [], []),
+    }
     gc.disable()
     try:
         for r in range(rounds):
@@ -197,18 +214,33 @@ def p8_throughput(run: Run) -> list[Row]:
     for cap in (4, 16):
         ours_s, fl, llm_s = (Stats.of(x, "spawns/s") for x in res[cap])
         ratio = ours_s.median / fl.median
-        rows.append(Row(
-            f"P8.{cap}", f"async SPAWN throughput, cap {cap} ({n} spawns)", "spawns/s",
-            ours_s.median, fl.median, compare="ratio", goal=">= 0.8x bare", met=ratio >= 0.8,
-            series={"daemon": ours_s, f"bare exec, {cap} parallel": fl},
-            notes=f"median of {rounds} round(s) of {n}",
-        ))
-        rows.append(Row(
-            f"P8.L.{cap}", f"same, floor = bare exec behind litellm.acompletion, cap {cap}",
-            "spawns/s", ours_s.median, llm_s.median, compare="ratio", goal="report",
-            series={f"litellm + exec, {cap} parallel": llm_s},
-            notes=f"LiteLLM alone takes the floor to {llm_s.median / fl.median:.2f}x of bare",
-        ))
+        rows.append(
+            Row(
+                f"P8.{cap}",
+                f"async SPAWN throughput, cap {cap} ({n} spawns)",
+                "spawns/s",
+                ours_s.median,
+                fl.median,
+                compare="ratio",
+                goal=">= 0.8x bare",
+                met=ratio >= 0.8,
+                series={"daemon": ours_s, f"bare exec, {cap} parallel": fl},
+                notes=f"median of {rounds} round(s) of {n}",
+            )
+        )
+        rows.append(
+            Row(
+                f"P8.L.{cap}",
+                f"same, floor = bare exec behind litellm.acompletion, cap {cap}",
+                "spawns/s",
+                ours_s.median,
+                llm_s.median,
+                compare="ratio",
+                goal="report",
+                series={f"litellm + exec, {cap} parallel": llm_s},
+                notes=f"LiteLLM alone takes the floor to {llm_s.median / fl.median:.2f}x of bare",
+            )
+        )
     return rows
 
 
@@ -265,18 +297,40 @@ def p7_memory(run: Run) -> list[Row]:
     growth = (end_kb - idle_kb) / 1024
     after = (end_kb - warm_kb) / 1024
     idle_mb = idle_kb / 1024
-    traj = {"spawns": [t[0] for t in trajectory], "rss_mb": [round(t[1] / 1024, 2)
-                                                             for t in trajectory]}
+    traj = {
+        "spawns": [t[0] for t in trajectory],
+        "rss_mb": [round(t[1] / 1024, 2) for t in trajectory],
+    }
     return [
-        Row("P7a", "RSS idle after warm-up (LiteLLM loaded)", "MB", idle_mb,
-            goal="<= 230 MB", met=idle_mb <= 230, extra={"vm_hwm_mb": hwm}),
-        Row("P7b", f"RSS growth over {total} SPAWNs", "MB", growth, goal="<= 5 MB",
-            met=growth <= 5, notes=f"{total} spawns in {elapsed:.1f} s; end RSS "
+        Row(
+            "P7a",
+            "RSS idle after warm-up (LiteLLM loaded)",
+            "MB",
+            idle_mb,
+            goal="<= 230 MB",
+            met=idle_mb <= 230,
+            extra={"vm_hwm_mb": hwm},
+        ),
+        Row(
+            "P7b",
+            f"RSS growth over {total} SPAWNs",
+            "MB",
+            growth,
+            goal="<= 5 MB",
+            met=growth <= 5,
+            notes=f"{total} spawns in {elapsed:.1f} s; end RSS "
             f"{end_kb / 1024:.1f} MB, peak {hwm:.1f} MB",
-            extra={"trajectory": traj, "counts": health.get("counts")}),
-        Row("P7c", f"RSS growth after a {warm_up}-SPAWN warm-up ({total - warm_up} more)", "MB",
-            after, goal="<= 5 MB", met=after <= 5,
-            notes=f"RSS after warm-up {warm_kb / 1024:.1f} MB"),
+            extra={"trajectory": traj, "counts": health.get("counts")},
+        ),
+        Row(
+            "P7c",
+            f"RSS growth after a {warm_up}-SPAWN warm-up ({total - warm_up} more)",
+            "MB",
+            after,
+            goal="<= 5 MB",
+            met=after <= 5,
+            notes=f"RSS after warm-up {warm_kb / 1024:.1f} MB",
+        ),
     ]
 
 

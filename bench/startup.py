@@ -19,8 +19,13 @@ def _wall(code: str) -> float:
     # this, `import litellm` first tries to fetch the map over the network.
     env = {**base_env(), "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
     t0 = time.perf_counter()
-    subprocess.run([str(VENV_PY), "-c", code], check=True, env=env,
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [str(VENV_PY), "-c", code],
+        check=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - t0
 
 
@@ -47,13 +52,28 @@ def p6_startup(run: Run) -> list[Row]:
     a, r = Stats.of(accept, "s"), Stats.of(ready, "s")
     im, b = Stats.of(imp, "s"), Stats.of(bare, "s")
     return [
-        Row("P6a", "start -> socket accepting (HEALTH_CHECK answers)", "s", a.median, b.median,
-            compare="delta", goal="<= 0.3 s", met=a.median <= 0.3,
+        Row(
+            "P6a",
+            "start -> socket accepting (HEALTH_CHECK answers)",
+            "s",
+            a.median,
+            b.median,
+            compare="delta",
+            goal="<= 0.3 s",
+            met=a.median <= 0.3,
             series={"daemon to accepting": a, "python -c pass": b},
-            notes=f"floor = bare interpreter start; {reps} start(s)"),
-        Row("P6b", "start -> SPAWN-ready (litellm ready)", "s", r.median, im.median,
-            compare="delta", goal="<= import litellm + 0.5 s",
+            notes=f"floor = bare interpreter start; {reps} start(s)",
+        ),
+        Row(
+            "P6b",
+            "start -> SPAWN-ready (litellm ready)",
+            "s",
+            r.median,
+            im.median,
+            compare="delta",
+            goal="<= import litellm + 0.5 s",
             met=r.median <= im.median + 0.5,
             series={"daemon to ready": r, "python -c 'import litellm'": im},
-            notes=f"ready polled every 10 ms; import floor p99 {fmt(im.p99)} s"),
+            notes=f"ready polled every 10 ms; import floor p99 {fmt(im.p99)} s",
+        ),
     ]

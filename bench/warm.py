@@ -52,8 +52,12 @@ class Warm:
         self.stub = start_stub_api(run)
         self.work = run.workdir / "warm-work"  # also the daemon's default cwd (pool flags)
         self.work.mkdir(exist_ok=True)
-        self.env = {**OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": self.stub.url,
-                    "KSI_WARM_POOL_SIZE": "1", "KSI_PROJECT_ROOT": str(self.work)}
+        self.env = {
+            **OFFLINE_CLI_ENV,
+            "ANTHROPIC_BASE_URL": self.stub.url,
+            "KSI_WARM_POOL_SIZE": "1",
+            "KSI_PROJECT_ROOT": str(self.work),
+        }
         self.d: DaemonHandle = start_daemon(run, claude_bin=REAL_CLAUDE, env=self.env)
         self.conn = LineConn(self.d.socket, timeout=120)
         self.conn.call("CONNECT")
@@ -75,8 +79,7 @@ class Warm:
         """Wait for a pool process that has been up for POOL_AGE_S; return its entry."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            pooled = [w for w in self.conn.call("GET_PROCESSES")["result"]["warm"]
-                      if w["pooled"]]
+            pooled = [w for w in self.conn.call("GET_PROCESSES")["result"]["warm"] if w["pooled"]]
             for w in pooled:
                 first = self.seen.setdefault(w["pid"], time.monotonic())
                 if time.monotonic() - first >= POOL_AGE_S:
@@ -134,26 +137,34 @@ def w1_turn_two(run: Run) -> list[Row]:
     cli_ms: list[float] = []  # the CLI's own duration_ms of the warm turns
 
     def warm_turn(i: int) -> None:
-        dt, result = w.spawn(f"w1 warm {i + 2}", warm=True, model="sonnet",
-                             session_id=w.warm_sid)
+        dt, result = w.spawn(f"w1 warm {i + 2}", warm=True, model="sonnet", session_id=w.warm_sid)
         warm_ms.append(1000 * dt)
         cli_ms.append(float(result["raw"]["duration_ms"]))
 
     def cold_turn(i: int) -> None:
-        cold_ms.append(1000 * w.spawn(f"w1 cold {i + 2}", warm=False,
-                                      session_id=w.cold_sid)[0])
+        cold_ms.append(1000 * w.spawn(f"w1 cold {i + 2}", warm=False, session_id=w.cold_sid)[0])
 
     for i in range(reps):
-
         for step in (warm_turn, cold_turn) if i % 2 else (cold_turn, warm_turn):
             step(i)
     ws, cs = Stats.of(warm_ms, "ms"), Stats.of(cold_ms, "ms")
     ratio = ws.median / cs.median
-    return [Row("W1", W1, "ms", ws.median, cs.median, compare="ratio", goal="ratio <= 0.15",
-                met=ratio <= 0.15, series={"warm SPAWN": ws, "cold --resume SPAWN": cs},
-                notes=f"turns 2..{reps + 1} of one session each; saved "
-                      f"{fmt(cs.median - ws.median)} ms per turn at p50; the CLI's own "
-                      f"duration_ms of the warm turns p50 {fmt(Stats.of(cli_ms, 'ms').median)}")]
+    return [
+        Row(
+            "W1",
+            W1,
+            "ms",
+            ws.median,
+            cs.median,
+            compare="ratio",
+            goal="ratio <= 0.15",
+            met=ratio <= 0.15,
+            series={"warm SPAWN": ws, "cold --resume SPAWN": cs},
+            notes=f"turns 2..{reps + 1} of one session each; saved "
+            f"{fmt(cs.median - ws.median)} ms per turn at p50; the CLI's own "
+            f"duration_ms of the warm turns p50 {fmt(Stats.of(cli_ms, 'ms').median)}",
+        )
+    ]
 
 
 W2 = "first turn of a new session from the pool vs cold"
@@ -180,19 +191,34 @@ def w2_pool_first_turn(run: Run) -> list[Row]:
         w.settle_refill()
         cold_ms.append(1000 * w.spawn(f"w2 cold {i}", warm=False)[0])
     ps, cs = Stats.of(pool_ms, "ms"), Stats.of(cold_ms, "ms")
-    return [Row("W2", W2, "ms", ps.median, cs.median, compare="ratio", goal="<= 60 ms",
-                met=ps.median <= 60 if pool_ms else None,
-                series={"pool first turn": ps, "cold first turn": cs,
-                        "CLI's own duration_ms": Stats.of(cli_ms, "ms")},
-                notes=f"pool process up >= {POOL_AGE_S:g} s before the SPAWN; "
-                      f"{misses} miss(es) of {reps}; the CLI's own duration_ms is the part "
-                      "no daemon can remove")]
+    return [
+        Row(
+            "W2",
+            W2,
+            "ms",
+            ps.median,
+            cs.median,
+            compare="ratio",
+            goal="<= 60 ms",
+            met=ps.median <= 60 if pool_ms else None,
+            series={
+                "pool first turn": ps,
+                "cold first turn": cs,
+                "CLI's own duration_ms": Stats.of(cli_ms, "ms"),
+            },
+            notes=f"pool process up >= {POOL_AGE_S:g} s before the SPAWN; "
+            f"{misses} miss(es) of {reps}; the CLI's own duration_ms is the part "
+            "no daemon can remove",
+        )
+    ]
 
 
 def _proc_mem_kb(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
-    for name, keys in (("status", ("VmRSS",)), ("smaps_rollup", ("Pss", "Private_Clean",
-                                                                  "Private_Dirty"))):
+    for name, keys in (
+        ("status", ("VmRSS",)),
+        ("smaps_rollup", ("Pss", "Private_Clean", "Private_Dirty")),
+    ):
         try:
             text = Path(f"/proc/{pid}/{name}").read_text()
         except OSError:
@@ -222,8 +248,12 @@ def group_mem_mb(pgid: int) -> dict[str, float]:
         for k, v in _proc_mem_kb(int(entry)).items():
             total[k] = total.get(k, 0) + v
     private = total.get("Private_Clean", 0) + total.get("Private_Dirty", 0)
-    return {"rss": total.get("VmRSS", 0) / 1024, "pss": total.get("Pss", 0) / 1024,
-            "private": private / 1024, "processes": members}
+    return {
+        "rss": total.get("VmRSS", 0) / 1024,
+        "pss": total.get("Pss", 0) / 1024,
+        "private": private / 1024,
+        "processes": members,
+    }
 
 
 W3 = "memory of a warm session's CLI (process group)"
@@ -241,13 +271,23 @@ def w3_memory(run: Run) -> list[Row]:
             w.spawn(f"w3 {i + 2}", warm=True, model="sonnet", session_id=w.warm_sid)
     session = group_mem_mb(w.session_pid(w.warm_sid))
     pool = group_mem_mb(w.aged_pool_process()["pid"])
-    return [Row("W3", W3, "MiB", session["pss"], pool["pss"], compare="delta", goal="report",
-                ours_text=f"PSS {session['pss']:.0f} / RSS {session['rss']:.0f} / private "
-                          f"{session['private']:.0f} MiB",
-                notes=f"floor = an idle pool process (PSS {pool['pss']:.0f}, RSS "
-                      f"{pool['rss']:.0f} MiB); {session['processes']:.0f} process(es) in the "
-                      "session's group",
-                extra={"session": session, "pool_process": pool})]
+    return [
+        Row(
+            "W3",
+            W3,
+            "MiB",
+            session["pss"],
+            pool["pss"],
+            compare="delta",
+            goal="report",
+            ours_text=f"PSS {session['pss']:.0f} / RSS {session['rss']:.0f} / private "
+            f"{session['private']:.0f} MiB",
+            notes=f"floor = an idle pool process (PSS {pool['pss']:.0f}, RSS "
+            f"{pool['rss']:.0f} MiB); {session['processes']:.0f} process(es) in the "
+            "session's group",
+            extra={"session": session, "pool_process": pool},
+        )
+    ]
 
 
 W4 = "blemeesd: warm turn 2 and first turn, vs ours"
@@ -270,8 +310,10 @@ async def _w4_pairs(w: Warm, socket_path: str, reps: int) -> dict[str, list[floa
     BlemeesClient = importlib.import_module("blemees.client").BlemeesClient
 
     # *_cli: the CLI's own duration_ms of the same turns; wall - cli = what the daemon adds.
-    out: dict[str, list[float]] = {k: [] for k in (
-        "ours_warm", "bl_warm", "ours_first", "bl_first", "ours_warm_cli", "bl_warm_cli")}
+    out: dict[str, list[float]] = {
+        k: []
+        for k in ("ours_warm", "bl_warm", "ours_first", "bl_first", "ours_warm_cli", "bl_warm_cli")
+    }
     opts = {"model": "sonnet", "cwd": str(w.work)}
     async with await BlemeesClient.connect(socket_path) as client:
         for i in range(reps):
@@ -284,8 +326,9 @@ async def _w4_pairs(w: Warm, socket_path: str, reps: int) -> dict[str, list[floa
             out["ours_warm_cli"].append(float(second["raw"]["duration_ms"]))
             w.settle_refill()
             t0 = time.perf_counter()
-            async with client.open_session(session_id=str(uuid.uuid4()), backend="claude",
-                                           options=opts) as sess:
+            async with client.open_session(
+                session_id=str(uuid.uuid4()), backend="claude", options=opts
+            ) as sess:
                 await _blemees_turn(sess, f"w4 blemees {i}")
                 out["bl_first"].append(1000 * (time.perf_counter() - t0))
                 dt, cli = await _blemees_turn(sess, f"w4 blemees {i} b")
@@ -306,12 +349,28 @@ def w4_blemeesd(run: Run) -> list[Row]:
     w = warm_setup(run)
     base = short_dir("bl")
     sock = base / "b.sock"
-    env = {**base_env(), **OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": w.stub.url,
-           "CLAUDE_CONFIG_DIR": str(base / "claude-config")}
-    proc = subprocess.Popen([str(BLEMEESD), "--socket", str(sock), "--claude", str(REAL_CLAUDE),
-                             "--log-level", "warning"], cwd=w.work, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=open(base / "blemeesd.stderr", "wb"))  # noqa: SIM115
+    env = {
+        **base_env(),
+        **OFFLINE_CLI_ENV,
+        "ANTHROPIC_BASE_URL": w.stub.url,
+        "CLAUDE_CONFIG_DIR": str(base / "claude-config"),
+    }
+    proc = subprocess.Popen(
+        [
+            str(BLEMEESD),
+            "--socket",
+            str(sock),
+            "--claude",
+            str(REAL_CLAUDE),
+            "--log-level",
+            "warning",
+        ],
+        cwd=w.work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(base / "blemeesd.stderr", "wb"),  # noqa: SIM115
+    )
 
     def cleanup() -> None:
         stop_pid(proc)
@@ -325,24 +384,47 @@ def w4_blemeesd(run: Run) -> list[Row]:
         time.sleep(0.02)
     got = asyncio.run(_w4_pairs(w, str(sock), run.reps(8, 1)))
     st = {k: Stats.of(v, "ms") for k, v in got.items()}
-    added = {side: Stats.of([a - b for a, b in zip(got[f"{side}_warm"], got[f"{side}_warm_cli"],
-                                                    strict=True)], "ms") for side in ("ours", "bl")}
+    added = {
+        side: Stats.of(
+            [a - b for a, b in zip(got[f"{side}_warm"], got[f"{side}_warm_cli"], strict=True)], "ms"
+        )
+        for side in ("ours", "bl")
+    }
     return [
-        Row("W4a", "warm turn 2: ours vs blemeesd", "ms", st["ours_warm"].median,
-            st["bl_warm"].median, compare="ratio", goal=goal,
+        Row(
+            "W4a",
+            "warm turn 2: ours vs blemeesd",
+            "ms",
+            st["ours_warm"].median,
+            st["bl_warm"].median,
+            compare="ratio",
+            goal=goal,
             met=st["ours_warm"].median <= st["bl_warm"].median,
-            series={"ours warm SPAWN": st["ours_warm"], "blemeesd warm turn": st["bl_warm"],
-                    "ours: wall - CLI duration_ms": added["ours"],
-                    "blemeesd: wall - CLI duration": added["bl"]},
+            series={
+                "ours warm SPAWN": st["ours_warm"],
+                "blemeesd warm turn": st["bl_warm"],
+                "ours: wall - CLI duration_ms": added["ours"],
+                "blemeesd: wall - CLI duration": added["bl"],
+            },
             notes="interleaved; request -> result at the client; the CLI's own turn time "
-                  f"varies most, so compare what each adds: ours {fmt(added['ours'].median)} "
-                  f"ms vs blemeesd {fmt(added['bl'].median)} ms at p50"),
-        Row("W4b", "first turn: ours (pool) vs blemeesd (open + turn)", "ms",
-            st["ours_first"].median, st["bl_first"].median, compare="ratio", goal=goal,
+            f"varies most, so compare what each adds: ours {fmt(added['ours'].median)} "
+            f"ms vs blemeesd {fmt(added['bl'].median)} ms at p50",
+        ),
+        Row(
+            "W4b",
+            "first turn: ours (pool) vs blemeesd (open + turn)",
+            "ms",
+            st["ours_first"].median,
+            st["bl_first"].median,
+            compare="ratio",
+            goal=goal,
             met=st["ours_first"].median <= st["bl_first"].median if got["ours_first"] else None,
-            series={"ours pool first turn": st["ours_first"],
-                    "blemeesd open + first turn": st["bl_first"]},
-            notes="blemeesd has no pool: its first turn includes the CLI start"),
+            series={
+                "ours pool first turn": st["ours_first"],
+                "blemeesd open + first turn": st["bl_first"],
+            },
+            notes="blemeesd has no pool: its first turn includes the CLI start",
+        ),
     ]
 
 
@@ -357,8 +439,13 @@ def main() -> int:
             REGISTRY.pop(bench_id, None)
     from bench.__main__ import main as bench_main
 
-    args = ["--only", "W1,W2,W3,W4", "--json", str(ROOT / "bench" / "results" / "warm.json"),
-            *sys.argv[1:]]
+    args = [
+        "--only",
+        "W1,W2,W3,W4",
+        "--json",
+        str(ROOT / "bench" / "results" / "warm.json"),
+        *sys.argv[1:],
+    ]
     return bench_main(args)
 
 

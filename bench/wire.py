@@ -50,7 +50,7 @@ class LineConn:
             start = len(buf)
             buf += chunk
             nl = buf.find(b"\n", start)
-        self.buf = buf[nl + 1:]
+        self.buf = buf[nl + 1 :]
         return buf[: nl + 1]
 
     def request(self, line: bytes) -> bytes:
@@ -80,7 +80,7 @@ class LineConn:
         pos = -1
         for _ in range(n):
             pos = buf.find(b"\n", pos + 1)
-        self.buf = buf[pos + 1:]
+        self.buf = buf[pos + 1 :]
 
     def close(self) -> None:
         self.sock.close()
@@ -98,8 +98,9 @@ def one_shot(path: Path | str, line: bytes, timeout: float = 30.0) -> bytes:
     return b"".join(chunks)
 
 
-def wait_accepting(path: Path | str, timeout: float, probe: bytes,
-                   interval: float = 0.001) -> float:
+def wait_accepting(
+    path: Path | str, timeout: float, probe: bytes, interval: float = 0.001
+) -> float:
     """Poll until ``probe`` gets a reply line; return the perf_counter time it did."""
     deadline = time.perf_counter() + timeout
     while True:

@@ -57,8 +57,9 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started_at = time.time()
-        self.store = Store(settings.state_path / "ksi.sqlite3",
-                           queue_bytes=settings.store_queue_bytes)
+        self.store = Store(
+            settings.state_path / "ksi.sqlite3", queue_bytes=settings.store_queue_bytes
+        )
         self.state = StateManager(self.store)
         self.bus = EventBus(self.store, history_size=settings.event_history)
         self.registry = build_registry()
@@ -89,9 +90,13 @@ class Daemon:
             await self.observers.start()
             self._install_signals()
             await self.server.start()
-            log.info("daemon.ready", socket=str(self.server.path), pid=os.getpid(),
-                     version=__version__, startup_ms=round((time.time() - self.started_at)
-                                                           * 1000, 1))
+            log.info(
+                "daemon.ready",
+                socket=str(self.server.path),
+                pid=os.getpid(),
+                version=__version__,
+                startup_ms=round((time.time() - self.started_at) * 1000, 1),
+            )
             self.spawner.start()
             await self._shutdown.wait()
             await self._teardown()
@@ -169,7 +174,8 @@ class Daemon:
         except BlockingIOError:
             os.close(fd)
             raise AlreadyRunning(
-                f"another daemon uses the state directory {self.settings.state_path}") from None
+                f"another daemon uses the state directory {self.settings.state_path}"
+            ) from None
         self._state_fd = fd
 
     def _release_pidfile(self) -> None:
@@ -189,8 +195,11 @@ class Daemon:
         sp = self.spawner
         storage = self.store.health()
         return {
-            "status": "shutting_down" if self.stopping else
-                      "healthy" if storage["writable"] else "degraded",
+            "status": "shutting_down"
+            if self.stopping
+            else "healthy"
+            if storage["writable"]
+            else "degraded",
             "version": __version__,
             "pid": os.getpid(),
             "started_at": iso_from_epoch(self.started_at),
@@ -234,9 +243,15 @@ def _open_private(path: Path) -> int:
             raise UnsafePidFile(f"{path} is a symbolic link; refusing to use it") from None
         raise
     st = os.fstat(fd)
-    problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
-               f"belongs to uid {st.st_uid}" if st.st_uid != os.getuid() else
-               "has other hard links" if st.st_nlink != 1 else None)
+    problem = (
+        "is not a regular file"
+        if not stat.S_ISREG(st.st_mode)
+        else f"belongs to uid {st.st_uid}"
+        if st.st_uid != os.getuid()
+        else "has other hard links"
+        if st.st_nlink != 1
+        else None
+    )
     if problem is not None:
         os.close(fd)
         raise UnsafePidFile(f"{path} {problem}; refusing to use it")
@@ -262,21 +277,31 @@ def probe_health(path: Path, timeout: float = 1.0) -> bool:
 
 
 def parse_args(argv: list[str] | None) -> Settings:
-    ap = argparse.ArgumentParser(prog="daemon.py", description="KSI daemon: runs the Claude "
-                                 "Code CLI for local programs over a Unix socket.")
+    ap = argparse.ArgumentParser(
+        prog="daemon.py",
+        description="KSI daemon: runs the Claude Code CLI for local programs over a Unix socket.",
+    )
     ap.add_argument("--socket", help="socket path (env KSI_SOCKET)")
     ap.add_argument("--state-dir", help="SQLite state directory (env KSI_STATE_DIR)")
     ap.add_argument("--log-dir", help="JSONL turn logs (env KSI_LOG_DIR)")
-    ap.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                    help="env KSI_LOG_LEVEL")
+    ap.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="env KSI_LOG_LEVEL"
+    )
     ap.add_argument("--log-format", choices=["auto", "json", "console"])
     ap.add_argument("--claude-bin", help="Claude CLI executable (env KSI_CLAUDE_BIN)")
     ap.add_argument("--default-model", help="model for SPAWN without one (env KSI_DEFAULT_MODEL)")
     ap.add_argument("--max-concurrency", type=int, help="concurrent CLI runs (default 4)")
-    ap.add_argument("--observer", action="append", dest="observers",
-                    help="observer plugin 'module:factory' (repeatable; env KSI_OBSERVERS)")
-    ap.add_argument("--warm-default", action=argparse.BooleanOptionalAction,
-                    help="SPAWN uses a warm CLI process unless told otherwise")
+    ap.add_argument(
+        "--observer",
+        action="append",
+        dest="observers",
+        help="observer plugin 'module:factory' (repeatable; env KSI_OBSERVERS)",
+    )
+    ap.add_argument(
+        "--warm-default",
+        action=argparse.BooleanOptionalAction,
+        help="SPAWN uses a warm CLI process unless told otherwise",
+    )
     ap.add_argument("--warm-pool-size", type=int, help="pre-warmed CLI processes to keep")
     args = ap.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
@@ -308,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(Daemon(settings).run())
     except (AlreadyRunning, UnsafePidFile) as exc:
-        log.error("daemon.already_running" if isinstance(exc, AlreadyRunning)
-                  else "daemon.unsafe_pid_file", error=str(exc))
+        log.error(
+            "daemon.already_running"
+            if isinstance(exc, AlreadyRunning)
+            else "daemon.unsafe_pid_file",
+            error=str(exc),
+        )
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -63,8 +63,12 @@ class Event:
     delivered: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"event": self.event_type, "data": self.data, "seq": self.seq,
-                               "timestamp": self.timestamp}
+        out: dict[str, Any] = {
+            "event": self.event_type,
+            "data": self.data,
+            "seq": self.seq,
+            "timestamp": self.timestamp,
+        }
         if self.from_agent is not None:
             out["from_agent"] = self.from_agent
         if self.to_agent is not None:
@@ -72,8 +76,14 @@ class Event:
         return out
 
     def stored(self) -> StoredEvent:
-        return StoredEvent(self.seq, self.event_type, self.timestamp, self.from_agent,
-                           self.to_agent, _exact(self.wire))
+        return StoredEvent(
+            self.seq,
+            self.event_type,
+            self.timestamp,
+            self.from_agent,
+            self.to_agent,
+            _exact(self.wire),
+        )
 
 
 def _exact(data: bytes) -> bytes:
@@ -170,8 +180,10 @@ class Subscriber:
         self._wakeup = asyncio.Event()
 
     def wants(self, event: Event | StoredEvent) -> bool:
-        if event.to_agent is not None and not self.sees_directed and (
-            self.agent_id != event.to_agent
+        if (
+            event.to_agent is not None
+            and not self.sees_directed
+            and (self.agent_id != event.to_agent)
         ):
             return False
         return self.patterns.match(event.event_type)
@@ -212,20 +224,31 @@ class EventBus:
     # seq monotonic across such a crash, a high-water mark is stored well ahead of use and
     # a restarted bus continues above it (leaving a gap, never reusing a number).
     SEQ_RESERVE = 10_000
-    _RESERVE_SQL = ("INSERT INTO meta(key, value) VALUES('seq_reserved', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value")
+    _RESERVE_SQL = (
+        "INSERT INTO meta(key, value) VALUES('seq_reserved', ?) "
+        "ON CONFLICT(key) DO UPDATE SET value=excluded.value"
+    )
 
     # The newest events, kept in memory as well as on disk (all of them without a store),
     # at most this many and this many bytes of wire lines.
     MEMORY_EVENTS = 1000
     MEMORY_BYTES = 16 * MiB
 
-    def __init__(self, store: Store | None, *, history_size: int,
-                 memory_size: int | None = None, memory_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        store: Store | None,
+        *,
+        history_size: int,
+        memory_size: int | None = None,
+        memory_bytes: int | None = None,
+    ) -> None:
         self.store = store
         self.history_size = history_size
-        in_memory = history_size if store is None else min(
-            history_size, memory_size if memory_size is not None else self.MEMORY_EVENTS)
+        in_memory = (
+            history_size
+            if store is None
+            else min(history_size, memory_size if memory_size is not None else self.MEMORY_EVENTS)
+        )
         self.history: deque[StoredEvent] = deque(maxlen=in_memory)
         self.memory_bytes = memory_bytes if memory_bytes is not None else self.MEMORY_BYTES
         self.history_bytes = 0  # wire bytes in self.history
@@ -286,8 +309,10 @@ class EventBus:
         if max_bytes is not None and len(wire) > max_bytes:
             raise DaemonError(
                 f"event of {len(wire)} bytes (as sent to subscribers) exceeds the limit of "
-                f"{max_bytes}", code="PAYLOAD_TOO_LARGE",
-                details={"limit_bytes": max_bytes, "size_bytes": len(wire)})
+                f"{max_bytes}",
+                code="PAYLOAD_TOO_LARGE",
+                details={"limit_bytes": max_bytes, "size_bytes": len(wire)},
+            )
         self.seq = seq
         ev = Event(seq, event_type, data, ts, from_agent, to_agent, wire)
         self._remember(ev.stored())
@@ -324,8 +349,9 @@ class EventBus:
             if sub.lost == 1 or sub.lost % 1000 == 0:
                 log.warning("bus.events_lost", subscriber=sub.name, lost=sub.lost, seq=ev.seq)
             return
-        log.warning("bus.subscriber_dropped", subscriber=sub.name, queued=len(sub.inbox),
-                    seq=ev.seq)
+        log.warning(
+            "bus.subscriber_dropped", subscriber=sub.name, queued=len(sub.inbox), seq=ev.seq
+        )
         sub.dropped = True
         self.remove(sub)
         sub.wake()
@@ -341,28 +367,38 @@ class EventBus:
         self.store.write_nowait(
             "INSERT INTO events(seq, event_type, timestamp, from_agent, to_agent, data) "
             "VALUES(?,?,?,?,?,?)",
-            (ev.seq, ev.event_type, ev.timestamp, ev.from_agent, ev.to_agent,
-             orjson.dumps(ev.data)),
+            (
+                ev.seq,
+                ev.event_type,
+                ev.timestamp,
+                ev.from_agent,
+                ev.to_agent,
+                orjson.dumps(ev.data),
+            ),
         )
         self._since_prune += 1
         if self._since_prune >= self.PRUNE_EVERY:
             self._since_prune = 0
-            self.store.write_nowait("DELETE FROM events WHERE seq <= ?",
-                                    (ev.seq - self.history_size,))
+            self.store.write_nowait(
+                "DELETE FROM events WHERE seq <= ?", (ev.seq - self.history_size,)
+            )
 
-    async def query(self, patterns: Iterable[str] | None, since_seq: int, limit: int
-                    ) -> list[StoredEvent]:
+    async def query(
+        self, patterns: Iterable[str] | None, since_seq: int, limit: int
+    ) -> list[StoredEvent]:
         """History after ``since_seq``, oldest first, at most ``limit`` events: the newest
         ``limit`` without ``since_seq``, else the oldest ``limit`` after it."""
         return await self._select(patterns, since_seq, limit, newest=since_seq == 0)
 
-    async def replay(self, patterns: Iterable[str] | None, after: int, limit: int
-                     ) -> list[StoredEvent]:
+    async def replay(
+        self, patterns: Iterable[str] | None, after: int, limit: int
+    ) -> list[StoredEvent]:
         """The oldest ``limit`` events after ``after`` (0: from the oldest kept)."""
         return await self._select(patterns, after, limit, newest=False)
 
-    async def _select(self, patterns: Iterable[str] | None, since_seq: int, limit: int, *,
-                      newest: bool) -> list[StoredEvent]:
+    async def _select(
+        self, patterns: Iterable[str] | None, since_seq: int, limit: int, *, newest: bool
+    ) -> list[StoredEvent]:
         pat = Patterns(patterns) if patterns else None
         # The history is the last `history_size` seqs, whatever the table still holds.
         after = max(since_seq, self.seq - self.history_size)
@@ -385,14 +421,17 @@ class EventBus:
         return events
 
 
-def _scan_events(conn: sqlite3.Connection, pat: Patterns | None, after: int, limit: int,
-                 newest: bool) -> list[sqlite3.Row]:
+def _scan_events(
+    conn: sqlite3.Connection, pat: Patterns | None, after: int, limit: int, newest: bool
+) -> list[sqlite3.Row]:
     """Runs on the store thread. Filters in Python because patterns are fnmatch globs,
     which SQLite's GLOB does not spell the same way ([!x] vs [^x])."""
     order = "DESC" if newest else "ASC"
     cursor = conn.execute(
         "SELECT seq, event_type, timestamp, from_agent, to_agent, data FROM events "
-        f"WHERE seq > ? ORDER BY seq {order}", (after,))
+        f"WHERE seq > ? ORDER BY seq {order}",
+        (after,),
+    )
     out: list[sqlite3.Row] = []
     for row in cursor:
         if pat is None or pat.match(row["event_type"]):
@@ -404,8 +443,12 @@ def _scan_events(conn: sqlite3.Connection, pat: Patterns | None, after: int, lim
 
 
 def _stored_from_row(row: sqlite3.Row) -> StoredEvent:
-    wire = encode_event(row["event_type"], orjson.loads(row["data"]), row["seq"],
-                        row["timestamp"])
-    return StoredEvent(row["seq"], row["event_type"], row["timestamp"], row["from_agent"],
-                       row["to_agent"], _exact(wire))
-
+    wire = encode_event(row["event_type"], orjson.loads(row["data"]), row["seq"], row["timestamp"])
+    return StoredEvent(
+        row["seq"],
+        row["event_type"],
+        row["timestamp"],
+        row["from_agent"],
+        row["to_agent"],
+        _exact(wire),
+    )

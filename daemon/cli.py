@@ -53,8 +53,11 @@ async def _subscribe(socket_path: str | None, patterns: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m daemon.cli", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m daemon.cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--socket", help="daemon socket (default: sockets/claude_daemon.sock)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     send = sub.add_parser("send", help="send one command and print the reply")
@@ -66,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "send":
-            reply = SyncClient(args.socket).request(args.command.upper(),
-                                                    parse_params(args.params, args.json))
+            reply = SyncClient(args.socket).request(
+                args.command.upper(), parse_params(args.params, args.json)
+            )
             _print(reply)
             return 0 if reply.get("status") == "success" else 1
         return asyncio.run(_subscribe(args.socket, args.patterns))

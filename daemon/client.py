@@ -67,34 +67,53 @@ class AsyncClient:
         self.closed = False
 
     @classmethod
-    async def open(cls, path: str | Path | None = None, *, agent_id: str | None = None,
-                   limit: int = DEFAULT_LIMIT) -> AsyncClient:
+    async def open(
+        cls,
+        path: str | Path | None = None,
+        *,
+        agent_id: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+    ) -> AsyncClient:
         reader, writer = await asyncio.open_unix_connection(
-            str(path or default_socket()), limit=limit)
+            str(path or default_socket()), limit=limit
+        )
         client = cls(reader, writer)
         await client.call("CONNECT", {"agent_id": agent_id} if agent_id else {})
         return client
 
     @classmethod
-    def connect(cls, path: str | Path | None = None, *, agent_id: str | None = None
-                ) -> _Connector:
+    def connect(cls, path: str | Path | None = None, *, agent_id: str | None = None) -> _Connector:
         return _Connector(path, agent_id)
 
-    async def call(self, command: str, parameters: dict[str, Any] | None = None,
-                   *, timeout: float | None = None) -> Any:
+    async def call(
+        self,
+        command: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
         """Send a command and wait for its reply; returns ``result`` or raises."""
         return _result(await self.request(command, parameters, timeout=timeout))
 
-    async def request(self, command: str, parameters: dict[str, Any] | None = None,
-                      *, timeout: float | None = None) -> dict[str, Any]:
+    async def request(
+        self,
+        command: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
         """Send a command and return the whole reply envelope."""
         if self.closed:
             raise ConnectionClosed("connection is closed")
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        self._writer.write(orjson.dumps({"command": command, "parameters": parameters or {},
-                                         "id": rid}, option=orjson.OPT_APPEND_NEWLINE))
+        self._writer.write(
+            orjson.dumps(
+                {"command": command, "parameters": parameters or {}, "id": rid},
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+        )
         await self._writer.drain()
         try:
             return await asyncio.wait_for(fut, timeout)
@@ -162,8 +181,9 @@ class _Connector:
         self.client = await AsyncClient.open(self.path, agent_id=self.agent_id)
         return self.client
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.client is not None:
             await self.client.close()
 
@@ -179,8 +199,12 @@ class SyncClient:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(self.timeout)
             s.connect(self.path)
-            s.sendall(orjson.dumps({"command": command, "parameters": parameters or {}},
-                                   option=orjson.OPT_APPEND_NEWLINE))
+            s.sendall(
+                orjson.dumps(
+                    {"command": command, "parameters": parameters or {}},
+                    option=orjson.OPT_APPEND_NEWLINE,
+                )
+            )
             chunks = []
             while True:
                 chunk = s.recv(1 << 20)

@@ -36,8 +36,13 @@ def private_dir(directory: Path, ours: Callable[[str], bool]) -> bool:
         if stat.S_IMODE(st.st_mode) != 0o700:
             os.chmod(directory, 0o700)
         return True
-    log.info("fs.shared_dir", path=str(directory), mode=oct(stat.S_IMODE(st.st_mode)),
-             owner_uid=st.st_uid, note="left as it is; the daemon's files in it are 0600")
+    log.info(
+        "fs.shared_dir",
+        path=str(directory),
+        mode=oct(stat.S_IMODE(st.st_mode)),
+        owner_uid=st.st_uid,
+        note="left as it is; the daemon's files in it are 0600",
+    )
     return False
 
 

@@ -14,8 +14,12 @@ from typing import Literal
 import orjson
 import structlog
 
-_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
-           "ERROR": logging.ERROR}
+_LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+}
 
 
 def configure(level: str = "INFO", fmt: Literal["auto", "json", "console"] = "auto") -> None:

@@ -47,8 +47,7 @@ class ObserverAPI:
         self.log = structlog.get_logger(f"ksi.observer.{name}")
 
     async def call(self, command: str, parameters: dict[str, Any] | None = None) -> Any:
-        return await self._daemon.registry.call(Context(self._daemon), command,
-                                                parameters or {})
+        return await self._daemon.registry.call(Context(self._daemon), command, parameters or {})
 
 
 @dataclass
@@ -80,8 +79,13 @@ class ObserverHost:
     async def add(self, name: str, factory: Any) -> RunningObserver:
         plugin = factory(ObserverAPI(self.daemon, name))
         patterns = list(getattr(plugin, "event_types", None) or ["*"])
-        sub = Subscriber(f"observer:{name}", patterns, maxsize=self.settings.observer_queue,
-                         policy="drop", sees_directed=True)
+        sub = Subscriber(
+            f"observer:{name}",
+            patterns,
+            maxsize=self.settings.observer_queue,
+            policy="drop",
+            sees_directed=True,
+        )
         obs = RunningObserver(name, plugin, sub)
         starter = getattr(plugin, "start", None)
         if starter is not None:
@@ -105,14 +109,23 @@ class ObserverHost:
                     obs.handled += 1
                 except TimeoutError:
                     obs.timeouts += 1
-                    log.warning("observer.timed_out", observer=obs.name, seq=event.seq,
-                                event_type=event.event_type, timeout_s=timeout)
+                    log.warning(
+                        "observer.timed_out",
+                        observer=obs.name,
+                        seq=event.seq,
+                        event_type=event.event_type,
+                        timeout_s=timeout,
+                    )
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     obs.failures += 1
-                    log.exception("observer.failed", observer=obs.name, seq=event.seq,
-                                  event_type=event.event_type)
+                    log.exception(
+                        "observer.failed",
+                        observer=obs.name,
+                        seq=event.seq,
+                        event_type=event.event_type,
+                    )
 
     async def stop(self) -> None:
         for obs in self.running.values():
@@ -130,9 +143,17 @@ class ObserverHost:
         self.running.clear()
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"name": o.name, "handled": o.handled, "failures": o.failures,
-                 "timeouts": o.timeouts, "lost": o.subscriber.lost,
-                 "queued": len(o.subscriber.inbox)} for o in self.running.values()]
+        return [
+            {
+                "name": o.name,
+                "handled": o.handled,
+                "failures": o.failures,
+                "timeouts": o.timeouts,
+                "lost": o.subscriber.lost,
+                "queued": len(o.subscriber.inbox),
+            }
+            for o in self.running.values()
+        ]
 
 
 def load_factory(spec: str) -> Any:

@@ -48,7 +48,7 @@ def start_ticks(pid: int) -> int | None:
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may itself contain ") ".
-    fields = stat[stat.rfind(b")") + 2:].split()
+    fields = stat[stat.rfind(b")") + 2 :].split()
     try:
         return int(fields[19])  # field 22 overall; fields[0] is field 3 (state)
     except (IndexError, ValueError):
@@ -60,7 +60,7 @@ def _is_zombie(pid: int) -> bool:
         stat = (_PROC / str(pid) / "stat").read_bytes()
     except OSError:
         return True
-    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] == b"Z"
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
 def owner_token(state_path: Path) -> str:
@@ -121,8 +121,14 @@ def find_orphans(owner: str, recorded: Iterable[Recorded]) -> dict[int, int]:
         marks = environ.split(b"\0")
         if owner_mark not in marks:
             continue
-        their_run = next((m[len(run_prefix):].decode(errors="replace") for m in marks
-                          if m.startswith(run_prefix)), "")
+        their_run = next(
+            (
+                m[len(run_prefix) :].decode(errors="replace")
+                for m in marks
+                if m.startswith(run_prefix)
+            ),
+            "",
+        )
         if their_run == run or run_alive(their_run):
             continue  # ours, or a live daemon sharing this state directory
         pid = int(name)

@@ -106,12 +106,15 @@ def parse_request(line: bytes) -> Request:
     # Nesting deeper than MAX_DEPTH needs more than MAX_DEPTH opening brackets, so the
     # exact check (an encode of the request) runs only for lines that have that many:
     # two memchr-speed counts, and none at all for a line too short to hold them.
-    if len(line) > 2 * MAX_DEPTH and line.count(b"[") + line.count(b"{") > MAX_DEPTH and (
-        too_deep(obj)
+    if (
+        len(line) > 2 * MAX_DEPTH
+        and line.count(b"[") + line.count(b"{") > MAX_DEPTH
+        and (too_deep(obj))
     ):
         err = ProtocolError(
             f"request nested more than {MAX_DEPTH} arrays/objects deep",
-            code="NESTING_TOO_DEEP", details={"max_depth": MAX_DEPTH},
+            code="NESTING_TOO_DEEP",
+            details={"max_depth": MAX_DEPTH},
         )
         err.echo = echo_of(obj, check_depth=True)  # type: ignore[attr-defined]
         raise err

@@ -96,8 +96,9 @@ class Registry:
             fn: Callable[[Context, P], Awaitable[R]],
         ) -> Callable[[Context, P], Awaitable[R]]:
             doc = (fn.__doc__ or "").strip().split("\n\n")[0]
-            spec = CommandSpec(name, " ".join(doc.split()), params, result, fn, long_running,
-                               aliases, exclude_none)
+            spec = CommandSpec(
+                name, " ".join(doc.split()), params, result, fn, long_running, aliases, exclude_none
+            )
             if name in self._by_name or any(a in self._by_name for a in aliases):
                 raise ValueError(f"command {name} registered twice")
             self.commands[name] = spec
@@ -115,8 +116,11 @@ class Registry:
         if spec is None:
             # Suggestions only for a name that could be a typo of one: difflib is quadratic
             # in the name's length, and a 7 MB name stalled the loop for a second.
-            close = (difflib.get_close_matches(name.upper(), self._by_name, n=3)
-                     if len(name) <= _SUGGEST_MAX_CHARS else [])
+            close = (
+                difflib.get_close_matches(name.upper(), self._by_name, n=3)
+                if len(name) <= _SUGGEST_MAX_CHARS
+                else []
+            )
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             shown = name if len(name) <= _SUGGEST_MAX_CHARS else name[:_SUGGEST_MAX_CHARS] + "..."
             raise UnknownCommand(

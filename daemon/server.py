@@ -142,8 +142,9 @@ class Connection(asyncio.Protocol):
         self.server.accepted += 1
         self.peer_pid, peer_uid = _peer_credentials(transport)
         if peer_uid is not None and peer_uid not in (self.server.uid, 0):
-            log.warning("connection.refused", conn=self.id, peer_uid=peer_uid,
-                        peer_pid=self.peer_pid)
+            log.warning(
+                "connection.refused", conn=self.id, peer_uid=peer_uid, peer_pid=self.peer_pid
+            )
             err = PermissionDenied(
                 f"uid {peer_uid} may not use this daemon (only uid {self.server.uid} and root)"
             )
@@ -237,11 +238,11 @@ class Connection(asyncio.Protocol):
             if nl < 0:
                 break
             if self._buf:
-                self._buf += data[start:nl + 1]
+                self._buf += data[start : nl + 1]
                 line = bytes(self._buf)
                 self._buf.clear()
             else:
-                line = data[start:nl + 1]
+                line = data[start : nl + 1]
             self._lines.append(_TOO_LONG if len(line) - 1 > self._limit else line)
             start = nl + 1
         if start < len(data):
@@ -250,15 +251,20 @@ class Connection(asyncio.Protocol):
                 self._refuse_partial(_TOO_LONG)
             elif server.pending_input + len(data) - start > server.max_pending_input:
                 # Over the global budget: the line that would grow past it is refused.
-                log.warning("request.rejected", conn=self.id, code="INPUT_BUFFERS_FULL",
-                            pending_bytes=server.pending_input)
+                log.warning(
+                    "request.rejected",
+                    conn=self.id,
+                    code="INPUT_BUFFERS_FULL",
+                    pending_bytes=server.pending_input,
+                )
                 self._refuse_partial(_BUFFERS_FULL)
             else:
                 self._buf += data[start:]
             self._last_input = asyncio.get_running_loop().time()
             if self._idle_timer is None:
                 self._idle_timer = asyncio.get_running_loop().call_later(
-                    server.settings.partial_line_timeout_s, self._check_idle)
+                    server.settings.partial_line_timeout_s, self._check_idle
+                )
         if self._held or self._buf:
             self._account()
 
@@ -283,13 +289,18 @@ class Connection(asyncio.Protocol):
             self._last_input = now
         idle = now - self._last_input
         if idle < timeout:
-            self._idle_timer = asyncio.get_running_loop().call_later(timeout - idle,
-                                                                     self._check_idle)
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                timeout - idle, self._check_idle
+            )
             return
-        log.warning("connection.idle_timeout", conn=self.id, held_bytes=len(self._buf),
-                    timeout_s=timeout)
-        err = ProtocolError(f"incomplete request line, no data for {timeout:g} s",
-                            code="LINE_TIMEOUT", details={"timeout_s": timeout})
+        log.warning(
+            "connection.idle_timeout", conn=self.id, held_bytes=len(self._buf), timeout_s=timeout
+        )
+        err = ProtocolError(
+            f"incomplete request line, no data for {timeout:g} s",
+            code="LINE_TIMEOUT",
+            details={"timeout_s": timeout},
+        )
         self._queue(encode_error(None, err))
         self._buf.clear()
         self._skipping = None
@@ -311,8 +322,12 @@ class Connection(asyncio.Protocol):
                 outcome = self._serve_line(line)
             except Exception:  # a bug must cost this line an error reply, nothing more
                 log.exception("request.crashed", conn=self.id)
-                self._queue(encode_error(None, DaemonError(
-                    "internal error while serving the request; see the daemon log")))
+                self._queue(
+                    encode_error(
+                        None,
+                        DaemonError("internal error while serving the request; see the daemon log"),
+                    )
+                )
                 outcome = _Served.ANSWERED
             if outcome is _Served.NOTHING:
                 continue
@@ -322,8 +337,9 @@ class Connection(asyncio.Protocol):
                 self.close()  # one command per connection: the reply goes, then we close
                 return
             served += 1
-            if self._lines and (bus.published != published or outcome is _Served.DETACHED
-                                or served >= _YIELD_EVERY):
+            if self._lines and (
+                bus.published != published or outcome is _Served.DETACHED or served >= _YIELD_EVERY
+            ):
                 # Give way: subscriber pumps must get to write what was just published,
                 # or a burst of PUBLISHes would overflow subscribers that read promptly.
                 self._resume_handle = asyncio.get_running_loop().call_soon(self._resume)
@@ -352,8 +368,11 @@ class Connection(asyncio.Protocol):
     def _serve_line(self, line: bytes) -> _Served:
         """Answer one line, or start answering it (see ``_waiting``)."""
         if line is _TOO_LONG:
-            err = ProtocolError(f"request line exceeds {self._limit} bytes",
-                                code="LINE_TOO_LONG", details={"limit_bytes": self._limit})
+            err = ProtocolError(
+                f"request line exceeds {self._limit} bytes",
+                code="LINE_TOO_LONG",
+                details={"limit_bytes": self._limit},
+            )
             log.warning("request.rejected", conn=self.id, code=err.code)
             self._queue(encode_error(None, err))
             return _Served.ANSWERED
@@ -361,7 +380,10 @@ class Connection(asyncio.Protocol):
             limit = self.server.max_pending_input
             err = ProtocolError(
                 f"request refused: incomplete requests of all connections hold over {limit} "
-                "bytes; retry", code="INPUT_BUFFERS_FULL", details={"limit_bytes": limit})
+                "bytes; retry",
+                code="INPUT_BUFFERS_FULL",
+                details={"limit_bytes": limit},
+            )
             self._queue(encode_error(None, err))
             return _Served.ANSWERED
         if not line.strip():
@@ -401,10 +423,13 @@ class Connection(asyncio.Protocol):
             if exc is None:
                 self._queue(self._logged(req, task.result(), started))
             else:  # dispatch does not raise; if it ever does, the request still gets a reply
-                log.error("request.crashed", conn=self.id, command=req.command,
-                          exc_info=exc)
-                self._queue(encode_error(req, DaemonError(
-                    "internal error while serving the request; see the daemon log")))
+                log.error("request.crashed", conn=self.id, command=req.command, exc_info=exc)
+                self._queue(
+                    encode_error(
+                        req,
+                        DaemonError("internal error while serving the request; see the daemon log"),
+                    )
+                )
         if not self.persistent:
             self.close()
             return
@@ -413,8 +438,13 @@ class Connection(asyncio.Protocol):
     def _logged(self, req: Request, reply: bytes, started: float) -> bytes:
         if reply.startswith(b'{"status":"error"'):
             code = orjson.loads(reply)["error"]["code"]  # error path only: parse is cheap
-            log.info("command.failed", conn=self.id, command=req.command, code=code,
-                     ms=round((time.perf_counter() - started) * 1000, 3))
+            log.info(
+                "command.failed",
+                conn=self.id,
+                command=req.command,
+                code=code,
+                ms=round((time.perf_counter() - started) * 1000, 3),
+            )
         return reply
 
     async def _run_detached(self, req: Request) -> None:
@@ -483,21 +513,26 @@ class Connection(asyncio.Protocol):
             if self.subscriber is not None:
                 self.subscriber.agent_id = agent_id
 
-    def subscribe(self, patterns: list[str], agent_id: str | None,
-                  since_seq: int | None = None) -> Subscriber:
+    def subscribe(
+        self, patterns: list[str], agent_id: str | None, since_seq: int | None = None
+    ) -> Subscriber:
         """Subscribe (or add patterns). ``since_seq``: first replay the history after it."""
         sub = self.subscriber
         if since_seq is not None and sub is not None and not sub.dropped:
             # Its replay would repeat events this connection has already been sent.
-            raise InvalidParameters("since_seq is only accepted by a connection's first "
-                                    "SUBSCRIBE", details={"last_seq": self._sent_seq})
+            raise InvalidParameters(
+                "since_seq is only accepted by a connection's first SUBSCRIBE",
+                details={"last_seq": self._sent_seq},
+            )
         self.make_persistent(agent_id)
         if sub is None or sub.dropped:
             settings = self.daemon.settings
             bus = self.daemon.bus
             sub = Subscriber(
-                f"conn-{self.id}", maxsize=settings.subscriber_queue,
-                max_bytes=settings.subscriber_queue_bytes, agent_id=self.agent_id,
+                f"conn-{self.id}",
+                maxsize=settings.subscriber_queue,
+                max_bytes=settings.subscriber_queue_bytes,
+                agent_id=self.agent_id,
                 policy="disconnect",
             )
             sub.on_drop = self._dropped
@@ -507,8 +542,9 @@ class Connection(asyncio.Protocol):
             upto = bus.seq
             self._sent_seq = upto if since_seq is None else min(since_seq, upto)
             bus.add(sub)
-            self._pump = asyncio.create_task(self._pump_events(sub, since_seq, upto),
-                                             name=f"pump-{self.id}")
+            self._pump = asyncio.create_task(
+                self._pump_events(sub, since_seq, upto), name=f"pump-{self.id}"
+            )
         sub.patterns.update(add=patterns)
         return sub
 
@@ -533,11 +569,18 @@ class Connection(asyncio.Protocol):
             # Checked on every page: the history's oldest end moves on while we read.
             first = bus.first_available_seq()
             if after + 1 < first:
-                gap = {"since_seq": after, "first_available_seq": first,
-                       "hint": "events after since_seq and before first_available_seq are "
-                               "no longer in the history"}
-                log.warning("subscriber.events_gap", conn=self.id, since_seq=after,
-                            first_available_seq=first)
+                gap = {
+                    "since_seq": after,
+                    "first_available_seq": first,
+                    "hint": "events after since_seq and before first_available_seq are "
+                    "no longer in the history",
+                }
+                log.warning(
+                    "subscriber.events_gap",
+                    conn=self.id,
+                    since_seq=after,
+                    first_available_seq=first,
+                )
                 after = first - 1
                 self._sent_seq = min(after, upto)
                 await self.send(encode_event("EVENTS_GAP", gap, 0, utc_now_iso()), now=True)
@@ -579,10 +622,15 @@ class Connection(asyncio.Protocol):
         sub.inbox.clear()
         notice = encode_event(
             "SUBSCRIBER_DROPPED",
-            {"reason": "slow_consumer", "queue_limit": sub.maxsize,
-             "queue_limit_bytes": sub.max_bytes, "last_seq": self._sent_seq,
-             "hint": "reconnect and SUBSCRIBE with since_seq=last_seq"},
-            0, utc_now_iso(),
+            {
+                "reason": "slow_consumer",
+                "queue_limit": sub.maxsize,
+                "queue_limit_bytes": sub.max_bytes,
+                "last_seq": self._sent_seq,
+                "hint": "reconnect and SUBSCRIBE with since_seq=last_seq",
+            },
+            0,
+            utc_now_iso(),
         )
         self._queue(notice)
         self.close()  # flushes the notice, ends the pump; the transport closes once written
@@ -590,7 +638,8 @@ class Connection(asyncio.Protocol):
             held = self.transport.get_write_buffer_size()
             if held:
                 self._drop_timer = asyncio.get_running_loop().call_later(
-                    DROP_GRACE_S, self._abort_if_stuck, held)
+                    DROP_GRACE_S, self._abort_if_stuck, held
+                )
 
     def _abort_if_stuck(self, held_before: int) -> None:
         self._drop_timer = None
@@ -599,10 +648,15 @@ class Connection(asyncio.Protocol):
         held = self.transport.get_write_buffer_size()
         if 0 < held < held_before:  # the peer is reading: give it more time
             self._drop_timer = asyncio.get_running_loop().call_later(
-                DROP_GRACE_S, self._abort_if_stuck, held)
+                DROP_GRACE_S, self._abort_if_stuck, held
+            )
             return
-        log.warning("connection.aborted", conn=self.id, reason="dropped subscriber not reading",
-                    unsent_bytes=held)
+        log.warning(
+            "connection.aborted",
+            conn=self.id,
+            reason="dropped subscriber not reading",
+            unsent_bytes=held,
+        )
         self.transport.abort()  # discards what it could not send
 
     def close(self) -> None:
@@ -694,7 +748,8 @@ class Server:
         try:
             loop = asyncio.get_running_loop()
             self._server = await loop.create_unix_server(
-                lambda: Connection(self, next(self._ids)), path=str(path))
+                lambda: Connection(self, next(self._ids)), path=str(path)
+            )
         finally:
             os.umask(old)
         os.chmod(path, 0o600)

@@ -46,8 +46,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("ksi.spawner")
 
-INSTALL_HINT = ("install the pinned CLI with `npm ci` in the project root, or point "
-                "--claude-bin / KSI_CLAUDE_BIN at a claude executable")
+INSTALL_HINT = (
+    "install the pinned CLI with `npm ci` in the project root, or point "
+    "--claude-bin / KSI_CLAUDE_BIN at a claude executable"
+)
 
 # Turns that failed before the CLI could have written a session to disk.
 _NO_SESSION_CODES = frozenset({"SESSION_NOT_FOUND", "CLAUDE_NOT_FOUND", "NOT_READY"})
@@ -123,19 +125,21 @@ class Spawner:
         retries = self.settings.cli_max_retries
         if retries is not None and "CLAUDE_CODE_MAX_RETRIES" not in os.environ:
             extra_env["CLAUDE_CODE_MAX_RETRIES"] = str(retries)
-        self.engine = ClaudeEngine(EngineConfig(
-            claude_bin=self.settings.claude_bin,
-            project_root=self.settings.project_root,
-            default_cwd=self.settings.project_root,
-            default_model=self.settings.default_model,
-            default_timeout_s=self.settings.default_timeout_s,
-            term_grace_s=self.settings.term_grace_s,
-            extra_env=extra_env,
-            warm_default=self.settings.warm_default,
-            warm_idle_s=self.settings.warm_idle_s,
-            warm_max=self.settings.warm_max,
-            warm_pool_size=self.settings.warm_pool_size,
-        ))
+        self.engine = ClaudeEngine(
+            EngineConfig(
+                claude_bin=self.settings.claude_bin,
+                project_root=self.settings.project_root,
+                default_cwd=self.settings.project_root,
+                default_model=self.settings.default_model,
+                default_timeout_s=self.settings.default_timeout_s,
+                term_grace_s=self.settings.term_grace_s,
+                extra_env=extra_env,
+                warm_default=self.settings.warm_default,
+                warm_idle_s=self.settings.warm_idle_s,
+                warm_max=self.settings.warm_max,
+                warm_pool_size=self.settings.warm_pool_size,
+            )
+        )
         self.engine.start_pool()  # pre-warmed CLIs (warm_pool_size of them) start now
         self._resume_pending()
         if self.settings.litellm_preload:
@@ -196,8 +200,12 @@ class Spawner:
         path = engine.binary if engine is not None else None
         if engine is None or path is None:
             return {"found": False, "bin": None, "version": None, "install_hint": INSTALL_HINT}
-        return {"found": True, "bin": str(path), "version": engine.version,
-                "version_probed": self._version_probed}
+        return {
+            "found": True,
+            "bin": str(path),
+            "version": engine.version,
+            "version_probed": self._version_probed,
+        }
 
     def warm_status(self) -> dict[str, Any]:
         return self.engine.warm_status() if self.engine is not None else {}
@@ -252,32 +260,40 @@ class Spawner:
         for info, raw in state.pending:
             req = SpawnRequest.model_validate_json(raw)
             cwd = info.cwd or req.options.get("cwd") or str(self.settings.project_root)
-            turn = Turn(info, req, info.session_id or req.session_id or str(uuid.uuid4()),
-                        resume=req.session_id is not None, cwd=cwd)
+            turn = Turn(
+                info,
+                req,
+                info.session_id or req.session_id or str(uuid.uuid4()),
+                resume=req.session_id is not None,
+                cwd=cwd,
+            )
             self.turns[info.process_id] = turn
             state.note_process(info)
             if req.client_request_id:
                 self._idempotent[req.client_request_id] = (info.process_id, time.monotonic())
             self._launch(turn)
-            log.info("turn.resumed_after_restart", process_id=info.process_id,
-                     session_id=turn.session_id)
+            log.info(
+                "turn.resumed_after_restart", process_id=info.process_id, session_id=turn.session_id
+            )
         state.pending = []
 
-    async def _reply_for(self, process_id: str, mode: str, replay: bool = False
-                         ) -> dict[str, Any]:
+    async def _reply_for(self, process_id: str, mode: str, replay: bool = False) -> dict[str, Any]:
         turn = self.turns.get(process_id)
         if mode == "async":
             info = turn.info if turn else self.daemon.state.processes.get(process_id)
             status = info.status if info else "completed"
-            return {"process_id": process_id, "status": status, "mode": "async",
-                    "session_id": turn.session_id if turn else (info.session_id if info else None),
-                    "replayed": replay}
+            return {
+                "process_id": process_id,
+                "status": status,
+                "mode": "async",
+                "session_id": turn.session_id if turn else (info.session_id if info else None),
+                "replayed": replay,
+            }
         if turn is not None:
             # Shielded: if the waiting client goes away, the paid turn still finishes.
             outcome = await asyncio.shield(turn.done)
         else:
-            outcome = (self._finished.get(process_id)
-                       or await self._outcome_from_record(process_id))
+            outcome = self._finished.get(process_id) or await self._outcome_from_record(process_id)
         if "error" in outcome:
             err = dict(outcome["error"])
             raise SpawnFailed(err.pop("message"), code=err.pop("code"), details=err)
@@ -291,18 +307,31 @@ class Spawner:
         info = self.daemon.state.processes.get(process_id)
         if info is None or info.status != "completed":
             error = (info.error if info and info.error else None) or {
-                "code": "PROCESS_NOT_FOUND", "message": f"process {process_id} is gone"}
+                "code": "PROCESS_NOT_FOUND",
+                "message": f"process {process_id} is gone",
+            }
             return {"error": {**error, "process_id": process_id}}
         result: dict[str, Any] = {
-            "process_id": process_id, "status": "completed", "session_id": info.session_id,
-            "cost_usd": info.cost_usd, "model": info.model, "agent_id": info.agent_id}
+            "process_id": process_id,
+            "status": "completed",
+            "session_id": info.session_id,
+            "cost_usd": info.cost_usd,
+            "model": info.model,
+            "agent_id": info.agent_id,
+        }
         if info.session_id:
             path = self.turnlog.path_for(info.session_id)
             raw = await asyncio.to_thread(_logged_result, path, process_id)
             if raw is not None:
-                result.update(text=raw.get("result"), is_error=raw.get("is_error"),
-                              usage=raw.get("usage"), num_turns=raw.get("num_turns"),
-                              duration_ms=raw.get("duration_ms"), log_path=str(path), raw=raw)
+                result.update(
+                    text=raw.get("result"),
+                    is_error=raw.get("is_error"),
+                    usage=raw.get("usage"),
+                    num_turns=raw.get("num_turns"),
+                    duration_ms=raw.get("duration_ms"),
+                    log_path=str(path),
+                    raw=raw,
+                )
         return {"result": result}
 
     def _idempotent_hit(self, client_request_id: str | None) -> str | None:
@@ -331,7 +360,9 @@ class Spawner:
                 if requested_cwd and Path(requested_cwd).resolve() != Path(known.cwd):
                     raise InvalidParameters(
                         f"session {session_id} lives in {known.cwd}; resume is scoped to the "
-                        "directory a session began in", details={"session_cwd": known.cwd})
+                        "directory a session began in",
+                        details={"session_cwd": known.cwd},
+                    )
                 cwd = known.cwd
             else:
                 cwd = requested_cwd or str(self.settings.project_root)
@@ -351,9 +382,16 @@ class Spawner:
             # the JSONL log, the state and every event carry the real id from the start.
             session_id = self.engine.reserve_session(opts, cli_model(req.model)) or session_id
         info = ProcessInfo(
-            process_id=process_id, status="queued", mode=req.mode, session_id=session_id,
-            agent_id=req.agent_id, model=req.model, client_request_id=req.client_request_id,
-            prompt_preview=req.prompt[:200], created_at=utc_now_iso(), cwd=cwd,
+            process_id=process_id,
+            status="queued",
+            mode=req.mode,
+            session_id=session_id,
+            agent_id=req.agent_id,
+            model=req.model,
+            client_request_id=req.client_request_id,
+            prompt_preview=req.prompt[:200],
+            created_at=utc_now_iso(),
+            cwd=cwd,
             warm=bool(req.options.get("warm", self.settings.warm_default)),
         )
         if req.client_request_id:
@@ -418,8 +456,7 @@ class Spawner:
         self._ensure_loading()
         await self._ready.wait()
         if self._acompletion is None:
-            raise DaemonError(f"LiteLLM could not be loaded: {self._load_error}",
-                              code="NOT_READY")
+            raise DaemonError(f"LiteLLM could not be loaded: {self._load_error}", code="NOT_READY")
         info, req = turn.info, turn.request
         info.status = "running"
         info.started_at = utc_now_iso()
@@ -431,8 +468,13 @@ class Spawner:
             self.daemon.state.drop_pending(info.process_id)
         # Queued, not awaited: the log's writer thread creates the file while the CLI
         # starts. The claude line below is queued behind it and awaited.
-        self.turnlog.human(turn.session_id, req.prompt, process_id=info.process_id,
-                           agent_id=req.agent_id, model=req.model)
+        self.turnlog.human(
+            turn.session_id,
+            req.prompt,
+            process_id=info.process_id,
+            agent_id=req.agent_id,
+            model=req.model,
+        )
         log_path = self.turnlog.path_for(turn.session_id)
         options = dict(req.options)
         options["cwd"] = turn.cwd
@@ -447,13 +489,24 @@ class Spawner:
         # paid, successful turn into a failure: the result still reaches the client and state.
         with contextlib.suppress(OSError):
             await self.turnlog.claude(turn.session_id, result.raw, process_id=info.process_id)
-        return {"result": {
-            "process_id": info.process_id, "status": "completed",
-            "session_id": result.session_id, "text": result.text, "is_error": result.is_error,
-            "cost_usd": result.cost_usd, "usage": result.usage, "num_turns": result.num_turns,
-            "duration_ms": result.duration_ms, "model": result.model, "agent_id": req.agent_id,
-            "warm": info.warm, "log_path": str(log_path), "raw": result.raw,
-        }}
+        return {
+            "result": {
+                "process_id": info.process_id,
+                "status": "completed",
+                "session_id": result.session_id,
+                "text": result.text,
+                "is_error": result.is_error,
+                "cost_usd": result.cost_usd,
+                "usage": result.usage,
+                "num_turns": result.num_turns,
+                "duration_ms": result.duration_ms,
+                "model": result.model,
+                "agent_id": req.agent_id,
+                "warm": info.warm,
+                "log_path": str(log_path),
+                "raw": result.raw,
+            }
+        }
 
     async def _attempts(self, turn: Turn, options: dict[str, Any]) -> Any:
         """Call the provider; retry a transient API failure that did no paid work.
@@ -483,22 +536,37 @@ class Spawner:
             if delay is None:
                 raise error
             attempt += 1
-            if not await self.engine.rewind(turn.session_id, turn.cwd, mark,
-                                            new_session=not turn.resume):
+            if not await self.engine.rewind(
+                turn.session_id, turn.cwd, mark, new_session=not turn.resume
+            ):
                 raise error
             if error.code == "RATE_LIMITED" or _overloaded(error):
                 self._hold_until = max(self._hold_until, time.monotonic() + delay)
             details = error.details or {}
-            log.warning("turn.api_retry", process_id=turn.info.process_id, attempt=attempt,
-                        delay_s=round(delay, 3), code=error.code,
-                        status=details.get("api_error_status"))
-            self.daemon.bus.publish("PROCESS_PROGRESS", {
-                "process_id": turn.info.process_id, "session_id": turn.session_id,
-                "agent_id": req.agent_id, "index": turn.next_index(), "kind": "api_retry",
-                "attempt": attempt, "max_retries": self.settings.api_retries,
-                "delay_s": round(delay, 3), "status": details.get("api_error_status"),
-                "code": error.code, "message": error.message[:500],
-            })
+            log.warning(
+                "turn.api_retry",
+                process_id=turn.info.process_id,
+                attempt=attempt,
+                delay_s=round(delay, 3),
+                code=error.code,
+                status=details.get("api_error_status"),
+            )
+            self.daemon.bus.publish(
+                "PROCESS_PROGRESS",
+                {
+                    "process_id": turn.info.process_id,
+                    "session_id": turn.session_id,
+                    "agent_id": req.agent_id,
+                    "index": turn.next_index(),
+                    "kind": "api_retry",
+                    "attempt": attempt,
+                    "max_retries": self.settings.api_retries,
+                    "delay_s": round(delay, 3),
+                    "status": details.get("api_error_status"),
+                    "code": error.code,
+                    "message": error.message[:500],
+                },
+            )
             await asyncio.sleep(delay)
 
     async def _wait_for_hold(self) -> None:
@@ -514,11 +582,18 @@ class Spawner:
         turn.info.pid_ticks = start_ticks(start.pid)
         turn.info.warm = start.mode == "warm"
         self.daemon.state.queue_process(turn.info)
-        self.daemon.bus.publish("PROCESS_STARTED", {
-            "process_id": turn.info.process_id, "session_id": turn.session_id,
-            "agent_id": turn.request.agent_id, "pid": start.pid, "model": turn.request.model,
-            "mode": turn.request.mode, "warm": turn.info.warm,
-        })
+        self.daemon.bus.publish(
+            "PROCESS_STARTED",
+            {
+                "process_id": turn.info.process_id,
+                "session_id": turn.session_id,
+                "agent_id": turn.request.agent_id,
+                "pid": start.pid,
+                "model": turn.request.model,
+                "mode": turn.request.mode,
+                "warm": turn.info.warm,
+            },
+        )
 
     def _spawn_error(self, exc: Exception, turn: Turn) -> DaemonError:
         cli = claude_error_of(exc)
@@ -529,8 +604,7 @@ class Spawner:
             details["session_id"] = details.get("session_id") or turn.session_id
             return SpawnFailed(cli.message, code=str(cli.code), details=details)
         log.error("turn.litellm_error", error=repr(exc), process_id=turn.info.process_id)
-        return SpawnFailed(f"LiteLLM call failed: {type(exc).__name__}: {exc}",
-                           code="CLI_CRASHED")
+        return SpawnFailed(f"LiteLLM call failed: {type(exc).__name__}: {exc}", code="CLI_CRASHED")
 
     async def _finish(self, turn: Turn, outcome: dict[str, Any]) -> None:
         try:
@@ -564,10 +638,15 @@ class Spawner:
             # The CLI stored the session as soon as it started: it can be resumed even after
             # a failed turn, so the daemon knows it too.
             await self.daemon.state.record_turn(
-                turn.session_id, cwd=turn.cwd, model=turn.request.model,
-                agent_id=turn.request.agent_id, cost_usd=cost, process_id=info.process_id,
+                turn.session_id,
+                cwd=turn.cwd,
+                model=turn.request.model,
+                agent_id=turn.request.agent_id,
+                cost_usd=cost,
+                process_id=info.process_id,
                 log_path=str(self.turnlog.path_for(turn.session_id)),
-                completed=info.status == "completed", new_session=not turn.resume,
+                completed=info.status == "completed",
+                new_session=not turn.resume,
             )
         self.turns.pop(info.process_id, None)
         if turn.request.client_request_id:
@@ -577,14 +656,25 @@ class Spawner:
             while len(self._finished) > 1000:
                 self._finished.popitem(last=False)
         event = dict(outcome.get("result") or {})
-        event.update({"process_id": info.process_id, "status": info.status,
-                      "session_id": event.get("session_id") or turn.session_id,
-                      "agent_id": turn.request.agent_id, "mode": turn.request.mode})
+        event.update(
+            {
+                "process_id": info.process_id,
+                "status": info.status,
+                "session_id": event.get("session_id") or turn.session_id,
+                "agent_id": turn.request.agent_id,
+                "mode": turn.request.mode,
+            }
+        )
         if "error" in outcome:
             event["error"] = outcome["error"]
         self.daemon.bus.publish("PROCESS_COMPLETE", event)
-        log.info("turn.finished", process_id=info.process_id, status=info.status,
-                 session_id=turn.session_id, cost_usd=cost)
+        log.info(
+            "turn.finished",
+            process_id=info.process_id,
+            status=info.status,
+            session_id=turn.session_id,
+            cost_usd=cost,
+        )
 
     # -- concurrency cap --------------------------------------------------------------------
 
@@ -626,10 +716,12 @@ class Spawner:
             if info is None:
                 raise NotFound(f"no process {process_id!r}", code="PROCESS_NOT_FOUND")
             if info.status in FINAL_STATUSES:
-                raise Conflict(f"process {process_id} already finished ({info.status})",
-                               code="PROCESS_FINISHED", details={"status": info.status})
-            raise NotFound(f"process {process_id!r} is not running here",
-                           code="PROCESS_NOT_FOUND")
+                raise Conflict(
+                    f"process {process_id} already finished ({info.status})",
+                    code="PROCESS_FINISHED",
+                    details={"status": info.status},
+                )
+            raise NotFound(f"process {process_id!r} is not running here", code="PROCESS_NOT_FOUND")
         assert turn.task is not None
         turn.task.cancel()
         # The run's own cleanup kills the CLI's process group before the task ends.
@@ -702,8 +794,14 @@ def _logged_result(path: Path, process_id: str) -> dict[str, Any] | None:
 
 # Statuses worth another attempt: the request was refused or lost before the model did work.
 _TRANSIENT_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
-_TRANSIENT_TEXT = ("unable to connect", "overloaded", "econnreset", "socket hang up",
-                   "connection reset", "connection error")
+_TRANSIENT_TEXT = (
+    "unable to connect",
+    "overloaded",
+    "econnreset",
+    "socket hang up",
+    "connection reset",
+    "connection error",
+)
 _RETRY_AFTER = re.compile(r"retry[- _]after\W{0,3}(\d+(?:\.\d+)?)", re.IGNORECASE)
 _MAX_RETRY_AFTER_S = 60.0  # beyond this the CLI itself gives up; so do we
 

@@ -80,8 +80,11 @@ class ProcessInfo:
     cost_usd: float | None = None
     pid: int | None = None
     pgid: int | None = Field(default=None, description="the CLI's process group")
-    pid_ticks: int | None = Field(default=None, description="the CLI pid's kernel start "
-                                  "time: tells it from a later process reusing the pid")
+    pid_ticks: int | None = Field(
+        default=None,
+        description="the CLI pid's kernel start "
+        "time: tells it from a later process reusing the pid",
+    )
     cwd: str | None = None
     warm: bool = False
     queue_position: int | None = None
@@ -125,7 +128,8 @@ class StateManager:
                 updated_at=iso_from_epoch(row["updated_at"]),
             )
         rows = await self.store.query(
-            "SELECT * FROM sessions ORDER BY last_used_at DESC LIMIT ?", (self.CACHED_SESSIONS,))
+            "SELECT * FROM sessions ORDER BY last_used_at DESC LIMIT ?", (self.CACHED_SESSIONS,)
+        )
         for row in reversed(rows):
             self._cache_session(_session_from_row(row))
         (count,) = await self.store.query("SELECT COUNT(*) AS n FROM sessions")
@@ -158,11 +162,13 @@ class StateManager:
         """
         self.orphans = []
         self.pending = []
-        pending = {row["process_id"]: row["request"] for row in await self.store.query(
-            "SELECT process_id, request FROM pending_turns")}
+        pending = {
+            row["process_id"]: row["request"]
+            for row in await self.store.query("SELECT process_id, request FROM pending_turns")
+        }
         rows = await self.store.query(
-            "SELECT record FROM processes WHERE status IN ('queued','running') "
-            "ORDER BY created_at")
+            "SELECT record FROM processes WHERE status IN ('queued','running') ORDER BY created_at"
+        )
         now = time.time()
         for row in rows:
             info = _PROCESS_JSON.validate_json(row["record"])
@@ -176,9 +182,12 @@ class StateManager:
             info.finished_at = iso_from_epoch(now)
             info.error = {
                 "code": "INTERRUPTED",
-                "message": ("the daemon stopped while this turn ran; the session is intact "
-                            "and the request may be resubmitted") if started else
-                           "the daemon stopped before this turn started",
+                "message": (
+                    "the daemon stopped while this turn ran; the session is intact "
+                    "and the request may be resubmitted"
+                )
+                if started
+                else "the daemon stopped before this turn started",
                 "process_id": info.process_id,
             }
             # Queued, not awaited (one commit for all of them): a crash before it commits
@@ -187,8 +196,15 @@ class StateManager:
             if started and info.session_id and info.cwd:
                 # The CLI stored the session when it started: it can be resumed.
                 await self.record_turn(
-                    info.session_id, cwd=info.cwd, model=info.model, agent_id=info.agent_id,
-                    cost_usd=0.0, process_id=info.process_id, log_path=None, completed=False)
+                    info.session_id,
+                    cwd=info.cwd,
+                    model=info.model,
+                    agent_id=info.agent_id,
+                    cost_usd=0.0,
+                    process_id=info.process_id,
+                    log_path=None,
+                    completed=False,
+                )
         for process_id in pending:  # requests whose turn had started or ended meanwhile
             self.drop_pending(process_id)
         window_start = now - self.IDEMPOTENCY_LOOKBACK_S
@@ -197,7 +213,9 @@ class StateManager:
             for row in await self.store.query(
                 "SELECT client_request_id, process_id, created_at FROM processes "
                 "WHERE client_request_id IS NOT NULL AND created_at >= ? ORDER BY created_at",
-                (window_start,))]
+                (window_start,),
+            )
+        ]
 
     # -- pending (queued async) turns ---------------------------------------------------
 
@@ -205,8 +223,9 @@ class StateManager:
         """Persist a queued async turn's request (awaited: an async SPAWN's reply promises
         the turn will run, even across a restart)."""
         await self.store.write(
-            "INSERT OR REPLACE INTO pending_turns(process_id, created_at, request) "
-            "VALUES(?,?,?)", (process_id, time.time(), request))
+            "INSERT OR REPLACE INTO pending_turns(process_id, created_at, request) VALUES(?,?,?)",
+            (process_id, time.time(), request),
+        )
 
     def drop_pending(self, process_id: str) -> None:
         """The turn started, or will never run: its request need not survive a restart."""
@@ -244,12 +263,24 @@ class StateManager:
             "updated_at) VALUES(?,?,?,?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
             "role=excluded.role, capabilities=excluded.capabilities, status=excluded.status, "
             "metadata=excluded.metadata, updated_at=excluded.updated_at",
-            (agent_id, role, orjson.dumps(capabilities), "active", orjson.dumps(metadata),
-             now, now),
+            (
+                agent_id,
+                role,
+                orjson.dumps(capabilities),
+                "active",
+                orjson.dumps(metadata),
+                now,
+                now,
+            ),
         )
         info = AgentInfo(
-            agent_id=agent_id, role=role, capabilities=capabilities, status="active",
-            metadata=metadata, registered_at=registered, updated_at=iso_from_epoch(now),
+            agent_id=agent_id,
+            role=role,
+            capabilities=capabilities,
+            status="active",
+            metadata=metadata,
+            registered_at=registered,
+            updated_at=iso_from_epoch(now),
         )
         self.agents[agent_id] = self._with_costs(info)
         return self.agents[agent_id]
@@ -270,8 +301,10 @@ class StateManager:
         return info
 
     def agent_costs(self) -> dict[str, dict[str, float | int]]:
-        return {a: {"turns": n, "total_cost_usd": round(c, 10)}
-                for a, (n, c) in self._agent_costs.items()}
+        return {
+            a: {"turns": n, "total_cost_usd": round(c, 10)}
+            for a, (n, c) in self._agent_costs.items()
+        }
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -292,8 +325,8 @@ class StateManager:
         """Sessions, most recently used first (optionally one agent's)."""
         where, params = ("WHERE agent_id=? ", (agent_id, limit)) if agent_id else ("", (limit,))
         rows = await self.store.query(
-            f"SELECT * FROM sessions {where}ORDER BY last_used_at DESC, rowid DESC LIMIT ?",
-            params)
+            f"SELECT * FROM sessions {where}ORDER BY last_used_at DESC, rowid DESC LIMIT ?", params
+        )
         # Cached objects match their rows: every write was queued ahead of this query.
         return [self._sessions.get(row["session_id"]) or _session_from_row(row) for row in rows]
 
@@ -327,8 +360,12 @@ class StateManager:
         info = None if new_session else await self.session(session_id)
         now = time.time()
         if info is None:
-            info = SessionInfo(session_id=session_id, cwd=cwd, created_at=iso_from_epoch(now),
-                               last_used_at=iso_from_epoch(now))
+            info = SessionInfo(
+                session_id=session_id,
+                cwd=cwd,
+                created_at=iso_from_epoch(now),
+                last_used_at=iso_from_epoch(now),
+            )
             self.session_count += 1
         info.model = model or info.model
         info.agent_id = agent_id or info.agent_id
@@ -344,8 +381,18 @@ class StateManager:
             "agent_id=excluded.agent_id, last_used_at=excluded.last_used_at, "
             "turns=excluded.turns, total_cost_usd=excluded.total_cost_usd, "
             "last_process_id=excluded.last_process_id, log_path=excluded.log_path",
-            (session_id, info.cwd, info.model, info.agent_id, now, now, info.turns,
-             info.total_cost_usd, process_id, info.log_path),
+            (
+                session_id,
+                info.cwd,
+                info.model,
+                info.agent_id,
+                now,
+                now,
+                info.turns,
+                info.total_cost_usd,
+                process_id,
+                info.log_path,
+            ),
         )
         self._cache_session(info)
         if agent_id and completed:
@@ -389,9 +436,19 @@ class StateManager:
             "error_code=excluded.error_code, record=excluded.record"
         )
         params = (
-            info.process_id, info.status, info.mode, info.session_id, info.agent_id, info.model,
-            info.client_request_id, info.prompt_preview, _epoch(info.created_at),
-            _epoch(info.started_at), _epoch(info.finished_at), info.cost_usd, error_code,
+            info.process_id,
+            info.status,
+            info.mode,
+            info.session_id,
+            info.agent_id,
+            info.model,
+            info.client_request_id,
+            info.prompt_preview,
+            _epoch(info.created_at),
+            _epoch(info.started_at),
+            _epoch(info.finished_at),
+            info.cost_usd,
+            error_code,
             _PROCESS_JSON.dump_json(info),
         )
         return sql, params

@@ -127,8 +127,10 @@ _JOB_OVERHEAD = 512
 # READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
 _STORAGE_CODES = frozenset({3, 5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
 _SQLITE_FULL = 13
-_PROBE_SQL = ("INSERT INTO meta(key, value) VALUES('store_probe', ?) "
-              "ON CONFLICT(key) DO UPDATE SET value=excluded.value")
+_PROBE_SQL = (
+    "INSERT INTO meta(key, value) VALUES('store_probe', ?) "
+    "ON CONFLICT(key) DO UPDATE SET value=excluded.value"
+)
 
 
 class Store:
@@ -189,8 +191,11 @@ class Store:
         if self._bytes_in - self._bytes_out > self._hard_limit:
             self.lost_writes += 1
             if self.lost_writes == 1 or self.lost_writes % 1000 == 0:
-                log.error("store.write_refused", queued_bytes=self.queued_bytes,
-                          lost_writes=self.lost_writes)
+                log.error(
+                    "store.write_refused",
+                    queued_bytes=self.queued_bytes,
+                    lost_writes=self.lost_writes,
+                )
             return False
         self._bytes_in += nbytes
         self._jobs.put((lambda c: c.execute(sql, params), None, True, nbytes))
@@ -199,8 +204,13 @@ class Store:
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return await self.call(lambda c: c.execute(sql, params).fetchall())
 
-    async def call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False,
-                   nbytes: int = _JOB_OVERHEAD) -> T:
+    async def call(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        write: bool = False,
+        nbytes: int = _JOB_OVERHEAD,
+    ) -> T:
         """Run ``fn(connection)`` on the store thread; ``write`` jobs are committed first
         and wait for room in the queue (``nbytes``: what the job holds while queued)."""
         assert self._loop is not None, "store is not open"
@@ -240,7 +250,8 @@ class Store:
             raise StorageError(
                 "the state database is not keeping up with writes; retry later",
                 code="STORAGE_BUSY",
-                details={"queued_bytes": self.queued_bytes, "limit_bytes": self._hard_limit})
+                details={"queued_bytes": self.queued_bytes, "limit_bytes": self._hard_limit},
+            )
 
     async def wait_writable(self) -> None:
         """Wait while the write queue is over its byte budget (back-pressure for a client
@@ -311,8 +322,9 @@ class Store:
                     loop.call_soon_threadsafe(self._wake_room)
         conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop,
-                   batch: list[Any]) -> bool:
+    def _run_batch(
+        self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, batch: list[Any]
+    ) -> bool:
         """Run one group of jobs and commit it; True if it held the stop marker."""
         # [future, value, error] per job with a waiter, in job order; `txn` holds the
         # entries (None for fire-and-forget) of writes in the open transaction, which
@@ -400,8 +412,9 @@ class Store:
             log.error("store.write_failed", error=repr(exc), lost_writes=self.lost_writes)
 
     def _connect(self) -> sqlite3.Connection:
-        private_dir(self.path.parent,
-                    lambda name: name.startswith(self.path.name) or name == STATE_LOCK)
+        private_dir(
+            self.path.parent, lambda name: name.startswith(self.path.name) or name == STATE_LOCK
+        )
         _create_private(self.path)
         conn = sqlite3.connect(self.path, isolation_level="DEFERRED", check_same_thread=True)
         conn.row_factory = sqlite3.Row

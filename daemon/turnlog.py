@@ -73,27 +73,48 @@ class TurnLog:
     def path_for(self, session_id: str) -> Path:
         return self.dir / f"{session_id}.jsonl"
 
-    def human(self, session_id: str, prompt: str, *, process_id: str,
-              agent_id: str | None, model: str | None) -> asyncio.Future[Path]:
-        return self._append(session_id, {
-            "type": "human", "timestamp": utc_now_iso(), "content": prompt,
-            "process_id": process_id, "agent_id": agent_id, "model": model,
-        })
+    def human(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        process_id: str,
+        agent_id: str | None,
+        model: str | None,
+    ) -> asyncio.Future[Path]:
+        return self._append(
+            session_id,
+            {
+                "type": "human",
+                "timestamp": utc_now_iso(),
+                "content": prompt,
+                "process_id": process_id,
+                "agent_id": agent_id,
+                "model": model,
+            },
+        )
 
-    def claude(self, session_id: str, raw: dict[str, Any], *, process_id: str
-               ) -> asyncio.Future[Path]:
+    def claude(
+        self, session_id: str, raw: dict[str, Any], *, process_id: str
+    ) -> asyncio.Future[Path]:
         line = dict(raw)
         line["type"] = "claude"  # the KSI convention: the CLI's JSON with its type replaced
         line["timestamp"] = utc_now_iso()
         line["process_id"] = process_id
         return self._append(session_id, line)
 
-    def error(self, session_id: str, error: dict[str, Any], *, process_id: str
-              ) -> asyncio.Future[Path]:
-        return self._append(session_id, {
-            "type": "error", "timestamp": utc_now_iso(), "process_id": process_id,
-            "error": error,
-        })
+    def error(
+        self, session_id: str, error: dict[str, Any], *, process_id: str
+    ) -> asyncio.Future[Path]:
+        return self._append(
+            session_id,
+            {
+                "type": "error",
+                "timestamp": utc_now_iso(),
+                "process_id": process_id,
+                "error": error,
+            },
+        )
 
     def close(self) -> None:
         """Finish queued lines, point ``latest.jsonl`` at the newest session, release the
@@ -122,12 +143,14 @@ class TurnLog:
         self._latest_wanted = session_id
         if self._latest_timer is None:
             self._latest_timer = asyncio.get_running_loop().call_later(
-                LATEST_DELAY_S, self._latest_due)
+                LATEST_DELAY_S, self._latest_due
+            )
 
     def _latest_due(self) -> None:
         self._latest_timer = None
         fut = asyncio.get_running_loop().run_in_executor(
-            self._writer, self._point_latest, self._latest_wanted)
+            self._writer, self._point_latest, self._latest_wanted
+        )
         fut.add_done_callback(_log_failure)
 
     def _sweep_due(self) -> None:
@@ -135,16 +158,21 @@ class TurnLog:
         if self._closed:
             return
         fut = asyncio.get_running_loop().run_in_executor(
-            self._writer, self._close_idle, time.monotonic() - IDLE_CLOSE_S)
+            self._writer, self._close_idle, time.monotonic() - IDLE_CLOSE_S
+        )
         fut.add_done_callback(self._swept)
 
     def _swept(self, fut: asyncio.Future[bool]) -> None:
         _log_failure(fut)
         # Look again while descriptors stay open; an idle daemon then holds none.
-        if (not fut.cancelled() and fut.exception() is None and fut.result()
-                and not self._closed and self._sweep_timer is None):
-            self._sweep_timer = asyncio.get_running_loop().call_later(
-                IDLE_CLOSE_S, self._sweep_due)
+        if (
+            not fut.cancelled()
+            and fut.exception() is None
+            and fut.result()
+            and not self._closed
+            and self._sweep_timer is None
+        ):
+            self._sweep_timer = asyncio.get_running_loop().call_later(IDLE_CLOSE_S, self._sweep_due)
 
     # -- writer thread ----------------------------------------------------------------------
 

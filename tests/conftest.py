@@ -81,8 +81,12 @@ def tmpfs() -> Iterator[Callable[[str], Path]]:
 
     def mount(size: str) -> Path:
         where = short_tmpdir("ksi-tmpfs")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
-                               str(where)], capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode:
             where.rmdir()
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")

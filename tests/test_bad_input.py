@@ -393,7 +393,9 @@ def test_client_disconnecting_mid_reply(d: DaemonProcess) -> None:
     # closing at once raced with the daemon's first write, and sometimes nothing was cut off.
     for _ in range(5):
         _send_and_vanish(
-            d, b'{"command":"CONNECT"}\n' + b'{"command":"GET_COMMANDS"}\n' * 50, reset=False,
+            d,
+            b'{"command":"CONNECT"}\n' + b'{"command":"GET_COMMANDS"}\n' * 50,
+            reset=False,
             wait_s=0.2,
         )
     logs.wait("connection.lost_mid_reply")

@@ -664,9 +664,7 @@ def test_warm_mode_turns_interrupt_and_eof(work: Path, env: dict[str, str]) -> N
     assert run_json(["--resume", SID], "cold", work, env)["result"] == "echo: cold (turn 6)"
 
 
-def test_warm_mode_prints_nothing_before_the_first_message(
-    work: Path, env: dict[str, str]
-) -> None:
+def test_warm_mode_prints_nothing_before_the_first_message(work: Path, env: dict[str, str]) -> None:
     fake = WarmFake([], work, env)
     try:
         time.sleep(0.3)

@@ -51,7 +51,6 @@ def pids() -> Iterator[list[int]]:
             os.kill(pid, signal.SIGKILL)
 
 
-
 def processes(d: DaemonProcess) -> dict[str, dict[str, Any]]:
     return {p["process_id"]: p for p in d.result("GET_PROCESSES")["processes"]}
 
@@ -59,26 +58,27 @@ def processes(d: DaemonProcess) -> dict[str, dict[str, Any]]:
 # -- SIGKILL of the daemon ---------------------------------------------------------------
 
 
-def test_kill9_leaves_no_cli_running_after_the_restart(make_daemon: Any, pids: list[int]
-                                                       ) -> None:
+def test_kill9_leaves_no_cli_running_after_the_restart(make_daemon: Any, pids: list[int]) -> None:
     d = make_daemon()
     runs = []
     for i in range(3):
         pidfile = d.base / f"cli{i}.pid"
         extra = f"[[grandchild:{d.base / 'grandchild.pid'}]]" if i == 0 else ""
-        reply = spawn(d, prompt=f"[[pidfile:{pidfile}]]{extra}[[sleep:120]] turn {i}",
-                      mode="async")
+        reply = spawn(d, prompt=f"[[pidfile:{pidfile}]]{extra}[[sleep:120]] turn {i}", mode="async")
         assert reply["status"] == "success", reply
         runs.append((reply["result"]["process_id"], reply["result"]["session_id"], pidfile))
     cli_pids = [read_pid(p) for _, _, p in runs]
     pids.extend(cli_pids)
     grandchild = read_pid(d.base / "grandchild.pid")
     pids.append(grandchild)
+
     # Their records carry what a restarted daemon needs to find them safely.
     def recorded() -> bool:
         recs = processes(d)
-        return all(recs[process_id]["pid"] == pid and recs[process_id]["pid_ticks"]
-                   for pid, (process_id, _, _) in zip(cli_pids, runs, strict=True))
+        return all(
+            recs[process_id]["pid"] == pid and recs[process_id]["pid_ticks"]
+            for pid, (process_id, _, _) in zip(cli_pids, runs, strict=True)
+        )
 
     wait_for(recorded)
 
@@ -95,8 +95,7 @@ def test_kill9_leaves_no_cli_running_after_the_restart(make_daemon: Any, pids: l
         assert rec["status"] == "interrupted"
         assert rec["error"]["code"] == "INTERRUPTED"
         # The session is intact: the daemon knows it, and it can be resumed.
-        assert d.result("GET_SESSION", {"session_id": session_id})["session"]["cwd"] == str(
-            d.work)
+        assert d.result("GET_SESSION", {"session_id": session_id})["session"]["cwd"] == str(d.work)
     assert any(e.get("event") == "daemon.orphans_ended" for e in d.log_events())
     _, session_id, _ = runs[1]
     again = spawn(d, prompt="after the crash", session_id=session_id)
@@ -104,8 +103,7 @@ def test_kill9_leaves_no_cli_running_after_the_restart(make_daemon: Any, pids: l
     assert again["result"]["text"].startswith("echo: after the crash")
 
 
-def test_a_second_daemon_on_the_same_state_is_refused(make_daemon: Any, pids: list[int]
-                                                       ) -> None:
+def test_a_second_daemon_on_the_same_state_is_refused(make_daemon: Any, pids: list[int]) -> None:
     """Two daemons sharing one state directory (different sockets) would each take the
     other's running turns for an earlier run's: the second one refuses to start, and the
     first one's CLI runs on."""
@@ -132,7 +130,8 @@ def test_sighup_stops_gracefully(make_daemon: Any, pids: list[int]) -> None:
     pidfile = d.base / "cli.pid"
     replies: list[dict[str, Any]] = []
     caller = threading.Thread(
-        target=lambda: replies.append(spawn(d, prompt=f"[[pidfile:{pidfile}]][[sleep:1]] hi")))
+        target=lambda: replies.append(spawn(d, prompt=f"[[pidfile:{pidfile}]][[sleep:1]] hi"))
+    )
     caller.start()
     pid = read_pid(pidfile)
     pids.append(pid)
@@ -147,16 +146,19 @@ def test_sighup_stops_gracefully(make_daemon: Any, pids: list[int]) -> None:
     assert not pid_alive(pid)
     assert not d.socket.exists()
     assert not d.socket.with_suffix(".pid").exists()
-    assert any(e.get("event") == "daemon.shutting_down" and e.get("reason") == "SIGHUP"
-               for e in d.log_events())
+    assert any(
+        e.get("event") == "daemon.shutting_down" and e.get("reason") == "SIGHUP"
+        for e in d.log_events()
+    )
 
 
 # -- queued turns across a restart ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
-def test_queued_async_turns_run_after_a_restart(make_daemon: Any, pids: list[int],
-                                                how: str) -> None:
+def test_queued_async_turns_run_after_a_restart(
+    make_daemon: Any, pids: list[int], how: str
+) -> None:
     d = make_daemon("--max-concurrency", "1", env={"KSI_SHUTDOWN_GRACE_S": "0"})
     pidfile = d.base / "blocker.pid"
     blocker = spawn(d, prompt=f"[[pidfile:{pidfile}]][[sleep:120]] blocker", mode="async")
@@ -164,13 +166,16 @@ def test_queued_async_turns_run_after_a_restart(make_daemon: Any, pids: list[int
     queued = [spawn(d, prompt=f"queued {i}", mode="async")["result"] for i in range(3)]
     assert all(q["status"] == "queued" for q in queued)
     cancelled = queued.pop()
-    assert d.result("CANCEL_PROCESS", {"process_id": cancelled["process_id"]})[
-        "status"] == "cancelled"
+    assert (
+        d.result("CANCEL_PROCESS", {"process_id": cancelled["process_id"]})["status"] == "cancelled"
+    )
 
     d.stop(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
     d.start()
-    wait_for(lambda: all(processes(d)[q["process_id"]]["status"] == "completed"
-                         for q in queued), timeout=30)
+    wait_for(
+        lambda: all(processes(d)[q["process_id"]]["status"] == "completed" for q in queued),
+        timeout=30,
+    )
     recs = processes(d)
     blocked = recs[blocker["result"]["process_id"]]
     assert blocked["status"] == ("interrupted" if how == "sigkill" else "cancelled")
@@ -191,8 +196,12 @@ def test_replay_after_a_restart_does_not_pay_twice(make_daemon: Any, pids: list[
     first = spawn(d, prompt="paid once", client_request_id="job-1")
     assert first["status"] == "success", first
     pidfile = d.base / "cli.pid"
-    spawn(d, prompt=f"[[pidfile:{pidfile}]][[sleep:2]] cut short", mode="async",
-          client_request_id="job-2")
+    spawn(
+        d,
+        prompt=f"[[pidfile:{pidfile}]][[sleep:2]] cut short",
+        mode="async",
+        client_request_id="job-2",
+    )
     pids.append(read_pid(pidfile))
     d.stop(signal.SIGKILL)
     d.start()
@@ -251,13 +260,24 @@ def test_a_shared_sticky_directory_keeps_its_mode() -> None:
 # -- parameters that used to be coerced --------------------------------------------------
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("timeout_s", True), ("timeout_s", "inf"), ("timeout_s", 1e30), ("timeout_s", "5"),
-    ("max_turns", True), ("max_turns", 1e30), ("max_turns", 2.0),
-    ("warm", "yes"), ("warm", 1), ("enable_tools", "false"),
-    ("cwd", "/tmp/with\x00nul"), ("append_system_prompt", "a\x00b"),
-    ("allowed_tools", ["Read", "Ba\x00sh"]),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("timeout_s", True),
+        ("timeout_s", "inf"),
+        ("timeout_s", 1e30),
+        ("timeout_s", "5"),
+        ("max_turns", True),
+        ("max_turns", 1e30),
+        ("max_turns", 2.0),
+        ("warm", "yes"),
+        ("warm", 1),
+        ("enable_tools", "false"),
+        ("cwd", "/tmp/with\x00nul"),
+        ("append_system_prompt", "a\x00b"),
+        ("allowed_tools", ["Read", "Ba\x00sh"]),
+    ],
+)
 def test_spawn_parameters_are_not_coerced(d: DaemonProcess, field: str, value: Any) -> None:
     reply = d.call("SPAWN", {"prompt": "hi", field: value})
     assert reply["status"] == "error", reply
@@ -275,7 +295,8 @@ def progress(d: DaemonProcess, process_id: str) -> list[dict[str, Any]]:
 
 
 def test_transient_api_errors_are_retried_and_the_model_sees_the_prompt_once(
-        make_daemon: Any) -> None:
+    make_daemon: Any,
+) -> None:
     d = make_daemon()
     counter = d.base / "flaky-1"
     prompt = f"[[flaky:529:{counter}:2]] hello"
@@ -318,8 +339,9 @@ def test_a_rate_limit_holds_the_other_turns(make_daemon: Any) -> None:
     d = make_daemon(env={"KSI_API_RETRY_BASE_S": "0.8"})
     counter = d.base / "flaky"
     first: list[dict[str, Any]] = []
-    caller = threading.Thread(target=lambda: first.append(
-        spawn(d, prompt=f"[[flaky:429:{counter}:1]] first")))
+    caller = threading.Thread(
+        target=lambda: first.append(spawn(d, prompt=f"[[flaky:429:{counter}:1]] first"))
+    )
     caller.start()
     wait_for(lambda: counter.exists() and counter.read_text() == "1")
     second = spawn(d, prompt="second")
@@ -340,10 +362,10 @@ def test_retry_delay_rules() -> None:
 
     s = Settings(api_retries=3, api_retry_base_s=1.0, api_retry_max_s=30.0)
 
-    def err(code: str, status: int | None, message: str = "API Error", **raw: Any
-            ) -> SpawnFailed:
-        return SpawnFailed(message, code=code, details={"api_error_status": status,
-                                                        "raw": raw or None})
+    def err(code: str, status: int | None, message: str = "API Error", **raw: Any) -> SpawnFailed:
+        return SpawnFailed(
+            message, code=code, details={"api_error_status": status, "raw": raw or None}
+        )
 
     first = retry_delay(err("RATE_LIMITED", 429), 0, s)
     assert first is not None
@@ -393,8 +415,10 @@ def test_spawn_and_publish_refuse_while_the_state_disk_is_full(tmpfs: Any) -> No
         filler.unlink()
 
         def recovered() -> bool:
-            return d.call("PUBLISH", {"event_type": "NOTE", "payload": {"x": 2}})[
-                "status"] == "success"
+            return (
+                d.call("PUBLISH", {"event_type": "NOTE", "payload": {"x": 2}})["status"]
+                == "success"
+            )
 
         wait_for(recovered, timeout=10)
         assert d.result("HEALTH_CHECK")["status"] == "healthy"
@@ -407,13 +431,19 @@ def test_spawn_and_publish_refuse_while_the_state_disk_is_full(tmpfs: Any) -> No
 
 
 def test_kill9_of_the_cli_mid_turn_is_cli_crashed_and_the_session_goes_on(
-        make_daemon: Any, pids: list[int]) -> None:
+    make_daemon: Any, pids: list[int]
+) -> None:
     d = make_daemon()
     first = spawn(d, prompt="one")["result"]
     pidfile = d.base / "cli.pid"
     replies: list[dict[str, Any]] = []
-    caller = threading.Thread(target=lambda: replies.append(spawn(
-        d, prompt=f"[[pidfile:{pidfile}]][[sleep:60]] two", session_id=first["session_id"])))
+    caller = threading.Thread(
+        target=lambda: replies.append(
+            spawn(
+                d, prompt=f"[[pidfile:{pidfile}]][[sleep:60]] two", session_id=first["session_id"]
+            )
+        )
+    )
     caller.start()
     pid = read_pid(pidfile)
     pids.append(pid)

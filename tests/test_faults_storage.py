@@ -30,8 +30,10 @@ from daemon.store import Store
 from daemon.turnlog import TurnLog
 from tests.helpers import DaemonProcess, fill, short_tmpdir
 
-SET = ("INSERT INTO shared(key, value, updated_at) VALUES(?,?,?) "
-       "ON CONFLICT(key) DO UPDATE SET value=excluded.value")
+SET = (
+    "INSERT INTO shared(key, value, updated_at) VALUES(?,?,?) "
+    "ON CONFLICT(key) DO UPDATE SET value=excluded.value"
+)
 EVENT = "INSERT INTO events(seq, event_type, timestamp, data) VALUES(?,?,?,?)"
 NOBODY = 65534
 
@@ -80,9 +82,11 @@ async def park(store: Store) -> tuple[threading.Event, asyncio.Future[Any]]:
 
 async def db_full(store: Store) -> None:
     """No page may be added to the database file any more (a real SQLITE_FULL)."""
+
     def cap(conn: sqlite3.Connection) -> None:
         (pages,) = conn.execute("PRAGMA page_count").fetchone()
         conn.execute(f"PRAGMA max_page_count={pages}")
+
     await store.call(cap)
 
 
@@ -98,16 +102,21 @@ async def state(db: Store) -> StateManager:
 
 
 def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
-                           "--clear-groups", *argv],
-                          capture_output=True, text=True, timeout=10, check=False)
+    return subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
 
 
 # -- a full or failing state database: typed errors, memory follows disk ----------------------
 
 
 async def test_writes_to_a_full_database_are_storage_full_and_change_nothing(
-        state: StateManager) -> None:
+    state: StateManager,
+) -> None:
     await state.set_shared("kept", 1)
     await state.register_agent("a1", "writer", [], {})
     await db_full(state.store)
@@ -137,7 +146,8 @@ async def test_writes_to_a_full_database_are_storage_full_and_change_nothing(
 
 
 async def test_deletes_that_cannot_be_persisted_are_storage_errors_and_keep_the_entry(
-        state: StateManager) -> None:
+    state: StateManager,
+) -> None:
     await state.set_shared("k", "v")
     await state.register_agent("a1", "writer", [], {})
     await state.store.call(lambda c: c.execute("PRAGMA query_only=ON"))  # SQLITE_READONLY
@@ -157,7 +167,8 @@ async def test_deletes_that_cannot_be_persisted_are_storage_errors_and_keep_the_
 
 
 async def test_a_write_sharing_a_transaction_with_a_failed_one_is_not_reported_done(
-        db: Store) -> None:
+    db: Store,
+) -> None:
     # SQLite rolls the whole transaction back on SQLITE_FULL (measured: also for the writes
     # before the failing one), so a group-committed neighbour must fail too, not "succeed".
     await db_full(db)
@@ -173,7 +184,8 @@ async def test_a_write_sharing_a_transaction_with_a_failed_one_is_not_reported_d
 
 
 async def test_a_failed_commit_is_rolled_back_not_committed_by_the_next_one(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fail = threading.Event()
 
     class FlakyCommit(sqlite3.Connection):
@@ -184,8 +196,9 @@ async def test_a_failed_commit_is_rolled_back_not_committed_by_the_next_one(
             super().commit()
 
     real_connect = sqlite3.connect
-    monkeypatch.setattr(sqlite3, "connect",
-                        lambda *a, **k: real_connect(*a, **k, factory=FlakyCommit))
+    monkeypatch.setattr(
+        sqlite3, "connect", lambda *a, **k: real_connect(*a, **k, factory=FlakyCommit)
+    )
     store = Store(tmp_path / "state" / "ksi.sqlite3")
     await store.open()
     try:
@@ -203,7 +216,8 @@ async def test_a_failed_commit_is_rolled_back_not_committed_by_the_next_one(
 
 
 async def test_a_lost_fire_and_forget_write_is_the_health_signal_until_a_commit_succeeds(
-        db: Store) -> None:
+    db: Store,
+) -> None:
     db.check_writable()
     await db_full(db)
     assert db.write_nowait(EVENT, (1, "T", "t", b"x" * 300_000)) is True  # queued...
@@ -213,7 +227,10 @@ async def test_a_lost_fire_and_forget_write_is_the_health_signal_until_a_commit_
     assert db.failure.code == "STORAGE_FULL"
     health = db.health()
     assert (health["writable"], health["failure"]["code"], health["lost_writes"]) == (
-        False, "STORAGE_FULL", 1)
+        False,
+        "STORAGE_FULL",
+        1,
+    )
     await db_roomy(db)
     await db.query("SELECT 1")
     assert failing(db)  # room again, but only a commit can tell
@@ -290,7 +307,8 @@ async def test_a_publisher_that_waits_for_room_loses_nothing(small_queue: Store)
 
 
 async def test_a_real_full_disk_fails_the_whole_group_and_recovers(
-        tmpfs: Callable[[str], Path]) -> None:
+    tmpfs: Callable[[str], Path],
+) -> None:
     disk = tmpfs("2m")
     store = Store(disk / "state" / "ksi.sqlite3")
     await store.open()
@@ -323,7 +341,8 @@ async def test_a_real_full_disk_fails_the_whole_group_and_recovers(
 
 
 def test_set_shared_and_register_agent_on_a_full_disk_are_typed_over_the_wire(
-        tmpfs: Callable[[str], Path]) -> None:
+    tmpfs: Callable[[str], Path],
+) -> None:
     disk = tmpfs("4m")
     dp = DaemonProcess()
     dp.state_dir = disk / "state"
@@ -358,7 +377,8 @@ def test_set_shared_and_register_agent_on_a_full_disk_are_typed_over_the_wire(
 
 
 async def test_a_short_write_is_taken_back_so_no_line_is_broken_or_glued(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     log = TurnLog(tmp_path)
     await log.human("s", "first", process_id="p1", agent_id=None, model=None)
     target = log._fds["s"][0]
@@ -385,8 +405,7 @@ async def test_a_short_write_is_taken_back_so_no_line_is_broken_or_glued(
     log.close()
 
 
-async def test_a_deleted_log_is_reopened_instead_of_written_into_the_void(
-        tmp_path: Path) -> None:
+async def test_a_deleted_log_is_reopened_instead_of_written_into_the_void(tmp_path: Path) -> None:
     log = TurnLog(tmp_path)
     await log.human("s", "one", process_id="p1", agent_id=None, model=None)
     (tmp_path / "s.jsonl").unlink()  # an operator cleaning up
@@ -396,8 +415,9 @@ async def test_a_deleted_log_is_reopened_instead_of_written_into_the_void(
     log.close()
 
 
-async def test_idle_log_descriptors_are_closed(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_idle_log_descriptors_are_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(turnlog, "IDLE_CLOSE_S", 0.05)
     swept = asyncio.Event()
     real_swept = TurnLog._swept
@@ -412,8 +432,9 @@ async def test_idle_log_descriptors_are_closed(tmp_path: Path,
     path = str(tmp_path / "s.jsonl")
 
     def held() -> bool:
-        return any(os.path.realpath(f"/proc/self/fd/{fd}") == path
-                   for fd in os.listdir("/proc/self/fd"))
+        return any(
+            os.path.realpath(f"/proc/self/fd/{fd}") == path for fd in os.listdir("/proc/self/fd")
+        )
 
     assert held()
     await asyncio.wait_for(swept.wait(), 5)  # one sweep, IDLE_CLOSE_S after the line
@@ -423,8 +444,7 @@ async def test_idle_log_descriptors_are_closed(tmp_path: Path,
     log.close()
 
 
-async def test_a_real_full_log_disk_keeps_every_line_whole(
-        tmpfs: Callable[[str], Path]) -> None:
+async def test_a_real_full_log_disk_keeps_every_line_whole(tmpfs: Callable[[str], Path]) -> None:
     disk = tmpfs("1m")
     log = TurnLog(disk / "logs")
     try:
@@ -440,8 +460,7 @@ async def test_a_real_full_log_disk_keeps_every_line_whole(
         log.close()  # before the unmount
 
 
-async def test_deleting_a_log_frees_its_space_on_a_full_disk(
-        tmpfs: Callable[[str], Path]) -> None:
+async def test_deleting_a_log_frees_its_space_on_a_full_disk(tmpfs: Callable[[str], Path]) -> None:
     disk = tmpfs("1m")
     log = TurnLog(disk / "logs")
     try:
@@ -470,7 +489,10 @@ async def test_state_and_logs_are_private_from_birth_whatever_the_umask(tmp_path
         db = store.path
         assert mode(db.parent) == 0o700
         assert {p.name: mode(p) for p in db.parent.iterdir()} == {
-            "ksi.sqlite3": 0o600, "ksi.sqlite3-wal": 0o600, "ksi.sqlite3-shm": 0o600}
+            "ksi.sqlite3": 0o600,
+            "ksi.sqlite3-wal": 0o600,
+            "ksi.sqlite3-shm": 0o600,
+        }
         await store.close()
         assert mode(tmp_path / "logs") == 0o700
         assert mode(tmp_path / "logs" / "s.jsonl") == 0o600
@@ -551,11 +573,16 @@ async def test_another_user_can_read_no_state_and_no_log(tmp_path: Path) -> None
         await log.human("s", "secret prompt", process_id="p", agent_id=None, model=None)
         log.close()
         assert as_nobody("cat", str(public)).stdout == "anyone"  # the probe itself works
-        for argv in (["ls", str(base / "state")], ["cat", str(store.path)],
-                     ["cat", f"{store.path}-wal"], ["ls", str(base / "logs")],
-                     ["cat", str(base / "logs" / "s.jsonl")],
-                     ["cat", str(base / "logs" / "latest.jsonl")],
-                     ["cat", str(other.path)], ["cat", f"{other.path}-wal"]):
+        for argv in (
+            ["ls", str(base / "state")],
+            ["cat", str(store.path)],
+            ["cat", f"{store.path}-wal"],
+            ["ls", str(base / "logs")],
+            ["cat", str(base / "logs" / "s.jsonl")],
+            ["cat", str(base / "logs" / "latest.jsonl")],
+            ["cat", str(other.path)],
+            ["cat", f"{other.path}-wal"],
+        ):
             done = as_nobody(*argv)
             assert done.returncode != 0, (argv, done.stdout)
             assert "Permission denied" in done.stderr, (argv, done.stderr)

@@ -40,12 +40,14 @@ HISTORY = 100  # of the `small_history` daemon
 
 @pytest.fixture(scope="module")
 def d() -> Iterator[DaemonProcess]:
-    dp = DaemonProcess(env={
-        "KSI_SUBSCRIBER_QUEUE": str(QUEUE),
-        "KSI_MAX_EVENT_BYTES": str(EVENT_BYTES),
-        "KSI_MAX_PENDING_INPUT_BYTES": str(PENDING),
-        "KSI_PARTIAL_LINE_TIMEOUT_S": str(IDLE_S),
-    }).start()
+    dp = DaemonProcess(
+        env={
+            "KSI_SUBSCRIBER_QUEUE": str(QUEUE),
+            "KSI_MAX_EVENT_BYTES": str(EVENT_BYTES),
+            "KSI_MAX_PENDING_INPUT_BYTES": str(PENDING),
+            "KSI_PARTIAL_LINE_TIMEOUT_S": str(IDLE_S),
+        }
+    ).start()
     try:
         yield dp
     finally:
@@ -110,10 +112,11 @@ def test_a_deep_request_id_or_value_gets_a_typed_error(d: DaemonProcess) -> None
     reply = one_reply(d, deep_line(deep_rid, 400))
     assert (error_code(reply), reply["id"]) == ("NESTING_TOO_DEEP", 7)
     assert "request_id" not in reply
-    for command, params in [("SET_SHARED", {"key": "deep", "value": "DEEP"}),
-                            ("PUBLISH", {"event_type": "DEEP_EV", "payload": {"v": "DEEP"}})]:
-        reply = one_reply(d, deep_line({"command": command, "parameters": params,
-                                        "id": "x"}, 300))
+    for command, params in [
+        ("SET_SHARED", {"key": "deep", "value": "DEEP"}),
+        ("PUBLISH", {"event_type": "DEEP_EV", "payload": {"v": "DEEP"}}),
+    ]:
+        reply = one_reply(d, deep_line({"command": command, "parameters": params, "id": "x"}, 300))
         assert (error_code(reply), reply["id"]) == ("NESTING_TOO_DEEP", "x")
     assert d.result("GET_SHARED", {"key": "deep"})["found"] is False
 
@@ -131,20 +134,35 @@ def test_nesting_up_to_the_limit_is_accepted_and_read_back(d: DaemonProcess) -> 
 
 
 async def test_deep_requests_after_a_pause_point_are_answered_and_reading_goes_on(
-        d: DaemonProcess) -> None:
+    d: DaemonProcess,
+) -> None:
     """After 16 pipelined requests (or a PUBLISH) the rest is served from a loop callback;
     a reply that failed to encode there left reading paused and the client hanging."""
     deep = deep_line({"command": "HEALTH_CHECK", "id": "DEEP"}, 300)
     lines = [orjson.dumps({"command": "HEALTH_CHECK", "id": i}) + b"\n" for i in range(20)]
     lines.insert(17, deep)
-    lines.insert(3, orjson.dumps({"command": "PUBLISH", "id": "p",
-                                  "parameters": {"event_type": "PAUSE_POINT"}}) + b"\n")
+    lines.insert(
+        3,
+        orjson.dumps({"command": "PUBLISH", "id": "p", "parameters": {"event_type": "PAUSE_POINT"}})
+        + b"\n",
+    )
     lines.insert(4, deep)
     async with await persistent(d.socket) as w:
         await w.send_raw(b"".join(lines) + b'{"command":"HEALTH_CHECK","id":"end"}\n')
         replies = [await w.recv() for _ in range(len(lines) + 1)]
-        assert [r.get("id") for r in replies] == [0, 1, 2, "p", None, *range(3, 17), None,
-                                                  17, 18, 19, "end"]
+        assert [r.get("id") for r in replies] == [
+            0,
+            1,
+            2,
+            "p",
+            None,
+            *range(3, 17),
+            None,
+            17,
+            18,
+            19,
+            "end",
+        ]
         assert [error_code(r) for r in replies if "id" not in r] == ["NESTING_TOO_DEEP"] * 2
         assert (await w.call("HEALTH_CHECK"))["status"] == "success"
 
@@ -170,9 +188,13 @@ def test_depth_check_does_not_trip_on_brackets_in_strings() -> None:
 @pytest.fixture
 async def live(tmp_path: Path) -> AsyncIterator[Daemon]:
     base = short_tmpdir()
-    settings = Settings(socket=base / "d.sock", state_dir=tmp_path / "state",
-                        log_dir=tmp_path / "logs", litellm_preload=False,
-                        claude_bin=str(FAKE_CLAUDE))
+    settings = Settings(
+        socket=base / "d.sock",
+        state_dir=tmp_path / "state",
+        log_dir=tmp_path / "logs",
+        litellm_preload=False,
+        claude_bin=str(FAKE_CLAUDE),
+    )
     daemon = Daemon(settings)
     runner = asyncio.create_task(daemon.run())
     try:
@@ -189,7 +211,8 @@ async def live(tmp_path: Path) -> AsyncIterator[Daemon]:
 
 
 async def test_an_exception_while_serving_a_line_gets_internal_error(
-        live: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    live: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = protocol.parse_request
 
     def flaky(line: bytes) -> Any:
@@ -346,8 +369,7 @@ def _partial(d: DaemonProcess, nbytes: int) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(5)
     s.connect(str(d.socket))
-    s.sendall(b'{"command":"SET_SHARED","parameters":{"key":"pending","value":"'
-              + b"p" * nbytes)
+    s.sendall(b'{"command":"SET_SHARED","parameters":{"key":"pending","value":"' + b"p" * nbytes)
     return s
 
 
@@ -419,8 +441,9 @@ def _stalled_subscriber(d: DaemonProcess, patterns: list[str]) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.settimeout(5)
     s.connect(str(d.socket))
-    s.sendall(orjson.dumps({"command": "SUBSCRIBE",
-                            "parameters": {"event_types": patterns}}) + b"\n")
+    s.sendall(
+        orjson.dumps({"command": "SUBSCRIBE", "parameters": {"event_types": patterns}}) + b"\n"
+    )
     reply = b""
     while not reply.endswith(b"\n"):
         reply += s.recv(1)
@@ -436,14 +459,21 @@ def _read_to_eof(s: socket.socket) -> list[dict[str, Any]]:
             data += chunk
     except ConnectionResetError:
         pass
-    return [orjson.loads(line) for line in data.splitlines(keepends=True)
-            if line.endswith(b"\n")]
+    return [orjson.loads(line) for line in data.splitlines(keepends=True) if line.endswith(b"\n")]
 
 
 async def _publish(w: Wire, event_type: str, n: int, pad: int = 300) -> list[int]:
-    lines = b"".join(orjson.dumps({"command": "PUBLISH", "id": i, "parameters": {
-        "event_type": event_type, "payload": {"i": i, "pad": "x" * pad}}}) + b"\n"
-        for i in range(n))
+    lines = b"".join(
+        orjson.dumps(
+            {
+                "command": "PUBLISH",
+                "id": i,
+                "parameters": {"event_type": event_type, "payload": {"i": i, "pad": "x" * pad}},
+            }
+        )
+        + b"\n"
+        for i in range(n)
+    )
     await w.send_raw(lines)
     seqs = []
     for i in range(n):
@@ -454,7 +484,8 @@ async def _publish(w: Wire, event_type: str, n: int, pad: int = 300) -> list[int
 
 
 async def test_a_dropped_subscriber_that_reads_late_still_gets_the_notice_and_resumes(
-        d: DaemonProcess) -> None:
+    d: DaemonProcess,
+) -> None:
     """The notice used to wait behind the unsendable backlog and was thrown away with it
     when the connection was aborted; now it is written at once, and its last_seq resumes
     the stream exactly."""
@@ -480,7 +511,7 @@ async def test_a_dropped_subscriber_that_reads_late_still_gets_the_notice_and_re
             assert res["last_seq"] == seqs[-1]
             live = await pub.result("PUBLISH", {"event_type": "LATE"})
             rest = [(await again.recv())["seq"] for _ in range(len(seqs) - len(delivered) + 1)]
-            assert rest == [*seqs[len(delivered):], live["seq"]]
+            assert rest == [*seqs[len(delivered) :], live["seq"]]
     finally:
         stalled.close()
         await pub.close()
@@ -493,8 +524,9 @@ async def test_subscribe_since_seq_replays_then_goes_live(d: DaemonProcess) -> N
         mine = await pub.result("PUBLISH", {"event_type": "REPLAY", "to_agent": "me"})
         await pub.result("PUBLISH", {"event_type": "OTHER"})
         async with await Wire.open(d.socket) as sub:
-            res = await sub.result("SUBSCRIBE", {"event_types": ["REPLAY"], "agent_id": "me",
-                                                 "since_seq": seqs[1]})
+            res = await sub.result(
+                "SUBSCRIBE", {"event_types": ["REPLAY"], "agent_id": "me", "since_seq": seqs[1]}
+            )
             live = await pub.result("PUBLISH", {"event_type": "REPLAY"})
             got = [await sub.recv() for _ in range(5)]
             assert [m["seq"] for m in got] == [*seqs[2:], mine["seq"], live["seq"]]
@@ -506,7 +538,8 @@ async def test_subscribe_since_seq_replays_then_goes_live(d: DaemonProcess) -> N
 
 
 async def test_since_seq_beyond_the_history_gets_an_events_gap_notice(
-        small_history: DaemonProcess) -> None:
+    small_history: DaemonProcess,
+) -> None:
     d = small_history
     async with await persistent(d.socket) as pub:
         seqs = await _publish(pub, "GAPPY", HISTORY + 50, pad=10)
@@ -522,7 +555,8 @@ async def test_since_seq_beyond_the_history_gets_an_events_gap_notice(
 
 
 async def test_since_seq_while_events_keep_coming_loses_and_repeats_nothing(
-        d: DaemonProcess) -> None:
+    d: DaemonProcess,
+) -> None:
     """The replay reads SQLite (the memory keeps only the newest events) while a publisher
     goes on: the subscriber still gets every event after since_seq exactly once, in order."""
     async with await persistent(d.socket) as pub:
@@ -544,9 +578,10 @@ def test_a_partial_line_held_back_by_the_daemon_is_not_timed_out(d: DaemonProces
     of its next line already read; that wait is the daemon's, not an idle peer's."""
     d.result("SET_SHARED", {"key": "held-back", "value": "v" * 50_000})
     n = 100  # 5 MB of replies: far more than the socket and the transport buffer take
-    request = b"".join(orjson.dumps({"command": "GET_SHARED", "id": i,
-                                     "parameters": {"key": "held-back"}}) + b"\n"
-                       for i in range(n))
+    request = b"".join(
+        orjson.dumps({"command": "GET_SHARED", "id": i, "parameters": {"key": "held-back"}}) + b"\n"
+        for i in range(n)
+    )
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
         s.connect(str(d.socket))

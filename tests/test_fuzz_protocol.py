@@ -34,19 +34,40 @@ FUZZ = settings.get_profile("ksi-fuzz")
 
 # Commands that neither stop the daemon, run a (paid) turn, end the connection's
 # persistence (AGENT_CONNECTION disconnect) nor subscribe (pushed events would interleave).
-SAFE = ["HEALTH_CHECK", "GET_COMMANDS", "CONNECT", "GET_PROCESSES", "CANCEL_PROCESS",
-        "GET_SESSIONS", "GET_SESSION", "SET_SHARED", "GET_SHARED", "DELETE_SHARED",
-        "LIST_SHARED", "REGISTER_AGENT", "UNREGISTER_AGENT", "GET_AGENTS", "UNSUBSCRIBE",
-        "PUBLISH", "GET_EVENTS"]
+SAFE = [
+    "HEALTH_CHECK",
+    "GET_COMMANDS",
+    "CONNECT",
+    "GET_PROCESSES",
+    "CANCEL_PROCESS",
+    "GET_SESSIONS",
+    "GET_SESSION",
+    "SET_SHARED",
+    "GET_SHARED",
+    "DELETE_SHARED",
+    "LIST_SHARED",
+    "REGISTER_AGENT",
+    "UNREGISTER_AGENT",
+    "GET_AGENTS",
+    "UNSUBSCRIBE",
+    "PUBLISH",
+    "GET_EVENTS",
+]
 CODE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 END = b'{"command":"HEALTH_CHECK","id":"__end__"}\n'
 
-json_leaf = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-             | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
 json_value = st.recursive(
     json_leaf,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -56,10 +77,27 @@ def envelopes(draw: st.DrawFn) -> bytes:
     """A well-formed request of a safe command, with random (mostly invalid) parameters."""
     obj: dict[str, Any] = {"command": draw(st.sampled_from(SAFE))}
     if draw(st.booleans()):
-        obj["parameters"] = draw(st.dictionaries(
-            st.sampled_from(["key", "value", "event_type", "payload", "agent_id", "since_seq",
-                             "limit", "event_types", "process_id", "session_id", "x"]),
-            json_value, max_size=4))
+        obj["parameters"] = draw(
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "key",
+                        "value",
+                        "event_type",
+                        "payload",
+                        "agent_id",
+                        "since_seq",
+                        "limit",
+                        "event_types",
+                        "process_id",
+                        "session_id",
+                        "x",
+                    ]
+                ),
+                json_value,
+                max_size=4,
+            )
+        )
     if draw(st.booleans()):
         obj["id"] = draw(json_value)
     if draw(st.booleans()):
@@ -76,13 +114,17 @@ def deep_requests(draw: st.DrawFn) -> bytes:
     depth = draw(st.integers(1, 1100))
     opener, closer = draw(st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")]))
     deep = opener * depth + b"1" + closer * depth
-    template = draw(st.sampled_from([
-        b'{"command":"HEALTH_CHECK","id":@}',
-        b'{"command":"HEALTH_CHECK","id":1,"metadata":{"request_id":@}}',
-        b'{"command":"SET_SHARED","id":2,"parameters":{"key":"fuzz-deep","value":@}}',
-        b'{"command":"PUBLISH","id":3,"parameters":{"event_type":"FUZZ","payload":{"v":@}}}',
-        b'{"command":"GET_SHARED","id":@,"parameters":{"key":"fuzz-deep"}}',
-    ]))
+    template = draw(
+        st.sampled_from(
+            [
+                b'{"command":"HEALTH_CHECK","id":@}',
+                b'{"command":"HEALTH_CHECK","id":1,"metadata":{"request_id":@}}',
+                b'{"command":"SET_SHARED","id":2,"parameters":{"key":"fuzz-deep","value":@}}',
+                b'{"command":"PUBLISH","id":3,"parameters":{"event_type":"FUZZ","payload":{"v":@}}}',
+                b'{"command":"GET_SHARED","id":@,"parameters":{"key":"fuzz-deep"}}',
+            ]
+        )
+    )
     return template.replace(b"@", deep)
 
 
@@ -91,15 +133,16 @@ def random_bytes() -> st.SearchStrategy[bytes]:
 
 
 def huge_names() -> st.SearchStrategy[bytes]:
-    return st.integers(1, 300_000).map(
-        lambda n: orjson.dumps({"command": "Q" * n, "id": n}))
+    return st.integers(1, 300_000).map(lambda n: orjson.dumps({"command": "Q" * n, "id": n}))
 
 
 def mutated() -> st.SearchStrategy[bytes]:
     """A valid request with a few bytes flipped, cut or inserted."""
     return st.tuples(envelopes(), st.integers(0, 10_000), random_bytes()).map(
-        lambda t: (t[0][: t[1] % (len(t[0]) + 1)] + t[2] + t[0][t[1] % (len(t[0]) + 1):]
-                   ).replace(b"\n", b" "))
+        lambda t: (t[0][: t[1] % (len(t[0]) + 1)] + t[2] + t[0][t[1] % (len(t[0]) + 1) :]).replace(
+            b"\n", b" "
+        )
+    )
 
 
 def _depth(value: Any) -> int:

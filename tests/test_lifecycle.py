@@ -555,6 +555,12 @@ def test_children_are_awaited_without_a_thread_each() -> None:
     still reaped with its exit status, and no waitpid thread runs meanwhile."""
     if not hasattr(os, "pidfd_open"):
         pytest.skip("no pidfd_open on this platform")
-    out = subprocess.run([sys.executable, "-c", CHILD_WATCHER_PROBE], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD_WATCHER_PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
     assert out == ["True", "1", "0"]

@@ -12,6 +12,9 @@ def test_every_test_named_in_the_readme_exists() -> None:
     readme = (ROOT / "README.md").read_text()
     named = set(re.findall(r"`(test_[a-z0-9_]+)`", readme))
     assert len(named) >= 15  # the guarantees section names at least this many
-    defined = {m for path in (ROOT / "tests").rglob("test_*.py")
-               for m in re.findall(r"^(?:async )?def (test_[a-z0-9_]+)", path.read_text(), re.M)}
+    defined = {
+        m
+        for path in (ROOT / "tests").rglob("test_*.py")
+        for m in re.findall(r"^(?:async )?def (test_[a-z0-9_]+)", path.read_text(), re.M)
+    }
     assert named <= defined, sorted(named - defined)

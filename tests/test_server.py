@@ -27,10 +27,16 @@ async def test_waiting_and_immediate_commands_are_answered_in_order(d: DaemonPro
     # GET must still see the SET before it, and replies must come back in request order.
     lines = [b'{"command":"CONNECT"}\n']
     for i in range(40):
-        lines.append(orjson.dumps({"command": "SET_SHARED", "id": f"s{i}",
-                                   "parameters": {"key": "order", "value": i}}) + b"\n")
-        lines.append(orjson.dumps({"command": "GET_SHARED", "id": f"g{i}",
-                                   "parameters": {"key": "order"}}) + b"\n")
+        lines.append(
+            orjson.dumps(
+                {"command": "SET_SHARED", "id": f"s{i}", "parameters": {"key": "order", "value": i}}
+            )
+            + b"\n"
+        )
+        lines.append(
+            orjson.dumps({"command": "GET_SHARED", "id": f"g{i}", "parameters": {"key": "order"}})
+            + b"\n"
+        )
     w = await Wire.open(d.socket)
     try:
         await w.send_raw(b"".join(lines))
@@ -45,20 +51,19 @@ async def test_waiting_and_immediate_commands_are_answered_in_order(d: DaemonPro
 
 
 def test_a_one_shot_command_that_waits_still_gets_its_reply(d: DaemonProcess) -> None:
-    out = raw_exchange(d.socket, b'{"command":"SET_SHARED","parameters":'
-                                 b'{"key":"one-shot","value":[1,2]}}\n')
+    out = raw_exchange(
+        d.socket, b'{"command":"SET_SHARED","parameters":{"key":"one-shot","value":[1,2]}}\n'
+    )
     assert out.count(b"\n") == 1
     assert orjson.loads(out)["status"] == "success"
     assert d.result("GET_SHARED", {"key": "one-shot"})["value"] == [1, 2]
 
 
-def test_a_peer_that_pipelines_without_reading_is_held_back_not_buffered(
-        d: DaemonProcess) -> None:
+def test_a_peer_that_pipelines_without_reading_is_held_back_not_buffered(d: DaemonProcess) -> None:
     """GET_COMMANDS replies are large; the daemon stops serving (and reading) while its
     output waits, and every reply still arrives, whole and in order, once the peer reads."""
     n = 400
-    request = b"".join(orjson.dumps({"command": "GET_COMMANDS", "id": i}) + b"\n"
-                       for i in range(n))
+    request = b"".join(orjson.dumps({"command": "GET_COMMANDS", "id": i}) + b"\n" for i in range(n))
     rss_before = rss_kb(d)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)

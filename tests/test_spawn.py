@@ -25,7 +25,6 @@ def fake_invocations(d: DaemonProcess) -> list[dict[str, Any]]:
     return [r for r in rows if "argv" in r and "-p" in r["argv"]]
 
 
-
 def test_sync_spawn_returns_answer_session_cost_and_usage(make_daemon: Any) -> None:
     d = make_daemon(env={"CLAUDECODE": "1"})
     reply = spawn(d, prompt="--help me, I start with dashes", model="sonnet")
@@ -338,6 +337,7 @@ def test_observers_are_isolated_and_can_act(make_daemon: Any) -> None:
     costs = d.result("GET_SHARED", {"key": "observers.cost_recorder"})["value"]
     assert costs["turns"]["completed"] >= 1
     assert costs["sessions"][first["session_id"]]["cost_usd"] > 0
+
     # The hanging observer is timed out on its own clock; the turns above did not wait.
     def logged(name: str) -> bool:
         return any(e["event"] == name for e in d.log_events())
@@ -458,13 +458,20 @@ def test_costs_are_recorded_per_session_and_per_agent_across_restart(make_daemon
 
 
 async def test_a_sessions_turn_is_announced_complete_before_the_next_starts(
-        make_daemon: Any) -> None:
+    make_daemon: Any,
+) -> None:
     d = make_daemon()
     sid = spawn(d, prompt="first")["result"]["session_id"]
     async with AsyncClient.connect(d.socket) as c:
         await c.subscribe(["PROCESS_*"])
-        ids = [(await c.call("SPAWN", {"prompt": f"[[sleep:0.2]] {i}", "mode": "async",
-                                       "session_id": sid}))["process_id"] for i in range(3)]
+        ids = [
+            (
+                await c.call(
+                    "SPAWN", {"prompt": f"[[sleep:0.2]] {i}", "mode": "async", "session_id": sid}
+                )
+            )["process_id"]
+            for i in range(3)
+        ]
         order: list[tuple[str, str]] = []
         while len(order) < 6:
             ev = await c.next_event(timeout=30)

@@ -19,15 +19,17 @@ def lines(path: Path) -> list[dict]:
 
 
 def open_fds() -> set[str]:
-    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-            if os.path.exists(f"/proc/self/fd/{fd}")}
+    return {
+        os.readlink(f"/proc/self/fd/{fd}")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    }
 
 
 async def test_turn_lines_and_latest_pointer(tmp_path: Path) -> None:
     log = TurnLog(tmp_path)
     await log.human("s1", "hi", process_id="p1", agent_id="a", model="sonnet")
-    await log.claude("s1", {"type": "result", "result": "yo", "session_id": "s1"},
-                     process_id="p1")
+    await log.claude("s1", {"type": "result", "result": "yo", "session_id": "s1"}, process_id="p1")
     await log.human("s2", "next", process_id="p2", agent_id=None, model=None)
     await log.error("s2", {"code": "TIMEOUT", "message": "slow"}, process_id="p2")
     first = lines(tmp_path / "s1.jsonl")
@@ -68,10 +70,12 @@ async def test_descriptors_are_bounded(tmp_path: Path, monkeypatch: pytest.Monke
 async def test_large_and_concurrent_lines_stay_whole(tmp_path: Path) -> None:
     log = TurnLog(tmp_path)
     big = "y" * (3 * 1024 * 1024)  # written from a worker thread
-    await asyncio.gather(*[
-        log.claude("s", {"result": big if i % 5 == 0 else f"small {i}"}, process_id=str(i))
-        for i in range(20)
-    ])
+    await asyncio.gather(
+        *[
+            log.claude("s", {"result": big if i % 5 == 0 else f"small {i}"}, process_id=str(i))
+            for i in range(20)
+        ]
+    )
     got = lines(tmp_path / "s.jsonl")
     assert len(got) == 20
     assert sorted(int(x["process_id"]) for x in got) == list(range(20))
@@ -97,7 +101,8 @@ async def test_lines_queued_without_waiting_keep_their_order(tmp_path: Path) -> 
 
 
 async def test_a_failed_write_is_logged_and_raised_only_to_an_awaiting_caller(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     logs = tmp_path / "logs"
     log = TurnLog(logs)
     logs.rmdir()

@@ -77,8 +77,9 @@ async def test_conversation_on_one_process_with_per_turn_cost(
     first = await engine.run_turn("one", opts=rec.opts())
     sid = first.session_id
     turns = [first] + [await engine.run_turn(p, opts=rec.opts(sid)) for p in ("two", "three")]
-    assert [t.text for t in turns] == [f"echo: {p} (turn {n})" for n, p in
-                                       enumerate(("one", "two", "three"), 1)]
+    assert [t.text for t in turns] == [
+        f"echo: {p} (turn {n})" for n, p in enumerate(("one", "two", "three"), 1)
+    ]
     assert {s.mode for s in rec.starts} == {"warm"}
     assert len(set(rec.pids)) == 1
     assert {t.pid for t in turns} == set(rec.pids)
@@ -90,7 +91,8 @@ async def test_conversation_on_one_process_with_per_turn_cost(
     assert totals == sorted(totals)
     assert totals[0] > 0
     assert [t.cost_usd for t in turns] == pytest.approx(
-        [totals[0], totals[1] - totals[0], totals[2] - totals[1]])
+        [totals[0], totals[1] - totals[0], totals[2] - totals[1]]
+    )
     assert sum(t.cost_usd for t in turns) == pytest.approx(totals[-1])
     info = engine.warm_session(sid)
     assert info is not None
@@ -186,7 +188,8 @@ async def test_cancel_of_a_stuck_turn_kills_and_resumes(engine: ClaudeEngine, en
     sid = (await engine.run_turn("one", opts=rec.opts())).session_id
     grandchild = env.tmp / "gc.pid"
     task = asyncio.create_task(
-        engine.run_turn(f"[[grandchild:{grandchild}]][[hang:30]]", opts=rec.opts(sid)))
+        engine.run_turn(f"[[grandchild:{grandchild}]][[hang:30]]", opts=rec.opts(sid))
+    )
     gc_pid = int(await wait_for_file(grandchild))
     task.cancel()  # the fake does not read stdin: the interrupt goes unanswered
     with pytest.raises(asyncio.CancelledError):
@@ -230,8 +233,10 @@ async def test_lru_cap_ends_the_least_recently_used(env: Env) -> None:
     engine = env.engine(warm_max=2)
     try:
         recs = [Recorder() for _ in range(3)]
-        sids = [(await engine.run_turn(f"s{i}", opts=r.opts())).session_id
-                for i, r in enumerate(recs[:2])]
+        sids = [
+            (await engine.run_turn(f"s{i}", opts=r.opts())).session_id
+            for i, r in enumerate(recs[:2])
+        ]
         await engine.run_turn("touch", opts=recs[0].opts(sids[0]))  # session 1 is now the LRU
         sids.append((await engine.run_turn("s2", opts=recs[2].opts())).session_id)
         await assert_gone(recs[1].pids[0])

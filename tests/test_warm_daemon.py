@@ -84,7 +84,10 @@ async def test_warm_conversation_flags_kill_cancel_and_shutdown(make_daemon: Any
         r2, st2 = await s.turn(prompt="two", session_id=sid)
         r3, st3 = await s.turn(prompt="three", session_id=sid)
         assert [r["text"] for r in (r1, r2, r3)] == [
-            "echo: one (turn 1)", "echo: two (turn 2)", "echo: three (turn 3)"]
+            "echo: one (turn 1)",
+            "echo: two (turn 2)",
+            "echo: three (turn 3)",
+        ]
         assert st1["pid"] == st2["pid"] == st3["pid"]
         assert st1["warm"] is True
         assert all(r["warm"] is True for r in (r1, r2, r3))
@@ -163,9 +166,14 @@ async def test_logs_state_and_events_identical_in_both_modes(make_daemon: Any) -
             complete = await s.event("PROCESS_COMPLETE", r2["process_id"])
             lines = (d.log_dir / f"{sid}.jsonl").read_bytes().splitlines()
             log = [orjson.loads(x) for x in lines]
-            runs[mode] = {"results": (r1, r2), "started": (st1, st2), "complete": complete,
-                          "error": err["error"], "log": log,
-                          "session": d.result("GET_SESSION", {"session_id": sid})}
+            runs[mode] = {
+                "results": (r1, r2),
+                "started": (st1, st2),
+                "complete": complete,
+                "error": err["error"],
+                "log": log,
+                "session": d.result("GET_SESSION", {"session_id": sid}),
+            }
     finally:
         await c.close()
     cold, warm = runs[False], runs[True]
@@ -177,16 +185,24 @@ async def test_logs_state_and_events_identical_in_both_modes(make_daemon: Any) -
     assert [x["type"] for x in warm["log"]] == ["human", "claude"] * 2 + ["human", "error"]
     assert set(warm["error"]["details"]) == set(cold["error"]["details"])
     assert warm["error"]["details"]["exit_code"] is None  # the warm CLI did not exit
-    ignore = {"session_id", "last_process_id", "log_path", "created_at", "last_used_at",
-              "total_cost_usd", "warm"}
+    ignore = {
+        "session_id",
+        "last_process_id",
+        "log_path",
+        "created_at",
+        "last_used_at",
+        "total_cost_usd",
+        "warm",
+    }
     ws, cs = warm["session"]["session"], cold["session"]["session"]
     assert {k: v for k, v in ws.items() if k not in ignore} == {
-        k: v for k, v in cs.items() if k not in ignore}
+        k: v for k, v in cs.items() if k not in ignore
+    }
     assert ws["turns"] == cs["turns"]
-    assert ws["total_cost_usd"] == pytest.approx(
-        sum(r["cost_usd"] for r in warm["results"]))
+    assert ws["total_cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in warm["results"]))
     assert [p["status"] for p in warm["session"]["processes"]] == [
-        p["status"] for p in cold["session"]["processes"]]
+        p["status"] for p in cold["session"]["processes"]
+    ]
 
 
 async def test_lru_cap_then_idle_expiry_then_resume(make_daemon: Any) -> None:
@@ -232,8 +248,7 @@ async def test_pool_hands_out_its_process_and_refills(make_daemon: Any) -> None:
         assert done["session_id"] == pooled["session_id"]
         assert done["text"] == "echo: hello (turn 1)"
         assert (d.log_dir / f"{pooled['session_id']}.jsonl").exists()
-        refill = wait_for(lambda: (h := d.result("HEALTH_CHECK")["warm"])["pool_ready"] == 1
-                          and h)
+        refill = wait_for(lambda: (h := d.result("HEALTH_CHECK")["warm"])["pool_ready"] == 1 and h)
         assert refill["pool_pids"] != [pool_pid]
         assert refill["session_pids"] == [pool_pid]
         # A cwd other than the default does not match the pool.

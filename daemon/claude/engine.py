@@ -208,7 +208,8 @@ class ClaudeEngine:
         # Once: it reads the whole environment, and every turn attempt asks for it.
         env = self._env()
         config = env.get("CLAUDE_CONFIG_DIR") or os.path.join(
-            env.get("HOME") or os.path.expanduser("~"), ".claude")
+            env.get("HOME") or os.path.expanduser("~"), ".claude"
+        )
         return Path(config) / "projects"
 
     def transcript_path(self, session_id: str, cwd: str) -> Path:
@@ -224,8 +225,9 @@ class ClaudeEngine:
         except OSError:
             return None
 
-    async def rewind(self, session_id: str, cwd: str, mark: int | None, *,
-                     new_session: bool) -> bool:
+    async def rewind(
+        self, session_id: str, cwd: str, mark: int | None, *, new_session: bool
+    ) -> bool:
         """Undo what a failed attempt added to a session, so that a retry of the same prompt
         reaches the model once: the CLI stores a prompt before calling the API and replays
         it on the next resume (measured), which would send it twice.
@@ -272,8 +274,13 @@ class ClaudeEngine:
         path = self._binary()
         if path is None:
             return None
-        return ProcSpec(claude_bin=str(path), model=model or self.config.default_model,
-                        opts=opts, cwd=cwd, env=self._env())
+        return ProcSpec(
+            claude_bin=str(path),
+            model=model or self.config.default_model,
+            opts=opts,
+            cwd=cwd,
+            env=self._env(),
+        )
 
     def _pool_spec(self) -> ProcSpec | None:
         """Flags of pool processes: what a SPAWN without model, cwd or tool options uses."""

@@ -91,8 +91,9 @@ class ClaudeOptions(BaseModel):
             raise ValueError(f"cwd is not an existing directory: {value!r}")
         return os.path.normpath(value)
 
-    @field_validator("cwd", "allowed_tools", "disallowed_tools", "append_system_prompt",
-                     mode="before")
+    @field_validator(
+        "cwd", "allowed_tools", "disallowed_tools", "append_system_prompt", mode="before"
+    )
     @classmethod
     def _check_nul(cls, value: object) -> object:
         # Every one of these ends up in the CLI's argv (or as its cwd): exec cannot pass NUL.

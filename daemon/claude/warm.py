@@ -68,8 +68,9 @@ class WarmConfig:
 
 
 def spec_for(req: TurnRequest) -> ProcSpec:
-    return ProcSpec(claude_bin=req.claude_bin, model=req.model, opts=req.opts, cwd=req.cwd,
-                    env=req.env)
+    return ProcSpec(
+        claude_bin=req.claude_bin, model=req.model, opts=req.opts, cwd=req.cwd, env=req.env
+    )
 
 
 def _json_line(line: bytes) -> dict[str, Any] | None:
@@ -88,8 +89,12 @@ class WarmBackend:
     def __init__(self, config: WarmConfig, pool_spec: Callable[[], ProcSpec | None]) -> None:
         self.config = config
         self._sessions: OrderedDict[str, WarmProcess] = OrderedDict()  # LRU order, oldest first
-        self._pool = WarmPool(config.pool_size if config.max_warm > 0 else 0, pool_spec,
-                              on_exit=self._on_exit, retire=self._retire)
+        self._pool = WarmPool(
+            config.pool_size if config.max_warm > 0 else 0,
+            pool_spec,
+            on_exit=self._on_exit,
+            retire=self._retire,
+        )
         # Sessions a warm CLI has received a turn for: a restart must --resume them.
         self._history: OrderedDict[str, None] = OrderedDict()
         self._retiring: dict[WarmProcess, asyncio.Task[None]] = {}
@@ -195,9 +200,14 @@ class WarmBackend:
         turn_cost = self._note_total(proc, obj)
         try:
             # exit_code=0: a live process has not failed; classify_result needs that for success.
-            result = classify_result(obj, exit_code=0, stderr_tail=proc.stderr_since_turn(),
-                                     requested_model=req.model, session_id=req.session_id,
-                                     pid=proc.pid)
+            result = classify_result(
+                obj,
+                exit_code=0,
+                stderr_tail=proc.stderr_since_turn(),
+                requested_model=req.model,
+                session_id=req.session_id,
+                pid=proc.pid,
+            )
         except ClaudeCLIError as exc:
             exc.exit_code = None  # the CLI is still running
             raise
@@ -219,23 +229,41 @@ class WarmBackend:
         await proc.wait_exited(self.config.close_grace_s)
         await proc.stderr_settled()
         await asyncio.shield(self._retire(proc, "died"))
-        log.warning("claude.warm.died_mid_turn", pid=proc.pid, session_id=req.session_id,
-                    returncode=proc.returncode)
+        log.warning(
+            "claude.warm.died_mid_turn",
+            pid=proc.pid,
+            session_id=req.session_id,
+            returncode=proc.returncode,
+        )
         try:
-            classify_result(None, exit_code=proc.returncode, stderr_tail=proc.stderr_since_turn(),
-                            requested_model=req.model, session_id=req.session_id, pid=proc.pid,
-                            stdout_sample=stdout_excerpt(junk))
+            classify_result(
+                None,
+                exit_code=proc.returncode,
+                stderr_tail=proc.stderr_since_turn(),
+                requested_model=req.model,
+                session_id=req.session_id,
+                pid=proc.pid,
+                stdout_sample=stdout_excerpt(junk),
+            )
         except ClaudeCLIError as exc:
             return exc
         raise AssertionError("classify_result accepted a turn without a result")
 
     async def _timed_out(self, proc: WarmProcess, req: TurnRequest) -> ClaudeCLIError:
         survived = await self._abandon(proc)
-        what = ("the turn was interrupted; the warm CLI keeps running" if survived
-                else "the CLI process group was killed")
-        return ClaudeCLIError(ErrorCode.TIMEOUT, f"turn exceeded {req.timeout_s:g}s; {what}",
-                              exit_code=proc.returncode, stderr_tail=proc.stderr_since_turn(),
-                              session_id=req.session_id, pid=proc.pid)
+        what = (
+            "the turn was interrupted; the warm CLI keeps running"
+            if survived
+            else "the CLI process group was killed"
+        )
+        return ClaudeCLIError(
+            ErrorCode.TIMEOUT,
+            f"turn exceeded {req.timeout_s:g}s; {what}",
+            exit_code=proc.returncode,
+            stderr_tail=proc.stderr_since_turn(),
+            session_id=req.session_id,
+            pid=proc.pid,
+        )
 
     async def _abandon(self, proc: WarmProcess) -> bool:
         """Stop the running turn (shielded); True if the CLI survived it."""
@@ -263,9 +291,12 @@ class WarmBackend:
                         obj = _json_line(line)
                         if obj is not None and obj.get("type") == "result":
                             self._note_total(proc, obj)
-                            log.info("claude.warm.interrupted", pid=proc.pid,
-                                     session_id=proc.session_id,
-                                     ms=round((time.monotonic() - started) * 1000, 1))
+                            log.info(
+                                "claude.warm.interrupted",
+                                pid=proc.pid,
+                                session_id=proc.session_id,
+                                ms=round((time.monotonic() - started) * 1000, 1),
+                            )
                             return True
             except TimeoutError:
                 pass
@@ -323,10 +354,17 @@ class WarmBackend:
         self._pool.discard(proc)
         task = self._retiring.get(proc)
         if task is None:
-            log.info("claude.warm.retire", pid=proc.pid, session_id=proc.session_id,
-                     reason=reason, turns=proc.turns, pooled=proc.pooled)
+            log.info(
+                "claude.warm.retire",
+                pid=proc.pid,
+                session_id=proc.session_id,
+                reason=reason,
+                turns=proc.turns,
+                pooled=proc.pooled,
+            )
             task = asyncio.ensure_future(
-                proc.stop(self.config.close_grace_s, self.config.term_grace_s))
+                proc.stop(self.config.close_grace_s, self.config.term_grace_s)
+            )
             self._retiring[proc] = task
             task.add_done_callback(functools.partial(self._retired, proc))
         return task
@@ -338,8 +376,13 @@ class WarmBackend:
         """A warm CLI exited. Ours (retiring) or busy ones are handled elsewhere."""
         if proc in self._retiring or proc.busy:
             return
-        log.warning("claude.warm.exited", pid=proc.pid, session_id=proc.session_id,
-                    returncode=proc.returncode, pooled=proc.pooled)
+        log.warning(
+            "claude.warm.exited",
+            pid=proc.pid,
+            session_id=proc.session_id,
+            returncode=proc.returncode,
+            pooled=proc.pooled,
+        )
         # Not restarted now: the next turn of the session resumes it (no process idles for
         # a session that may never come back); a pool process is replaced by the refill.
         self._retire(proc, "exited")

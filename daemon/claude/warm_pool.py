@@ -78,8 +78,9 @@ class WarmPool:
                 await proc.start()
             except OSError as exc:
                 self._failures += 1
-                log.warning("claude.warm.pool_start_failed", error=str(exc),
-                            failures=self._failures)
+                log.warning(
+                    "claude.warm.pool_start_failed", error=str(exc), failures=self._failures
+                )
                 continue
             self.procs.append(proc)
             if self.closed:  # close() ran while it was starting

@@ -264,8 +264,12 @@ class WarmProcess:
                     await self.wait_exited(5.0)
         self._signal_group(signal.SIGKILL)  # sweep what is left of the group
         await self._close_io()
-        log.info("claude.warm.stopped", pid=self.pid, session_id=self.session_id,
-                 returncode=proc.returncode)
+        log.info(
+            "claude.warm.stopped",
+            pid=self.pid,
+            session_id=self.session_id,
+            returncode=proc.returncode,
+        )
 
     def kill_now(self) -> None:
         """Synchronous SIGKILL of the group (second cancel, emergencies); stop() still reaps."""
@@ -363,8 +367,11 @@ class WarmProcess:
     async def send_interrupt(self) -> bool:
         """The CLI's interrupt: the running turn ends with an error result; the CLI lives on."""
         request_id = f"ksi-interrupt-{next(self._ids)}"
-        request = {"type": "control_request", "request_id": request_id,
-                   "request": {"subtype": "interrupt"}}
+        request = {
+            "type": "control_request",
+            "request_id": request_id,
+            "request": {"subtype": "interrupt"},
+        }
         return await self.write(request)
 
     # -- introspection ---------------------------------------------------------------
@@ -392,4 +399,3 @@ class WarmProcess:
             "busy": self.busy,
             "pooled": self.pooled,
         }
-

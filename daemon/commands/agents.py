@@ -53,8 +53,7 @@ def register(r: Registry) -> None:
         """Register (or update) an agent with a role, capabilities and free-form metadata.
         Publishes AGENT_REGISTERED. STORAGE_FULL or STORAGE_ERROR if it could not be
         persisted (the registry is unchanged)."""
-        info = await ctx.daemon.state.register_agent(p.agent_id, p.role, p.capabilities,
-                                                     p.metadata)
+        info = await ctx.daemon.state.register_agent(p.agent_id, p.role, p.capabilities, p.metadata)
         ctx.daemon.bus.publish("AGENT_REGISTERED", {"agent_id": p.agent_id, "role": p.role})
         return RegisterResult(status="registered", agent=info)
 
@@ -64,8 +63,11 @@ def register(r: Registry) -> None:
         STORAGE_ERROR if that could not be persisted (the agent stays registered)."""
         if not await ctx.daemon.state.unregister_agent(p.agent_id):
             known = sorted(ctx.daemon.state.agents)[:5]
-            raise NotFound(f"no agent {p.agent_id!r} is registered", code="AGENT_NOT_FOUND",
-                           details={"known_agents": known})
+            raise NotFound(
+                f"no agent {p.agent_id!r} is registered",
+                code="AGENT_NOT_FOUND",
+                details={"known_agents": known},
+            )
         ctx.daemon.bus.publish("AGENT_UNREGISTERED", {"agent_id": p.agent_id})
         return UnregisterResult(status="unregistered", agent_id=p.agent_id)
 

@@ -13,8 +13,14 @@ from daemon.registry import Context, Params, Registry, Result
 _PATTERN = re.compile(r"^[A-Za-z0-9_.:*?\[\]-]{1,128}$")
 _TYPE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 # Only the daemon announces these: a client must not be able to fake a finished turn.
-RESERVED_PREFIXES = ("PROCESS_", "SUBSCRIBER_", "SHARED_STATE_", "AGENT_REGISTERED",
-                     "AGENT_UNREGISTERED", "OBSERVER_")
+RESERVED_PREFIXES = (
+    "PROCESS_",
+    "SUBSCRIBER_",
+    "SHARED_STATE_",
+    "AGENT_REGISTERED",
+    "AGENT_UNREGISTERED",
+    "OBSERVER_",
+)
 
 
 def _check_patterns(values: list[str]) -> list[str]:
@@ -28,10 +34,13 @@ class SubscribeParams(Params):
     event_types: list[str] = Field(min_length=1, description="names or globs, e.g. PROCESS_*")
     agent_id: str | None = Field(default=None, min_length=1, max_length=256)
     since_seq: int | None = Field(
-        default=None, ge=0, strict=True,
+        default=None,
+        ge=0,
+        strict=True,
         description="first send every matching event after this seq from the history "
         "(EVENTS_GAP first if it no longer reaches back that far), then live events: no gap, "
-        "no duplicate. Only on a connection's first SUBSCRIBE.")
+        "no duplicate. Only on a connection's first SUBSCRIBE.",
+    )
 
     @field_validator("event_types")
     @classmethod
@@ -43,8 +52,10 @@ class SubscribeResult(Result):
     status: Literal["active"]
     subscribed_to: list[str]
     agent_id: str | None = None
-    last_seq: int = Field(description="seq of the newest event so far; later ones are pushed "
-                          "(with since_seq, those after since_seq up to this are replayed)")
+    last_seq: int = Field(
+        description="seq of the newest event so far; later ones are pushed "
+        "(with since_seq, those after since_seq up to this are replayed)"
+    )
 
 
 class UnsubscribeParams(Params):
@@ -59,8 +70,9 @@ class PublishParams(Params):
     event_type: str = Field(min_length=1, max_length=128)
     payload: dict[str, Any] = Field(default_factory=dict)
     from_agent: str | None = None
-    to_agent: str | None = Field(default=None, description="deliver only to this agent's "
-                                 "subscriptions (and to observers)")
+    to_agent: str | None = Field(
+        default=None, description="deliver only to this agent's subscriptions (and to observers)"
+    )
 
     @field_validator("event_type")
     @classmethod
@@ -102,11 +114,16 @@ def register(r: Registry) -> None:
         (events or bytes) behind gets SUBSCRIBER_DROPPED (with ``last_seq``, to resubscribe
         with ``since_seq``) and is disconnected."""
         if ctx.conn is None:
-            raise InvalidParameters("SUBSCRIBE needs a socket connection; observers get all "
-                                    "events already")
+            raise InvalidParameters(
+                "SUBSCRIBE needs a socket connection; observers get all events already"
+            )
         sub = ctx.conn.subscribe(p.event_types, p.agent_id, p.since_seq)
-        return SubscribeResult(status="active", subscribed_to=sorted(sub.patterns.items),
-                               agent_id=sub.agent_id, last_seq=ctx.daemon.bus.seq)
+        return SubscribeResult(
+            status="active",
+            subscribed_to=sorted(sub.patterns.items),
+            agent_id=sub.agent_id,
+            last_seq=ctx.daemon.bus.seq,
+        )
 
     @r.command("UNSUBSCRIBE", params=UnsubscribeParams, result=UnsubscribeResult)
     async def unsubscribe(ctx: Context, p: UnsubscribeParams) -> UnsubscribeResult:
@@ -129,11 +146,16 @@ def register(r: Registry) -> None:
         # GET_EVENTS and SUBSCRIBE since_seq would then never replay.
         await ctx.daemon.store.wait_writable()
         from_agent = p.from_agent or (ctx.conn.agent_id if ctx.conn else None)
-        ev = ctx.daemon.bus.publish(p.event_type, p.payload, from_agent=from_agent,
-                                    to_agent=p.to_agent,
-                                    max_bytes=ctx.daemon.settings.max_event_bytes)
-        return PublishResult(status="published", event_type=ev.event_type, seq=ev.seq,
-                             delivered_to=ev.delivered)
+        ev = ctx.daemon.bus.publish(
+            p.event_type,
+            p.payload,
+            from_agent=from_agent,
+            to_agent=p.to_agent,
+            max_bytes=ctx.daemon.settings.max_event_bytes,
+        )
+        return PublishResult(
+            status="published", event_type=ev.event_type, seq=ev.seq, delivered_to=ev.delivered
+        )
 
     @r.command("GET_EVENTS", params=GetEventsParams, result=GetEventsResult)
     async def get_events(ctx: Context, p: GetEventsParams) -> GetEventsResult:

@@ -35,8 +35,11 @@ class SpawnParams(Params):
     mode: Literal["sync", "async"] = "sync"
     type: Literal["claude"] = Field(default="claude", description="KSI compatibility")
     session_id: str | None = Field(default=None, description="resume this session")
-    model: str | None = Field(default=None, description="alias (sonnet, opus, haiku), a full "
-                              "model id, or 'claude-cli/<model>'; default from config")
+    model: str | None = Field(
+        default=None,
+        description="alias (sonnet, opus, haiku), a full "
+        "model id, or 'claude-cli/<model>'; default from config",
+    )
     agent_id: str | None = Field(default=None, min_length=1, max_length=256)
     enable_tools: bool = True
     allowed_tools: list[str] | None = None
@@ -44,14 +47,20 @@ class SpawnParams(Params):
     max_turns: int | None = Field(default=None, ge=1, le=MAX_TURNS)
     append_system_prompt: str | None = None
     permission_mode: PermissionMode | None = None
-    cwd: str | None = Field(default=None, description="absolute directory; a session keeps "
-                            "the one it began in")
+    cwd: str | None = Field(
+        default=None, description="absolute directory; a session keeps the one it began in"
+    )
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
-    client_request_id: str | None = Field(default=None, min_length=1, max_length=256,
-                                          description="the same id within the idempotency "
-                                          "window returns the same process")
-    warm: bool | None = Field(default=None, description="use a long-lived CLI process for "
-                              "this session (default from config)")
+    client_request_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="the same id within the idempotency window returns the same process",
+    )
+    warm: bool | None = Field(
+        default=None,
+        description="use a long-lived CLI process for this session (default from config)",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -77,8 +86,7 @@ class SpawnParams(Params):
             raise ValueError("must be an absolute path")
         return v
 
-    @field_validator("cwd", "model", "append_system_prompt", "allowed_tools",
-                     "disallowed_tools")
+    @field_validator("cwd", "model", "append_system_prompt", "allowed_tools", "disallowed_tools")
     @classmethod
     def _no_nul(cls, v: Any) -> Any:
         # These reach the CLI's argv or a path: a NUL byte cannot be passed to exec.
@@ -94,8 +102,10 @@ class SpawnParams(Params):
         if v.startswith("claude-cli/"):
             v = v.removeprefix("claude-cli/")
         if not v or "/" in v:
-            raise ValueError("the daemon runs the Claude CLI: use an alias such as 'sonnet', "
-                             "a model id, or 'claude-cli/<model>'")
+            raise ValueError(
+                "the daemon runs the Claude CLI: use an alias such as 'sonnet', "
+                "a model id, or 'claude-cli/<model>'"
+            )
         return v
 
     @field_validator("allowed_tools", "disallowed_tools", mode="before")
@@ -109,8 +119,10 @@ class SpawnResult(Result):
     status: ProcessStatus
     session_id: str | None = None
     mode: Literal["async"] | None = None
-    replayed: bool = Field(default=False, description="true when client_request_id matched "
-                           "an earlier SPAWN and no new turn was run")
+    replayed: bool = Field(
+        default=False,
+        description="true when client_request_id matched an earlier SPAWN and no new turn was run",
+    )
     text: str | None = None
     is_error: bool | None = None
     cost_usd: float | None = None
@@ -131,8 +143,10 @@ class ProcessesResult(Result):
     max_concurrency: int
     total: int
     warm: list[dict[str, Any]] = Field(
-        default_factory=list, description="live warm CLI processes (per session and pooled): "
-        "session_id, pid, rss_mb, idle_s, turns, started_at, busy, pooled")
+        default_factory=list,
+        description="live warm CLI processes (per session and pooled): "
+        "session_id, pid, rss_mb, idle_s, turns, started_at, busy, pooled",
+    )
 
 
 class ProcessIdParams(Params):
@@ -164,21 +178,43 @@ class SessionResult(Result):
 
 
 def register(r: Registry) -> None:
-    @r.command("SPAWN", params=SpawnParams, result=SpawnResult, long_running=True,
-               aliases=("COMPLETION",), exclude_none=True)
+    @r.command(
+        "SPAWN",
+        params=SpawnParams,
+        result=SpawnResult,
+        long_running=True,
+        aliases=("COMPLETION",),
+        exclude_none=True,
+    )
     async def spawn(ctx: Context, p: SpawnParams) -> SpawnResult:
         """Run a Claude turn through LiteLLM and the claude-cli provider. ``mode: sync``
         answers with the turn's text, session_id, cost and usage; ``async`` answers at once
         with a process_id and later publishes PROCESS_COMPLETE."""
         daemon = ctx.daemon
         agent_id = p.agent_id or (ctx.conn.agent_id if ctx.conn else None)
-        options = p.model_dump(include={
-            "enable_tools", "allowed_tools", "disallowed_tools", "max_turns",
-            "append_system_prompt", "permission_mode", "cwd", "timeout_s", "warm",
-        }, exclude_none=True)
-        req = SpawnRequest(prompt=p.prompt, mode=p.mode, session_id=p.session_id,
-                          model=p.model or daemon.settings.default_model, agent_id=agent_id,
-                          client_request_id=p.client_request_id, options=options)
+        options = p.model_dump(
+            include={
+                "enable_tools",
+                "allowed_tools",
+                "disallowed_tools",
+                "max_turns",
+                "append_system_prompt",
+                "permission_mode",
+                "cwd",
+                "timeout_s",
+                "warm",
+            },
+            exclude_none=True,
+        )
+        req = SpawnRequest(
+            prompt=p.prompt,
+            mode=p.mode,
+            session_id=p.session_id,
+            model=p.model or daemon.settings.default_model,
+            agent_id=agent_id,
+            client_request_id=p.client_request_id,
+            options=options,
+        )
         return SpawnResult.model_validate(await daemon.spawner.submit(req))
 
     @r.command("GET_PROCESSES", params=NoParams, result=ProcessesResult)
@@ -186,9 +222,14 @@ def register(r: Registry) -> None:
         """Queued and running turns (with queue positions) and recent finished ones."""
         sp = ctx.daemon.spawner
         procs = sp.snapshot()
-        return ProcessesResult(processes=procs, running=sp.running_count, queued=len(sp.queue),
-                               max_concurrency=ctx.daemon.settings.max_concurrency,
-                               total=len(procs), warm=sp.warm_processes())
+        return ProcessesResult(
+            processes=procs,
+            running=sp.running_count,
+            queued=len(sp.queue),
+            max_concurrency=ctx.daemon.settings.max_concurrency,
+            total=len(procs),
+            warm=sp.warm_processes(),
+        )
 
     @r.command("CANCEL_PROCESS", params=ProcessIdParams, result=CancelResult)
     async def cancel_process(ctx: Context, p: ProcessIdParams) -> CancelResult:
@@ -199,8 +240,10 @@ def register(r: Registry) -> None:
     @r.command("GET_SESSIONS", params=SessionsParams, result=SessionsResult)
     async def get_sessions(ctx: Context, p: SessionsParams) -> SessionsResult:
         """Known sessions, most recently used first (optionally one agent's)."""
-        sessions = [ctx.daemon.spawner.with_warm(s)
-                    for s in await ctx.daemon.state.list_sessions(p.agent_id, p.limit)]
+        sessions = [
+            ctx.daemon.spawner.with_warm(s)
+            for s in await ctx.daemon.state.list_sessions(p.agent_id, p.limit)
+        ]
         return SessionsResult(sessions=sessions, total=len(sessions))
 
     @r.command("GET_SESSION", params=SessionIdParams, result=SessionResult)
@@ -209,8 +252,8 @@ def register(r: Registry) -> None:
         processes."""
         info = await ctx.daemon.state.session(p.session_id)
         if info is None:
-            raise NotFound(f"no session {p.session_id!r} is known to the daemon",
-                           code="SESSION_NOT_FOUND")
-        procs = [x for x in ctx.daemon.state.processes.values()
-                 if x.session_id == p.session_id]
+            raise NotFound(
+                f"no session {p.session_id!r} is known to the daemon", code="SESSION_NOT_FOUND"
+            )
+        procs = [x for x in ctx.daemon.state.processes.values() if x.session_id == p.session_id]
         return SessionResult(session=ctx.daemon.spawner.with_warm(info), processes=procs)

@@ -64,8 +64,7 @@ def register(r: Registry) -> None:
         entry = ctx.daemon.state.shared.get(p.key)
         if entry is None:
             return GetResult(key=p.key, value=None, found=False)
-        return GetResult(key=p.key, value=entry[0], found=True,
-                         updated_at=iso_from_epoch(entry[1]))
+        return GetResult(key=p.key, value=entry[0], found=True, updated_at=iso_from_epoch(entry[1]))
 
     @r.command("DELETE_SHARED", params=KeyParams, result=DeleteResult)
     async def delete_shared(ctx: Context, p: KeyParams) -> DeleteResult:

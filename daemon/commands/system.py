@@ -13,7 +13,8 @@ from daemon.registry import Context, NoParams, Params, Registry, Result
 
 class HealthResult(Result):
     status: Literal["healthy", "degraded", "starting", "shutting_down"] = Field(
-        description="degraded: the state database refuses writes (see storage)")
+        description="degraded: the state database refuses writes (see storage)"
+    )
     version: str
     pid: int
     started_at: str
@@ -24,9 +25,12 @@ class HealthResult(Result):
     claude: dict[str, Any] = Field(description="which CLI binary and version the daemon uses")
     warm: dict[str, Any] = Field(default_factory=dict)
     storage: dict[str, Any] = Field(
-        default_factory=dict, description="writable, failure, queued_bytes, lost_writes")
-    orphans_ended: int = Field(default=0, description="CLI processes of an earlier run "
-                               "that start-up found still running and ended")
+        default_factory=dict, description="writable, failure, queued_bytes, lost_writes"
+    )
+    orphans_ended: int = Field(
+        default=0,
+        description="CLI processes of an earlier run that start-up found still running and ended",
+    )
 
 
 class CommandsResult(Result):
@@ -83,8 +87,9 @@ def register(r: Registry) -> None:
         if ctx.conn is None:
             raise InvalidParameters("CONNECT only makes sense over the socket")
         ctx.conn.make_persistent(p.agent_id)
-        return ConnectResult(status="connected", agent_id=ctx.conn.agent_id,
-                             connection_id=ctx.conn.id)
+        return ConnectResult(
+            status="connected", agent_id=ctx.conn.agent_id, connection_id=ctx.conn.id
+        )
 
     @r.command("AGENT_CONNECTION", params=AgentConnectionParams, result=ConnectResult)
     async def agent_connection(ctx: Context, p: AgentConnectionParams) -> ConnectResult:
@@ -94,8 +99,6 @@ def register(r: Registry) -> None:
             raise InvalidParameters("AGENT_CONNECTION only makes sense over the socket")
         if p.action == "connect":
             ctx.conn.make_persistent(p.agent_id)
-            return ConnectResult(status="connected", agent_id=p.agent_id,
-                                 connection_id=ctx.conn.id)
+            return ConnectResult(status="connected", agent_id=p.agent_id, connection_id=ctx.conn.id)
         ctx.conn.unsubscribe(None)
-        return ConnectResult(status="disconnected", agent_id=p.agent_id,
-                             connection_id=ctx.conn.id)
+        return ConnectResult(status="disconnected", agent_id=p.agent_id, connection_id=ctx.conn.id)

@@ -41,8 +41,10 @@ class CostRecorder:
         self.turns["completed" if ok else "failed"] += 1
         cost = float(data.get("cost_usd") or 0.0)
         self.total_cost_usd = round(self.total_cost_usd + cost, 10)
-        for table, key in ((self.sessions, data.get("session_id")),
-                           (self.agents, data.get("agent_id"))):
+        for table, key in (
+            (self.sessions, data.get("session_id")),
+            (self.agents, data.get("agent_id")),
+        ):
             if not key:
                 continue
             row = table.setdefault(key, {"turns": 0, "failed": 0, "cost_usd": 0.0})
@@ -50,15 +52,25 @@ class CostRecorder:
             row["cost_usd"] = round(row["cost_usd"] + cost, 10)
         await self.api.call("SET_SHARED", {"key": SHARED_KEY, "value": self.summary()})
         if cost and data.get("session_id"):
-            await self.api.call("PUBLISH", {
-                "event_type": "COST_UPDATE",
-                "payload": {"session_id": data["session_id"], "agent_id": data.get("agent_id"),
-                            "turn_cost_usd": cost,
-                            "session_cost_usd": self.sessions[data["session_id"]]["cost_usd"],
-                            "total_cost_usd": self.total_cost_usd},
-                "from_agent": "cost_recorder",
-            })
+            await self.api.call(
+                "PUBLISH",
+                {
+                    "event_type": "COST_UPDATE",
+                    "payload": {
+                        "session_id": data["session_id"],
+                        "agent_id": data.get("agent_id"),
+                        "turn_cost_usd": cost,
+                        "session_cost_usd": self.sessions[data["session_id"]]["cost_usd"],
+                        "total_cost_usd": self.total_cost_usd,
+                    },
+                    "from_agent": "cost_recorder",
+                },
+            )
 
     def summary(self) -> dict[str, Any]:
-        return {"total_cost_usd": self.total_cost_usd, "turns": self.turns,
-                "sessions": self.sessions, "agents": self.agents}
+        return {
+            "total_cost_usd": self.total_cost_usd,
+            "turns": self.turns,
+            "sessions": self.sessions,
+            "agents": self.agents,
+        }

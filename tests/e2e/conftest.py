@@ -101,15 +101,15 @@ def run_claude(real_claude_bin: Path, claude_env: dict[str, str], claude_cwd: Pa
 
 
 @pytest.fixture
-def start_real_daemon(real_claude_bin: Path, claude_env: dict[str, str], claude_cwd: Path
-                      ) -> Iterator[Callable[..., DaemonProcess]]:
+def start_real_daemon(
+    real_claude_bin: Path, claude_env: dict[str, str], claude_cwd: Path
+) -> Iterator[Callable[..., DaemonProcess]]:
     """``start_real_daemon(**extra_env)``: a daemon driving the real CLI against ``stub_api``,
     with ``claude_cwd`` as its work dir; stopped (and checked for leftovers) at teardown."""
     started: list[DaemonProcess] = []
 
     def start(**extra_env: str) -> DaemonProcess:
-        d = DaemonProcess(claude_bin=real_claude_bin, env={**claude_env, **extra_env},
-                          preload=True)
+        d = DaemonProcess(claude_bin=real_claude_bin, env={**claude_env, **extra_env}, preload=True)
         d.work = claude_cwd
         started.append(d)
         return d.start()

@@ -47,10 +47,12 @@ def spawn(d: DaemonProcess, **params: Any) -> dict[str, Any]:
     return d.call("SPAWN", params)
 
 
-def test_sync_spawn_and_resume_with_the_real_cli(real_daemon: DaemonProcess,
-                                                 stub_api: StubAPI) -> None:
-    health = wait_for(lambda: (h := real_daemon.result("HEALTH_CHECK"))["claude"]["version_probed"]
-                      and h)
+def test_sync_spawn_and_resume_with_the_real_cli(
+    real_daemon: DaemonProcess, stub_api: StubAPI
+) -> None:
+    health = wait_for(
+        lambda: (h := real_daemon.result("HEALTH_CHECK"))["claude"]["version_probed"] and h
+    )
     assert health["claude"]["found"]
     assert health["claude"]["version"] == "2.1.197"
     first = spawn(real_daemon, prompt="hello", model="sonnet")
@@ -66,11 +68,15 @@ def test_sync_spawn_and_resume_with_the_real_cli(real_daemon: DaemonProcess,
     assert second["session_id"] == sid
     # The stub saw the whole earlier conversation on the resumed turn.
     assert user_texts(model_calls(stub_api)[-1]) == [
-        "user:hello", "assistant:echo: hello", "user:second"]
+        "user:hello",
+        "assistant:echo: hello",
+        "user:second",
+    ]
 
 
-async def test_concurrent_turns_of_one_session_are_serialised(real_daemon: DaemonProcess,
-                                                              stub_api: StubAPI) -> None:
+async def test_concurrent_turns_of_one_session_are_serialised(
+    real_daemon: DaemonProcess, stub_api: StubAPI
+) -> None:
     sid = spawn(real_daemon, prompt="base")["result"]["session_id"]
     async with AsyncClient.connect(real_daemon.socket) as c:
         a, b = await asyncio.gather(
@@ -90,8 +96,9 @@ async def test_concurrent_turns_of_one_session_are_serialised(real_daemon: Daemo
 async def test_async_spawn_publishes_process_complete(real_daemon: DaemonProcess) -> None:
     async with AsyncClient.connect(real_daemon.socket) as c:
         await c.subscribe(["PROCESS_COMPLETE"])
-        reply = await c.call("SPAWN", {"prompt": "in the background", "mode": "async",
-                                       "cwd": str(real_daemon.work)})
+        reply = await c.call(
+            "SPAWN", {"prompt": "in the background", "mode": "async", "cwd": str(real_daemon.work)}
+        )
         event = await c.next_event(timeout=60)
     assert event["event"] == "PROCESS_COMPLETE"
     assert event["data"]["process_id"] == reply["process_id"]
@@ -99,10 +106,10 @@ async def test_async_spawn_publishes_process_complete(real_daemon: DaemonProcess
     assert event["data"]["text"] == "echo: in the background"
 
 
-@pytest.mark.parametrize(("status", "code"), [(401, "AUTH_FAILED"), (429, "RATE_LIMITED"),
-                                              (500, "API_ERROR")])
-def test_api_errors_become_typed_codes(real_daemon: DaemonProcess, status: int,
-                                       code: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "code"), [(401, "AUTH_FAILED"), (429, "RATE_LIMITED"), (500, "API_ERROR")]
+)
+def test_api_errors_become_typed_codes(real_daemon: DaemonProcess, status: int, code: str) -> None:
     reply = spawn(real_daemon, prompt=f"[[error:{status}]]")
     assert reply["status"] == "error"
     assert reply["error"]["code"] == code
@@ -119,14 +126,17 @@ def test_unknown_session_is_session_not_found(real_daemon: DaemonProcess) -> Non
 async def test_timeout_and_cancel_kill_the_real_cli(real_daemon: DaemonProcess) -> None:
     async with AsyncClient.connect(real_daemon.socket) as c:
         await c.subscribe(["PROCESS_STARTED"])
-        timed = await c.request("SPAWN", {"prompt": "[[sleep:30]] slow", "timeout_s": 3,
-                                          "cwd": str(real_daemon.work)})
+        timed = await c.request(
+            "SPAWN", {"prompt": "[[sleep:30]] slow", "timeout_s": 3, "cwd": str(real_daemon.work)}
+        )
         started = await c.next_event(timeout=10)
         assert timed["error"]["code"] == "TIMEOUT"
         assert not pid_alive(started["data"]["pid"])
 
-        job = await c.call("SPAWN", {"prompt": "[[sleep:30]] cancel me", "mode": "async",
-                                     "cwd": str(real_daemon.work)})
+        job = await c.call(
+            "SPAWN",
+            {"prompt": "[[sleep:30]] cancel me", "mode": "async", "cwd": str(real_daemon.work)},
+        )
         started = await c.next_event(timeout=20)
         pid = started["data"]["pid"]
         assert pid_alive(pid)
@@ -135,39 +145,48 @@ async def test_timeout_and_cancel_kill_the_real_cli(real_daemon: DaemonProcess) 
     wait_for(lambda: not pid_alive(pid), timeout=5)
 
 
-def test_tool_round_trip_with_allowed_tools(real_daemon: DaemonProcess,
-                                            stub_api: StubAPI) -> None:
+def test_tool_round_trip_with_allowed_tools(real_daemon: DaemonProcess, stub_api: StubAPI) -> None:
     r = spawn(real_daemon, prompt="[[bash:echo hi]]", allowed_tools=["Bash"])["result"]
     assert r["text"] == "tool result: hi"
     assert r["num_turns"] == 2
     assert len(model_calls(stub_api)) == 2
 
 
-async def test_provider_straight_from_litellm(real_claude_bin: Path, claude_env: dict[str, str],
-                                              claude_cwd: Path, monkeypatch: pytest.MonkeyPatch
-                                              ) -> None:
+async def test_provider_straight_from_litellm(
+    real_claude_bin: Path,
+    claude_env: dict[str, str],
+    claude_cwd: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import litellm
 
     import claude_cli_provider
 
     for key, value in claude_env.items():
         monkeypatch.setenv(key, value)
-    engine = ClaudeEngine(EngineConfig(project_root=claude_cwd, default_cwd=claude_cwd,
-                                       claude_bin=str(real_claude_bin)))
+    engine = ClaudeEngine(
+        EngineConfig(
+            project_root=claude_cwd, default_cwd=claude_cwd, claude_bin=str(real_claude_bin)
+        )
+    )
     saved = list(litellm.custom_provider_map)
     claude_cli_provider.register(claude_cli_provider.ClaudeCLIProvider(engine))
     try:
-        resp = await litellm.acompletion(model="claude-cli/sonnet",
-                                         messages=[{"role": "user", "content": "direct"}],
-                                         claude={"cwd": str(claude_cwd)})
+        resp = await litellm.acompletion(
+            model="claude-cli/sonnet",
+            messages=[{"role": "user", "content": "direct"}],
+            claude={"cwd": str(claude_cwd)},
+        )
         assert resp.choices[0].message.content == "echo: direct"
         sid = resp._hidden_params["claude_session_id"]
         assert resp._hidden_params["response_cost"] > 0
 
         stream = await litellm.acompletion(
-            model="claude-cli/sonnet", stream=True,
+            model="claude-cli/sonnet",
+            stream=True,
             messages=[{"role": "user", "content": "streamed"}],
-            claude={"session_id": sid})
+            claude={"session_id": sid},
+        )
         text, session = "", None
         try:
             async for chunk in stream:
@@ -183,7 +202,8 @@ async def test_provider_straight_from_litellm(real_claude_bin: Path, claude_env:
 
 
 def test_a_transient_failure_is_retried_and_the_model_sees_one_prompt(
-        real_daemon: DaemonProcess, stub_api: StubAPI) -> None:
+    real_daemon: DaemonProcess, stub_api: StubAPI
+) -> None:
     """The real CLI stores a prompt before it calls the API and sends it again on the next
     resume; the daemon's retry rewinds the session first, for a first turn and a resumed
     one. (The work directory's name has "_": the CLI's slug turns it into "-".)"""
@@ -198,6 +218,9 @@ def test_a_transient_failure_is_retried_and_the_model_sees_one_prompt(
     calls = model_calls(stub_api)
     assert user_texts(calls[-1]) == ["user:hello", "assistant:echo: hello", "user:second"]
     events = real_daemon.result("GET_EVENTS", {"event_types": ["PROCESS_PROGRESS"]})["events"]
-    retries = [(e["data"]["status"], e["data"]["attempt"]) for e in events
-               if e["data"]["kind"] == "api_retry"]
+    retries = [
+        (e["data"]["status"], e["data"]["attempt"])
+        for e in events
+        if e["data"]["kind"] == "api_retry"
+    ]
     assert retries == [(529, 1), (529, 2), (429, 1)]

@@ -21,11 +21,11 @@ from tests.helpers import DaemonProcess, pid_alive, wait_for
 
 
 @pytest.fixture
-def warm_daemon(start_real_daemon: Callable[..., DaemonProcess], claude_cwd: Path
-                ) -> DaemonProcess:
+def warm_daemon(start_real_daemon: Callable[..., DaemonProcess], claude_cwd: Path) -> DaemonProcess:
     # The pool's default cwd is the project root: make it the test's work dir.
-    return start_real_daemon(KSI_WARM_DEFAULT="true", KSI_WARM_POOL_SIZE="1",
-                             KSI_PROJECT_ROOT=str(claude_cwd))
+    return start_real_daemon(
+        KSI_WARM_DEFAULT="true", KSI_WARM_POOL_SIZE="1", KSI_PROJECT_ROOT=str(claude_cwd)
+    )
 
 
 async def started_pid(c: AsyncClient, reply: dict[str, Any]) -> int:
@@ -43,8 +43,9 @@ def stop_and_check(d: DaemonProcess, pids: list[int]) -> None:
     wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=5)
 
 
-async def test_pool_then_warm_conversation_on_one_process(warm_daemon: DaemonProcess,
-                                                          stub_api: StubAPI) -> None:
+async def test_pool_then_warm_conversation_on_one_process(
+    warm_daemon: DaemonProcess, stub_api: StubAPI
+) -> None:
     d = warm_daemon
     health = wait_for(lambda: (h := d.result("HEALTH_CHECK")["warm"])["pool_ready"] == 1 and h)
     (pool_pid,) = health["pool_pids"]
@@ -60,11 +61,16 @@ async def test_pool_then_warm_conversation_on_one_process(warm_daemon: DaemonPro
             results.append(reply["result"])
     assert [r["text"] for r in results] == ["echo: hello", "echo: second", "echo: third"]
     assert user_texts(model_calls(stub_api)[-1]) == [
-        "user:hello", "assistant:echo: hello", "user:second", "assistant:echo: second",
-        "user:third"]
+        "user:hello",
+        "assistant:echo: hello",
+        "user:second",
+        "assistant:echo: second",
+        "user:third",
+    ]
     # The CLI's total_cost_usd accumulates per process; the daemon reports per-turn costs.
     assert results[-1]["raw"]["total_cost_usd"] == pytest.approx(
-        sum(r["cost_usd"] for r in results))
+        sum(r["cost_usd"] for r in results)
+    )
     session = d.result("GET_SESSION", {"session_id": sid})["session"]
     assert session["warm"]["pid"] == pool_pid
     assert session["warm"]["rss_mb"] > 50  # the real CLI is ~150-210 MB resident
@@ -73,8 +79,9 @@ async def test_pool_then_warm_conversation_on_one_process(warm_daemon: DaemonPro
     stop_and_check(d, [pool_pid, *refill["pool_pids"]])
 
 
-async def test_cancel_mid_turn_uses_the_interrupt(warm_daemon: DaemonProcess,
-                                                  stub_api: StubAPI) -> None:
+async def test_cancel_mid_turn_uses_the_interrupt(
+    warm_daemon: DaemonProcess, stub_api: StubAPI
+) -> None:
     d = warm_daemon
     cwd = str(d.work)
     async with AsyncClient.connect(d.socket) as c:
@@ -82,8 +89,9 @@ async def test_cancel_mid_turn_uses_the_interrupt(warm_daemon: DaemonProcess,
         first = await c.request("SPAWN", {"prompt": "first", "cwd": cwd})
         pid = await started_pid(c, first)
         sid = first["result"]["session_id"]
-        job = await c.request("SPAWN", {"prompt": "slow [[sleep:20]]", "session_id": sid,
-                                        "mode": "async"})
+        job = await c.request(
+            "SPAWN", {"prompt": "slow [[sleep:20]]", "session_id": sid, "mode": "async"}
+        )
         assert await started_pid(c, job) == pid
         wait_for(lambda: any("sleep 20" in r["note"] for r in model_calls(stub_api)), 15)
         t0 = time.monotonic()
@@ -95,7 +103,11 @@ async def test_cancel_mid_turn_uses_the_interrupt(warm_daemon: DaemonProcess,
         assert await started_pid(c, after) == pid
     assert after["result"]["text"].endswith("after")
     assert user_texts(model_calls(stub_api)[-1]) == [
-        "user:first", "assistant:echo: first", "user:slow [[sleep:20]]",
-        "user:[Request interrupted by user]", "user:after"]
+        "user:first",
+        "assistant:echo: first",
+        "user:slow [[sleep:20]]",
+        "user:[Request interrupted by user]",
+        "user:after",
+    ]
     pool = d.result("HEALTH_CHECK")["warm"]["pool_pids"]
     stop_and_check(d, [pid, *pool])
