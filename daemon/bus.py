@@ -38,7 +38,7 @@ from typing import Any, Literal
 import orjson
 import structlog
 
-from daemon.errors import DaemonError
+from daemon.errors import DaemonError, ErrorCode
 from daemon.protocol import encode_event, utc_now_iso
 from daemon.store import Store
 
@@ -310,7 +310,7 @@ class EventBus:
             raise DaemonError(
                 f"event of {len(wire)} bytes (as sent to subscribers) exceeds the limit of "
                 f"{max_bytes}",
-                code="PAYLOAD_TOO_LARGE",
+                code=ErrorCode.PAYLOAD_TOO_LARGE,
                 details={"limit_bytes": max_bytes, "size_bytes": len(wire)},
             )
         self.seq = seq

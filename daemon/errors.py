@@ -1,33 +1,86 @@
-"""Typed errors with stable wire codes.
+"""The daemon's one error vocabulary: :class:`ErrorCode`, and the exceptions that carry it.
 
-Every failure a client can see is a :class:`DaemonError` carrying a ``code`` (a stable,
-upper-case string) and an optional ``details`` dict. The dispatcher is the only place
-that turns exceptions into error replies; anything that is not a ``DaemonError`` becomes
+Every failure a client can see is a :class:`DaemonError` with a ``code`` from
+:class:`ErrorCode` and an optional ``details`` dict. A Claude turn's failure
+(:class:`daemon.claude.errors.ClaudeCLIError`) uses the same codes, so a code is never
+translated on its way from the CLI to the wire. The dispatcher is the only place that
+turns exceptions into error replies; anything that is not a ``DaemonError`` becomes
 ``INTERNAL_ERROR`` with the traceback logged, never sent.
 
     DaemonError
-    ├── ProtocolError        INVALID_JSON, INVALID_REQUEST, INVALID_UTF8, LINE_TOO_LONG
+    ├── ProtocolError        INVALID_JSON, INVALID_REQUEST, INVALID_UTF8, LINE_TOO_LONG, ...
     ├── UnknownCommand       UNKNOWN_COMMAND
     ├── InvalidParameters    INVALID_PARAMETERS
     ├── NotFound             SESSION_NOT_FOUND, PROCESS_NOT_FOUND, AGENT_NOT_FOUND
-    ├── Conflict             e.g. PROCESS_FINISHED (cancel of a finished process)
+    ├── Conflict             PROCESS_FINISHED (cancel of a finished process)
     ├── Unavailable          SHUTTING_DOWN, NOT_READY
+    ├── PermissionDenied     PERMISSION_DENIED
     ├── StorageError         STORAGE_FULL, STORAGE_ERROR, STORAGE_BUSY
-    └── SpawnFailed          the CLI's own codes (TIMEOUT, RATE_LIMITED, ...)
+    └── TurnFailed           a Claude turn's codes (TIMEOUT, RATE_LIMITED, ...)
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes: the string values go over the wire unchanged."""
+
+    # The request itself (daemon/protocol.py, daemon/server/).
+    INVALID_JSON = "INVALID_JSON"
+    INVALID_UTF8 = "INVALID_UTF8"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    LINE_TOO_LONG = "LINE_TOO_LONG"
+    LINE_TIMEOUT = "LINE_TIMEOUT"
+    INPUT_BUFFERS_FULL = "INPUT_BUFFERS_FULL"
+    NESTING_TOO_DEEP = "NESTING_TOO_DEEP"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    UNKNOWN_COMMAND = "UNKNOWN_COMMAND"
+    INVALID_PARAMETERS = "INVALID_PARAMETERS"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    # Things a command names.
+    NOT_FOUND = "NOT_FOUND"
+    SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
+    PROCESS_NOT_FOUND = "PROCESS_NOT_FOUND"
+    AGENT_NOT_FOUND = "AGENT_NOT_FOUND"
+    CONFLICT = "CONFLICT"
+    PROCESS_FINISHED = "PROCESS_FINISHED"
+    # The daemon's condition.
+    UNAVAILABLE = "UNAVAILABLE"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    NOT_READY = "NOT_READY"
+    STORAGE_FULL = "STORAGE_FULL"
+    STORAGE_ERROR = "STORAGE_ERROR"
+    STORAGE_BUSY = "STORAGE_BUSY"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+    # A Claude turn (daemon/claude/errors.py says when each is raised).
+    CLAUDE_NOT_FOUND = "CLAUDE_NOT_FOUND"
+    AUTH_FAILED = "AUTH_FAILED"
+    RATE_LIMITED = "RATE_LIMITED"
+    API_ERROR = "API_ERROR"
+    MAX_TURNS = "MAX_TURNS"
+    TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
+    INTERRUPTED = "INTERRUPTED"
+    CLI_CRASHED = "CLI_CRASHED"
+    INVALID_OUTPUT = "INVALID_OUTPUT"
+    # Only the LiteLLM provider's (claude_cli_provider.py): no turn was attempted.
+    BAD_REQUEST = "BAD_REQUEST"
 
 
 class DaemonError(Exception):
     """Base class: an error that is sent to the client as ``{"code", "message", "details"}``."""
 
-    code: str = "INTERNAL_ERROR"
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
 
     def __init__(
-        self, message: str, *, code: str | None = None, details: dict[str, Any] | None = None
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         if code is not None:
@@ -43,33 +96,48 @@ class DaemonError(Exception):
 
 
 class ProtocolError(DaemonError):
-    """The bytes on the wire were not a valid request envelope."""
+    """The bytes on the wire were not a valid request envelope.
 
-    code = "INVALID_REQUEST"
+    ``echo``: as much of the request's ``id`` / ``metadata.request_id`` as could be read,
+    so that a pipelining client can still match the error reply to its request.
+    """
+
+    code = ErrorCode.INVALID_REQUEST
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        details: dict[str, Any] | None = None,
+        echo: Any = None,
+    ) -> None:
+        super().__init__(message, code=code, details=details)
+        self.echo = echo
 
 
 class UnknownCommand(DaemonError):
-    code = "UNKNOWN_COMMAND"
+    code = ErrorCode.UNKNOWN_COMMAND
 
 
 class InvalidParameters(DaemonError):
-    code = "INVALID_PARAMETERS"
+    code = ErrorCode.INVALID_PARAMETERS
 
 
 class NotFound(DaemonError):
-    code = "NOT_FOUND"
+    code = ErrorCode.NOT_FOUND
 
 
 class Conflict(DaemonError):
-    code = "CONFLICT"
+    code = ErrorCode.CONFLICT
 
 
 class Unavailable(DaemonError):
-    code = "UNAVAILABLE"
+    code = ErrorCode.UNAVAILABLE
 
 
 class PermissionDenied(DaemonError):
-    code = "PERMISSION_DENIED"
+    code = ErrorCode.PERMISSION_DENIED
 
 
 class StorageError(DaemonError):
@@ -81,10 +149,10 @@ class StorageError(DaemonError):
     ``details`` name the SQLite error and the path.
     """
 
-    code = "STORAGE_ERROR"
+    code = ErrorCode.STORAGE_ERROR
 
 
 class SpawnFailed(DaemonError):
     """A Claude turn failed; ``code`` is the CLI-level code (TIMEOUT, RATE_LIMITED, ...)."""
 
-    code = "CLI_CRASHED"
+    code = ErrorCode.CLI_CRASHED

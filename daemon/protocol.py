@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from daemon.errors import DaemonError, ProtocolError
+from daemon.errors import DaemonError, ErrorCode, ProtocolError
 
 PROTOCOL_VERSION = "2.0"
 _ENVELOPE_KEYS = frozenset({"command", "parameters", "version", "metadata", "id"})
@@ -96,12 +96,13 @@ def parse_request(line: bytes) -> Request:
             line.decode("utf-8")
         except UnicodeDecodeError as uexc:
             raise ProtocolError(
-                f"request is not valid UTF-8 (byte {uexc.start})", code="INVALID_UTF8"
+                f"request is not valid UTF-8 (byte {uexc.start})", code=ErrorCode.INVALID_UTF8
             ) from None
-        raise ProtocolError(f"invalid JSON: {exc}", code="INVALID_JSON") from None
+        raise ProtocolError(f"invalid JSON: {exc}", code=ErrorCode.INVALID_JSON) from None
     if not isinstance(obj, dict):
         raise ProtocolError(
-            f"a request must be a JSON object, got {type(obj).__name__}", code="INVALID_REQUEST"
+            f"a request must be a JSON object, got {type(obj).__name__}",
+            code=ErrorCode.INVALID_REQUEST,
         )
     # Nesting deeper than MAX_DEPTH needs more than MAX_DEPTH opening brackets, so the
     # exact check (an encode of the request) runs only for lines that have that many:
@@ -111,13 +112,12 @@ def parse_request(line: bytes) -> Request:
         and line.count(b"[") + line.count(b"{") > MAX_DEPTH
         and (too_deep(obj))
     ):
-        err = ProtocolError(
+        raise ProtocolError(
             f"request nested more than {MAX_DEPTH} arrays/objects deep",
-            code="NESTING_TOO_DEEP",
+            code=ErrorCode.NESTING_TOO_DEEP,
             details={"max_depth": MAX_DEPTH},
+            echo=echo_of(obj, check_depth=True),
         )
-        err.echo = echo_of(obj, check_depth=True)  # type: ignore[attr-defined]
-        raise err
     command = obj.get("command")
     if not isinstance(command, str) or not command:
         raise _envelope_error(obj, "field 'command': required, a non-empty string")
@@ -149,9 +149,7 @@ def parse_request(line: bytes) -> Request:
 
 
 def _envelope_error(obj: dict[str, Any], message: str) -> ProtocolError:
-    err = ProtocolError(message, code="INVALID_REQUEST")
-    err.echo = echo_of(obj)  # type: ignore[attr-defined]
-    return err
+    return ProtocolError(message, code=ErrorCode.INVALID_REQUEST, echo=echo_of(obj))
 
 
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:

@@ -59,7 +59,7 @@ import orjson
 import structlog
 
 from daemon.bus import Event, StoredEvent, Subscriber
-from daemon.errors import DaemonError, InvalidParameters, PermissionDenied, ProtocolError
+from daemon.errors import DaemonError, ErrorCode, InvalidParameters, PermissionDenied, ProtocolError
 from daemon.fsmodes import private_dir, socket_files
 from daemon.protocol import Request, encode_error, encode_event, parse_request, utc_now_iso
 from daemon.registry import Context
@@ -254,7 +254,7 @@ class Connection(asyncio.Protocol):
                 log.warning(
                     "request.rejected",
                     conn=self.id,
-                    code="INPUT_BUFFERS_FULL",
+                    code=ErrorCode.INPUT_BUFFERS_FULL,
                     pending_bytes=server.pending_input,
                 )
                 self._refuse_partial(_BUFFERS_FULL)
@@ -298,7 +298,7 @@ class Connection(asyncio.Protocol):
         )
         err = ProtocolError(
             f"incomplete request line, no data for {timeout:g} s",
-            code="LINE_TIMEOUT",
+            code=ErrorCode.LINE_TIMEOUT,
             details={"timeout_s": timeout},
         )
         self._queue(encode_error(None, err))
@@ -370,7 +370,7 @@ class Connection(asyncio.Protocol):
         if line is _TOO_LONG:
             err = ProtocolError(
                 f"request line exceeds {self._limit} bytes",
-                code="LINE_TOO_LONG",
+                code=ErrorCode.LINE_TOO_LONG,
                 details={"limit_bytes": self._limit},
             )
             log.warning("request.rejected", conn=self.id, code=err.code)
@@ -381,7 +381,7 @@ class Connection(asyncio.Protocol):
             err = ProtocolError(
                 f"request refused: incomplete requests of all connections hold over {limit} "
                 "bytes; retry",
-                code="INPUT_BUFFERS_FULL",
+                code=ErrorCode.INPUT_BUFFERS_FULL,
                 details={"limit_bytes": limit},
             )
             self._queue(encode_error(None, err))
@@ -392,7 +392,7 @@ class Connection(asyncio.Protocol):
             req = parse_request(line)
         except ProtocolError as exc:
             log.warning("request.rejected", conn=self.id, code=exc.code, error=exc.message)
-            self._queue(encode_error(getattr(exc, "echo", None), exc))
+            self._queue(encode_error(exc.echo, exc))
             return _Served.ANSWERED
         spec = self.daemon.registry.get(req.command)
         if spec is not None and spec.long_running and self.persistent:

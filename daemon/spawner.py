@@ -33,7 +33,7 @@ from daemon.claude.chat import cli_model
 from daemon.claude.engine import ClaudeEngine, EngineConfig
 from daemon.claude.errors import claude_error_of
 from daemon.claude.options import ClaudeOptions, StartInfo
-from daemon.errors import Conflict, DaemonError, InvalidParameters, NotFound, SpawnFailed
+from daemon.errors import Conflict, DaemonError, ErrorCode, InvalidParameters, NotFound, SpawnFailed
 from daemon.orphans import child_env, start_ticks
 from daemon.protocol import utc_now_iso
 from daemon.registry import invalid_parameters
@@ -215,7 +215,7 @@ class Spawner:
     async def submit(self, req: SpawnRequest) -> dict[str, Any]:
         """Run (sync) or enqueue (async) a turn; returns the SPAWN result."""
         if self.daemon.stopping:
-            raise DaemonError("the daemon is shutting down", code="SHUTTING_DOWN")
+            raise DaemonError("the daemon is shutting down", code=ErrorCode.SHUTTING_DOWN)
         # A turn whose records could not be kept must not run: it would be paid for and
         # then be missing from its session, the process list and the replay cache.
         self.daemon.store.check_writable()
@@ -456,7 +456,9 @@ class Spawner:
         self._ensure_loading()
         await self._ready.wait()
         if self._acompletion is None:
-            raise DaemonError(f"LiteLLM could not be loaded: {self._load_error}", code="NOT_READY")
+            raise DaemonError(
+                f"LiteLLM could not be loaded: {self._load_error}", code=ErrorCode.NOT_READY
+            )
         info, req = turn.info, turn.request
         info.status = "running"
         info.started_at = utc_now_iso()
@@ -602,9 +604,11 @@ class Spawner:
             details.pop("code", None)
             details.pop("message", None)
             details["session_id"] = details.get("session_id") or turn.session_id
-            return SpawnFailed(cli.message, code=str(cli.code), details=details)
+            return SpawnFailed(cli.message, code=cli.code, details=details)
         log.error("turn.litellm_error", error=repr(exc), process_id=turn.info.process_id)
-        return SpawnFailed(f"LiteLLM call failed: {type(exc).__name__}: {exc}", code="CLI_CRASHED")
+        return SpawnFailed(
+            f"LiteLLM call failed: {type(exc).__name__}: {exc}", code=ErrorCode.CLI_CRASHED
+        )
 
     async def _finish(self, turn: Turn, outcome: dict[str, Any]) -> None:
         try:
@@ -714,14 +718,16 @@ class Spawner:
         if turn is None:
             info = self.daemon.state.processes.get(process_id)
             if info is None:
-                raise NotFound(f"no process {process_id!r}", code="PROCESS_NOT_FOUND")
+                raise NotFound(f"no process {process_id!r}", code=ErrorCode.PROCESS_NOT_FOUND)
             if info.status in FINAL_STATUSES:
                 raise Conflict(
                     f"process {process_id} already finished ({info.status})",
-                    code="PROCESS_FINISHED",
+                    code=ErrorCode.PROCESS_FINISHED,
                     details={"status": info.status},
                 )
-            raise NotFound(f"process {process_id!r} is not running here", code="PROCESS_NOT_FOUND")
+            raise NotFound(
+                f"process {process_id!r} is not running here", code=ErrorCode.PROCESS_NOT_FOUND
+            )
         assert turn.task is not None
         turn.task.cancel()
         # The run's own cleanup kills the CLI's process group before the task ends.

@@ -21,6 +21,7 @@ import orjson
 from pydantic import BaseModel, Field, TypeAdapter
 from pydantic.dataclasses import dataclass
 
+from daemon.errors import ErrorCode
 from daemon.orphans import Recorded
 from daemon.protocol import iso_from_epoch
 from daemon.store import Store
@@ -181,7 +182,7 @@ class StateManager:
             info.status = "interrupted"
             info.finished_at = iso_from_epoch(now)
             info.error = {
-                "code": "INTERRUPTED",
+                "code": ErrorCode.INTERRUPTED,
                 "message": (
                     "the daemon stopped while this turn ran; the session is intact "
                     "and the request may be resubmitted"

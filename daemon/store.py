@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from daemon.errors import StorageError
+from daemon.errors import ErrorCode, StorageError
 from daemon.fsmodes import private_dir
 
 log = structlog.get_logger("ksi.store")
@@ -249,7 +249,7 @@ class Store:
         if self._bytes_in - self._bytes_out > self._hard_limit:
             raise StorageError(
                 "the state database is not keeping up with writes; retry later",
-                code="STORAGE_BUSY",
+                code=ErrorCode.STORAGE_BUSY,
                 details={"queued_bytes": self.queued_bytes, "limit_bytes": self._hard_limit},
             )
 
@@ -483,7 +483,7 @@ def _as_storage_error(exc: Exception, path: Path) -> StorageError:
     full = code is not None and code & 0xFF == _SQLITE_FULL
     return StorageError(
         f"the state database could not be written: {exc}",
-        code="STORAGE_FULL" if full else "STORAGE_ERROR",
+        code=ErrorCode.STORAGE_FULL if full else ErrorCode.STORAGE_ERROR,
         details={"sqlite_error": name, "path": str(path)},
     )
 

@@ -1,8 +1,8 @@
 """Typed failure of one Claude CLI turn.
 
 Every way a turn can fail ends up as a :class:`ClaudeCLIError` with a stable
-``code`` (an :class:`ErrorCode`). The codes are the daemon's wire vocabulary:
-the command layer and the LiteLLM provider translate them, nothing else does::
+``code`` from the daemon's one vocabulary (:class:`daemon.errors.ErrorCode`); the code
+reaches the wire unchanged::
 
     ClaudeCLIError
       code = CLAUDE_NOT_FOUND   executable missing / not executable
@@ -19,23 +19,11 @@ the command layer and the LiteLLM provider translate them, nothing else does::
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
+from daemon.errors import ErrorCode
 
-class ErrorCode(StrEnum):
-    """Stable error codes; the string values go over the wire unchanged."""
-
-    CLAUDE_NOT_FOUND = "CLAUDE_NOT_FOUND"
-    SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
-    AUTH_FAILED = "AUTH_FAILED"
-    RATE_LIMITED = "RATE_LIMITED"
-    API_ERROR = "API_ERROR"
-    MAX_TURNS = "MAX_TURNS"
-    TIMEOUT = "TIMEOUT"
-    CANCELLED = "CANCELLED"
-    CLI_CRASHED = "CLI_CRASHED"
-    INVALID_OUTPUT = "INVALID_OUTPUT"
+__all__ = ["ClaudeCLIError", "ErrorCode", "claude_error_of"]
 
 
 class ClaudeCLIError(Exception):

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from daemon.errors import NotFound
+from daemon.errors import ErrorCode, NotFound
 from daemon.registry import Context, NoParams, Params, Registry, Result
 from daemon.state import AgentInfo
 
@@ -65,7 +65,7 @@ def register(r: Registry) -> None:
             known = sorted(ctx.daemon.state.agents)[:5]
             raise NotFound(
                 f"no agent {p.agent_id!r} is registered",
-                code="AGENT_NOT_FOUND",
+                code=ErrorCode.AGENT_NOT_FOUND,
                 details={"known_agents": known},
             )
         ctx.daemon.bus.publish("AGENT_UNREGISTERED", {"agent_id": p.agent_id})

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, field_validator
 
 from daemon.claude.options import PermissionMode
-from daemon.errors import NotFound
+from daemon.errors import ErrorCode, NotFound
 from daemon.registry import Context, NoParams, Params, Registry, Result
 from daemon.spawner import SpawnRequest
 from daemon.state import ProcessInfo, ProcessStatus, SessionInfo
@@ -253,7 +253,8 @@ def register(r: Registry) -> None:
         info = await ctx.daemon.state.session(p.session_id)
         if info is None:
             raise NotFound(
-                f"no session {p.session_id!r} is known to the daemon", code="SESSION_NOT_FOUND"
+                f"no session {p.session_id!r} is known to the daemon",
+                code=ErrorCode.SESSION_NOT_FOUND,
             )
         procs = [x for x in ctx.daemon.state.processes.values() if x.session_id == p.session_id]
         return SessionResult(session=ctx.daemon.spawner.with_warm(info), processes=procs)
