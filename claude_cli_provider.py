@@ -69,6 +69,7 @@ from litellm.types.utils import Choices, GenericStreamingChunk, Message, ModelRe
 from openai import OpenAIError
 
 from daemon.claude import (
+    CURRENT_ENGINE,
     ClaudeCLIError,
     ClaudeEngine,
     ClaudeOptions,
@@ -324,7 +325,16 @@ class ClaudeCLIProvider(CustomLLM):
                     default_cwd=Path(os.getcwd()),
                 )
             )
-        self.engine = engine
+        self._engine = engine
+
+    @property
+    def engine(self) -> ClaudeEngine:
+        """The engine of the caller's context (``use_engine``), else this provider's own.
+
+        LiteLLM keeps one provider per process (``custom_provider_map``); a process that runs
+        several engines (daemons under test, in one process) says which one a call is for.
+        """
+        return CURRENT_ENGINE.get() or self._engine
 
     # LiteLLM passes every argument by keyword (main._complete_custom_providers);
     # only ``optional_params`` matters here, where ``claude={...}`` arrives.

@@ -22,6 +22,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,8 @@ class Daemon:
             self.server.path.unlink()
 
     def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # a daemon run in a thread (tests): its owner stops it (request_shutdown)
         loop = asyncio.get_running_loop()
         # SIGHUP (the terminal that started the daemon went away, or an operator's hangup)
         # takes the same graceful path: Python's default would end the process on the spot,

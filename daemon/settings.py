@@ -47,6 +47,9 @@ class Settings(BaseSettings):
 
     # Claude runs.
     claude_bin: str | None = None
+    # Environment for the CLI processes only, over the daemon's own (KSI_CLAUDE_ENV is JSON):
+    # e.g. ANTHROPIC_BASE_URL or CLAUDE_CONFIG_DIR for the turns, not for the daemon.
+    claude_env: dict[str, str] = Field(default_factory=dict)
     default_model: str = "sonnet"
     max_concurrency: int = Field(default=4, ge=1)
     default_timeout_s: float = Field(default=600.0, gt=0)

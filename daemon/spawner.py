@@ -30,7 +30,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from daemon.claude.chat import cli_model
-from daemon.claude.engine import ClaudeEngine, EngineConfig
+from daemon.claude.engine import CURRENT_ENGINE, ClaudeEngine, EngineConfig
 from daemon.claude.errors import claude_error_of
 from daemon.claude.options import ClaudeOptions, StartInfo
 from daemon.errors import Conflict, DaemonError, ErrorCode, InvalidParameters, NotFound, SpawnFailed
@@ -121,7 +121,7 @@ class Spawner:
     def start(self) -> None:
         self._ready = asyncio.Event()
         # Marks every CLI (and its tool subprocesses) as this run's: see daemon/orphans.py.
-        extra_env = child_env(self.settings.state_path)
+        extra_env = {**self.settings.claude_env, **child_env(self.settings.state_path)}
         retries = self.settings.cli_max_retries
         if retries is not None and "CLAUDE_CODE_MAX_RETRIES" not in os.environ:
             extra_env["CLAUDE_CODE_MAX_RETRIES"] = str(retries)
@@ -524,6 +524,8 @@ class Spawner:
         while True:
             await self._wait_for_hold()
             mark = self.engine.transcript_mark(turn.session_id, turn.cwd)
+            # The provider is LiteLLM's, one per process: this says the call is this engine's.
+            CURRENT_ENGINE.set(self.engine)
             try:
                 return await self._acompletion(
                     model=f"claude-cli/{req.model}",

@@ -31,6 +31,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,10 @@ from daemon.claude.warm import WarmBackend, WarmConfig
 from daemon.claude.warm_process import ProcSpec
 
 log = structlog.get_logger("ksi.claude.engine")
+
+# The engine a LiteLLM call in this context is for (see ClaudeCLIProvider.engine): set by a
+# caller that owns an engine around its ``litellm.acompletion`` calls.
+CURRENT_ENGINE: ContextVar[ClaudeEngine | None] = ContextVar("ksi_claude_engine", default=None)
 
 _MAX_REMEMBERED_SESSIONS = 10_000
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9]")
