@@ -1,7 +1,7 @@
 """A/B: measure two daemon trees ("before" and "after" = this checkout) in one run.
 
-    .venv/bin/python -m bench.ab --revert daemon/server.py,daemon/registry.py
-    .venv/bin/python -m bench.ab --revert daemon/server.py --only P3,P4 --rounds 2
+    .venv/bin/python -m bench.ab --revert daemon/server/connection.py,daemon/commands/registry.py
+    .venv/bin/python -m bench.ab --revert daemon/server/connection.py --only P3,P4 --rounds 2
 
 ``--revert`` builds the "before" tree: a copy of the working tree's daemon with the given
 files taken from ``--rev`` (default HEAD), so only those changes differ. ``--base DIR``

@@ -32,15 +32,15 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
 
 # Where a sample's time is charged: the innermost frame that belongs to one of these.
 LAYERS: list[tuple[str, str]] = [
-    ("daemon/server.py", "daemon: server (socket, connections)"),
+    ("daemon/server/", "daemon: server (socket, connections)"),
     ("daemon/protocol.py", "daemon: protocol (parse/encode)"),
-    ("daemon/registry.py", "daemon: registry (validate/dump)"),
+    ("daemon/commands/registry.py", "daemon: registry (validate/dump)"),
     ("daemon/commands/", "daemon: command handlers"),
-    ("daemon/spawner.py", "daemon: spawner"),
-    ("daemon/state.py", "daemon: state"),
-    ("daemon/store.py", "daemon: store (SQLite)"),
-    ("daemon/bus.py", "daemon: bus"),
-    ("daemon/turnlog.py", "daemon: turn log"),
+    ("daemon/turns/scheduler.py", "daemon: turn scheduler"),
+    ("daemon/state/records.py", "daemon: state"),
+    ("daemon/state/db.py", "daemon: store (SQLite)"),
+    ("daemon/events/bus.py", "daemon: bus"),
+    ("daemon/state/turnlog.py", "daemon: turn log"),
     ("daemon/claude/runner.py", "daemon.claude: runner"),
     ("daemon/claude/", "daemon.claude: engine/backends/results"),
     ("claude_cli_provider.py", "provider (claude_cli_provider)"),

@@ -31,17 +31,17 @@ import orjson
 import structlog
 
 from daemon import __version__, logs
-from daemon.bus import EventBus
 from daemon.commands import build_registry
+from daemon.events.bus import EventBus
+from daemon.events.observers import ObserverHost
 from daemon.fsmodes import private_dir, socket_files
-from daemon.observers import ObserverHost
-from daemon.orphans import end_orphans, find_orphans, owner_token
 from daemon.protocol import iso_from_epoch
 from daemon.server import Server
 from daemon.settings import Settings
-from daemon.spawner import Spawner
-from daemon.state import StateManager
-from daemon.store import STATE_LOCK, Store
+from daemon.state.db import STATE_LOCK, Store
+from daemon.state.records import StateManager
+from daemon.turns.orphans import end_orphans, find_orphans, owner_token
+from daemon.turns.scheduler import TurnScheduler
 
 log = structlog.get_logger("ksi.daemon")
 
@@ -65,7 +65,7 @@ class Daemon:
         self.bus = EventBus(self.store, history_size=settings.event_history)
         self.registry = build_registry()
         self.server = Server(self)
-        self.spawner = Spawner(self)
+        self.turns = TurnScheduler(self)
         self.observers = ObserverHost(self)
         self.stopping = False
         self._shutdown: asyncio.Event | None = None
@@ -84,7 +84,7 @@ class Daemon:
             await self.store.open()
             await self.state.load()
             # Before any turn can run: CLIs of an earlier run that died under them would
-            # otherwise run alongside new turns of the same sessions (daemon/orphans.py).
+            # otherwise run alongside new turns of the same sessions (daemon/turns/orphans.py).
             found = find_orphans(owner_token(self.settings.state_path), self.state.orphans)
             self.orphans_ended = await end_orphans(found, self.settings.term_grace_s)
             await self.bus.load()
@@ -98,7 +98,7 @@ class Daemon:
                 version=__version__,
                 startup_ms=round((time.time() - self.started_at) * 1000, 1),
             )
-            self.spawner.start()
+            self.turns.start()
             await self._shutdown.wait()
             await self._teardown()
         finally:
@@ -111,7 +111,7 @@ class Daemon:
             return
         if self._shutdown.is_set():
             self._force = True
-            self.spawner.force_stop()
+            self.turns.force_stop()
             return
         log.info("daemon.shutting_down", reason=reason)
         self.stopping = True
@@ -120,7 +120,7 @@ class Daemon:
     async def _teardown(self) -> None:
         await self.server.stop_accepting()
         grace = 0.0 if self._force else self.settings.shutdown_grace_s
-        await self.spawner.shutdown(grace)
+        await self.turns.shutdown(grace)
         await self.observers.stop()
         await self.server.close_all()
         await self.bus.close()
@@ -195,7 +195,7 @@ class Daemon:
     # -- health ---------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        sp = self.spawner
+        sp = self.turns
         storage = self.store.health()
         return {
             "status": "shutting_down"

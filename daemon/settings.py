@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     subscriber_queue: int = Field(default=1000, ge=1)
     event_history: int = Field(default=10_000, ge=100)
     # Bytes of SQLite writes queued before awaited writers (and PUBLISH) wait; fire-and-forget
-    # writes are refused past twice this (see daemon/store.py).
+    # writes are refused past twice this (see daemon/state/db.py).
     store_queue_bytes: int = Field(default=8 * MiB, ge=MiB)
     # Memory bounds in bytes (a count alone let 250 PUBLISHes of 4 MB hold 1 GB).
     max_event_bytes: int = Field(default=1 * MiB, ge=1024)  # a PUBLISHed event's wire line

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from daemon.store import Store
+from daemon.state.db import Store
 from tests.helpers import DaemonProcess, short_tmpdir
 
 

@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any, ClassVar
 
-from daemon.observers import ObserverAPI
+from daemon.events.observers import ObserverAPI
 
 
 class Recorder:

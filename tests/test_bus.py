@@ -1,4 +1,4 @@
-"""daemon.bus: patterns, seq, fan-out with bounded inboxes, directed events, history."""
+"""daemon.events.bus: patterns, seq, fan-out with bounded inboxes, directed events, history."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from daemon.app import Daemon
-from daemon.bus import EventBus, Patterns, StoredEvent, Subscriber
+from daemon.events.bus import EventBus, Patterns, StoredEvent, Subscriber
 from daemon.settings import Settings
-from daemon.store import Store
+from daemon.state.db import Store
 from tests.helpers import FAKE_CLAUDE, short_tmpdir
 from tests.wire import Wire
 

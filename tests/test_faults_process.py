@@ -356,36 +356,38 @@ def test_a_rate_limit_holds_the_other_turns(make_daemon: Any) -> None:
 
 
 def test_retry_delay_rules() -> None:
-    from daemon.errors import SpawnFailed
+    from daemon.errors import ErrorCode, SpawnFailed
     from daemon.settings import Settings
-    from daemon.spawner import retry_delay
+    from daemon.turns.scheduler import retry_delay
 
     s = Settings(api_retries=3, api_retry_base_s=1.0, api_retry_max_s=30.0)
 
-    def err(code: str, status: int | None, message: str = "API Error", **raw: Any) -> SpawnFailed:
+    def err(
+        code: ErrorCode, status: int | None, message: str = "API Error", **raw: Any
+    ) -> SpawnFailed:
         return SpawnFailed(
             message, code=code, details={"api_error_status": status, "raw": raw or None}
         )
 
-    first = retry_delay(err("RATE_LIMITED", 429), 0, s)
+    first = retry_delay(err(ErrorCode.RATE_LIMITED, 429), 0, s)
     assert first is not None
     assert 1.0 <= first <= 1.25
-    third = retry_delay(err("API_ERROR", 529), 2, s)
+    third = retry_delay(err(ErrorCode.API_ERROR, 529), 2, s)
     assert third is not None
     assert 4.0 <= third <= 5.0
-    assert retry_delay(err("API_ERROR", 529), 3, s) is None  # used up
-    assert retry_delay(err("API_ERROR", 400), 0, s) is None
-    assert retry_delay(err("AUTH_FAILED", 401), 0, s) is None
-    assert retry_delay(err("API_ERROR", None, "Request timed out"), 0, s) is None
-    connect = retry_delay(err("API_ERROR", None, "Unable to connect to API"), 0, s)
+    assert retry_delay(err(ErrorCode.API_ERROR, 529), 3, s) is None  # used up
+    assert retry_delay(err(ErrorCode.API_ERROR, 400), 0, s) is None
+    assert retry_delay(err(ErrorCode.AUTH_FAILED, 401), 0, s) is None
+    assert retry_delay(err(ErrorCode.API_ERROR, None, "Request timed out"), 0, s) is None
+    connect = retry_delay(err(ErrorCode.API_ERROR, None, "Unable to connect to API"), 0, s)
     assert connect is not None
     # The failed attempt did paid work (a tool round, say): a rerun would pay again.
-    assert retry_delay(err("API_ERROR", 529, total_cost_usd=0.02), 0, s) is None
-    assert retry_delay(err("API_ERROR", 500, usage={"output_tokens": 7}), 0, s) is None
-    hinted = retry_delay(err("RATE_LIMITED", 429, "rate limited; retry-after: 7"), 0, s)
+    assert retry_delay(err(ErrorCode.API_ERROR, 529, total_cost_usd=0.02), 0, s) is None
+    assert retry_delay(err(ErrorCode.API_ERROR, 500, usage={"output_tokens": 7}), 0, s) is None
+    hinted = retry_delay(err(ErrorCode.RATE_LIMITED, 429, "rate limited; retry-after: 7"), 0, s)
     assert hinted is not None
     assert hinted >= 7.0
-    assert retry_delay(err("RATE_LIMITED", 429, "retry after 120"), 0, s) is None
+    assert retry_delay(err(ErrorCode.RATE_LIMITED, 429, "retry after 120"), 0, s) is None
 
 
 # -- a state disk that refuses writes -------------------------------------------------------

@@ -23,11 +23,11 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon import turnlog
 from daemon.errors import StorageError
-from daemon.state import StateManager
-from daemon.store import Store
-from daemon.turnlog import TurnLog
+from daemon.state import turnlog
+from daemon.state.db import Store
+from daemon.state.records import StateManager
+from daemon.state.turnlog import TurnLog
 from tests.helpers import DaemonProcess, fill, short_tmpdir
 
 SET = (

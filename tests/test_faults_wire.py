@@ -22,12 +22,12 @@ import pytest
 
 from daemon import protocol
 from daemon.app import Daemon
-from daemon.bus import EventBus, Subscriber
-from daemon.errors import DaemonError
+from daemon.errors import DaemonError, ErrorCode
+from daemon.events.bus import EventBus, Subscriber
 from daemon.protocol import MAX_DEPTH, Echo, encode_error, parse_request
-from daemon.server import DROP_GRACE_S, Server
+from daemon.server.connection import DROP_GRACE_S, Server
 from daemon.settings import Settings
-from daemon.store import Store
+from daemon.state.db import Store
 from tests.helpers import FAKE_CLAUDE, DaemonProcess, raw_exchange, short_tmpdir, wait_for
 from tests.wire import Wire, persistent
 
@@ -172,7 +172,7 @@ def test_encode_error_leaves_out_an_echo_it_cannot_encode() -> None:
     line = encode_error(Echo("X", nested(300), True, "rid"), err)
     reply = orjson.loads(line)
     assert reply == {"status": "error", "command": "X", "error": err.to_wire()}
-    deep_details = DaemonError("boom", code="SOME_CODE", details={"v": nested(300)})
+    deep_details = DaemonError("boom", code=ErrorCode.CONFLICT, details={"v": nested(300)})
     reply = orjson.loads(encode_error(Echo("X", 1, True), deep_details))
     assert reply["error"] == {"code": "SOME_CODE", "message": "boom"}
 
@@ -220,7 +220,7 @@ async def test_an_exception_while_serving_a_line_gets_internal_error(
             raise RuntimeError("a bug in serving")
         return real(line)
 
-    monkeypatch.setattr("daemon.server.parse_request", flaky)
+    monkeypatch.setattr("daemon.server.connection.parse_request", flaky)
     lines = [b'{"command":"HEALTH_CHECK","id":%d}\n' % i for i in range(20)]
     lines.insert(1, b'{"command":"BOOM"}\n')  # served inline, in data_received
     lines.insert(19, b'{"command":"BOOM"}\n')  # served from the resume callback

@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon.store import SCHEMA_VERSION
+from daemon.state.db import SCHEMA_VERSION
 from tests.helpers import ROOT, DaemonProcess, pid_alive, raw_exchange, short_tmpdir, wait_for
 
 

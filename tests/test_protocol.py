@@ -7,7 +7,7 @@ import re
 import orjson
 import pytest
 
-from daemon.errors import DaemonError, InvalidParameters, ProtocolError
+from daemon.errors import DaemonError, ErrorCode, InvalidParameters, ProtocolError
 from daemon.protocol import (
     PROTOCOL_VERSION,
     Echo,
@@ -132,7 +132,7 @@ def test_envelope_error_keeps_the_echo() -> None:
     )
     with pytest.raises(ProtocolError) as info:
         parse_request(line)
-    echo = info.value.echo  # type: ignore[attr-defined]
+    echo = info.value.echo
     assert echo == Echo("GET_AGENTS", "abc", True, "r9")
     reply = decode(encode_error(echo, info.value))
     assert reply["id"] == "abc"
@@ -144,7 +144,7 @@ def test_envelope_error_keeps_the_echo() -> None:
 def test_envelope_error_without_id_has_no_id() -> None:
     with pytest.raises(ProtocolError) as info:
         parse_request(b'{"command": 7}')
-    reply = decode(encode_error(info.value.echo, info.value))  # type: ignore[attr-defined]
+    reply = decode(encode_error(info.value.echo, info.value))
     assert reply["command"] is None
     assert "id" not in reply
     assert "request_id" not in reply
@@ -195,7 +195,7 @@ def test_encode_error_from_request() -> None:
 
 
 def test_encode_error_without_echo() -> None:
-    reply = decode(encode_error(None, ProtocolError("too long", code="LINE_TOO_LONG")))
+    reply = decode(encode_error(None, ProtocolError("too long", code=ErrorCode.LINE_TOO_LONG)))
     assert reply == {
         "status": "error",
         "command": None,
@@ -205,7 +205,10 @@ def test_encode_error_without_echo() -> None:
 
 def test_error_codes_and_defaults() -> None:
     assert DaemonError("x").code == "INTERNAL_ERROR"
-    assert DaemonError("x", code="SOMETHING").to_wire() == {"code": "SOMETHING", "message": "x"}
+    assert DaemonError("x", code=ErrorCode.CONFLICT).to_wire() == {
+        "code": "CONFLICT",
+        "message": "x",
+    }
     assert "details" not in DaemonError("x", details={}).to_wire()
 
 

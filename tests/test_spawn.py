@@ -1,4 +1,4 @@
-"""SPAWN end to end: socket -> spawner -> litellm.acompletion -> our provider -> fake CLI."""
+"""SPAWN end to end: socket -> turn scheduler -> litellm.acompletion -> our provider -> fake CLI."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""daemon.state: sessions live in SQLite with a bounded in-memory cache in front."""
+"""daemon.state.records: sessions live in SQLite with a bounded in-memory cache in front."""
 
 from __future__ import annotations
 
 import pytest
 
-from daemon.state import StateManager
-from daemon.store import Store
+from daemon.state.db import Store
+from daemon.state.records import StateManager
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""daemon.store: the SQLite worker thread, group commit, ordering, migrations."""
+"""daemon.state.db: the SQLite worker thread, group commit, ordering, migrations."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import store as store_mod
-from daemon.store import MIGRATIONS, SCHEMA_VERSION, Store, migrate
+from daemon.state import db as store_mod
+from daemon.state.db import MIGRATIONS, SCHEMA_VERSION, Store, migrate
 
 
 async def test_open_creates_schema_and_wal(db: Store) -> None:

@@ -10,8 +10,8 @@ import orjson
 import pytest
 import structlog
 
-from daemon import turnlog
-from daemon.turnlog import TurnLog
+from daemon.state import turnlog
+from daemon.state.turnlog import TurnLog
 
 
 def lines(path: Path) -> list[dict]:
@@ -85,7 +85,7 @@ async def test_large_and_concurrent_lines_stay_whole(tmp_path: Path) -> None:
 
 async def test_lines_queued_without_waiting_keep_their_order(tmp_path: Path) -> None:
     log = TurnLog(tmp_path)
-    for i in range(50):  # as the spawner does: the human line is not awaited
+    for i in range(50):  # as the scheduler does: the human line is not awaited
         log.human("s", f"prompt {i}", process_id=str(i), agent_id=None, model=None)
         if i % 2:
             log.claude("s", {"result": f"answer {i}"}, process_id=str(i))

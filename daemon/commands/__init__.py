@@ -5,7 +5,7 @@ One module per family; each handler's docstring is its ``GET_COMMANDS`` descript
 
 from __future__ import annotations
 
-from daemon.registry import Registry
+from daemon.commands.registry import Registry
 
 
 def build_registry() -> Registry:

@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from daemon.commands.registry import Context, NoParams, Params, Registry, Result
 from daemon.errors import ErrorCode, NotFound
-from daemon.registry import Context, NoParams, Params, Registry, Result
-from daemon.state import AgentInfo
+from daemon.state.records import AgentInfo
 
 AgentId = Field(min_length=1, max_length=256)
 

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from daemon.commands.registry import Context, Params, Registry, Result
 from daemon.errors import InvalidParameters
-from daemon.registry import Context, Params, Registry, Result
 
 _PATTERN = re.compile(r"^[A-Za-z0-9_.:*?\[\]-]{1,128}$")
 _TYPE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")

@@ -8,10 +8,10 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, field_validator
 
 from daemon.claude.options import PermissionMode
+from daemon.commands.registry import Context, NoParams, Params, Registry, Result
 from daemon.errors import ErrorCode, NotFound
-from daemon.registry import Context, NoParams, Params, Registry, Result
-from daemon.spawner import SpawnRequest
-from daemon.state import ProcessInfo, ProcessStatus, SessionInfo
+from daemon.state.records import ProcessStatus, SessionRecord, TurnRecord
+from daemon.turns.scheduler import SpawnRequest
 
 
 def _tool_list(value: Any) -> Any:
@@ -137,7 +137,7 @@ class SpawnResult(Result):
 
 
 class ProcessesResult(Result):
-    processes: list[ProcessInfo]
+    processes: list[TurnRecord]
     running: int
     queued: int
     max_concurrency: int
@@ -164,7 +164,7 @@ class SessionsParams(Params):
 
 
 class SessionsResult(Result):
-    sessions: list[SessionInfo]
+    sessions: list[SessionRecord]
     total: int
 
 
@@ -173,8 +173,8 @@ class SessionIdParams(Params):
 
 
 class SessionResult(Result):
-    session: SessionInfo
-    processes: list[ProcessInfo]
+    session: SessionRecord
+    processes: list[TurnRecord]
 
 
 def register(r: Registry) -> None:
@@ -215,12 +215,12 @@ def register(r: Registry) -> None:
             client_request_id=p.client_request_id,
             options=options,
         )
-        return SpawnResult.model_validate(await daemon.spawner.submit(req))
+        return SpawnResult.model_validate(await daemon.turns.submit(req))
 
     @r.command("GET_PROCESSES", params=NoParams, result=ProcessesResult)
     async def get_processes(ctx: Context, p: NoParams) -> ProcessesResult:
         """Queued and running turns (with queue positions) and recent finished ones."""
-        sp = ctx.daemon.spawner
+        sp = ctx.daemon.turns
         procs = sp.snapshot()
         return ProcessesResult(
             processes=procs,
@@ -234,14 +234,14 @@ def register(r: Registry) -> None:
     @r.command("CANCEL_PROCESS", params=ProcessIdParams, result=CancelResult)
     async def cancel_process(ctx: Context, p: ProcessIdParams) -> CancelResult:
         """Cancel a queued or running turn; a running CLI's whole process group is killed."""
-        info = await ctx.daemon.spawner.cancel(p.process_id)
+        info = await ctx.daemon.turns.cancel(p.process_id)
         return CancelResult(process_id=info.process_id, status=info.status)
 
     @r.command("GET_SESSIONS", params=SessionsParams, result=SessionsResult)
     async def get_sessions(ctx: Context, p: SessionsParams) -> SessionsResult:
         """Known sessions, most recently used first (optionally one agent's)."""
         sessions = [
-            ctx.daemon.spawner.with_warm(s)
+            ctx.daemon.turns.with_warm(s)
             for s in await ctx.daemon.state.list_sessions(p.agent_id, p.limit)
         ]
         return SessionsResult(sessions=sessions, total=len(sessions))
@@ -257,4 +257,4 @@ def register(r: Registry) -> None:
                 code=ErrorCode.SESSION_NOT_FOUND,
             )
         procs = [x for x in ctx.daemon.state.processes.values() if x.session_id == p.session_id]
-        return SessionResult(session=ctx.daemon.spawner.with_warm(info), processes=procs)
+        return SessionResult(session=ctx.daemon.turns.with_warm(info), processes=procs)

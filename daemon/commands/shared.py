@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from daemon.commands.registry import Context, Params, Registry, Result
 from daemon.protocol import iso_from_epoch
-from daemon.registry import Context, Params, Registry, Result
 
 Key = Field(min_length=1, max_length=1024)
 

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from daemon.commands.registry import Context, NoParams, Params, Registry, Result
 from daemon.errors import InvalidParameters
-from daemon.registry import Context, NoParams, Params, Registry, Result
 
 
 class HealthResult(Result):

@@ -1,1 +1,1 @@
-"""Observer plugins shipped with the daemon (see ``daemon.observers``)."""
+"""Observer plugins shipped with the daemon (see ``daemon.events.observers``)."""

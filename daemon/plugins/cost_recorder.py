@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from daemon.observers import ObserverAPI
+from daemon.events.observers import ObserverAPI
 
 SHARED_KEY = "observers.cost_recorder"
 

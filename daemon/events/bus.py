@@ -40,7 +40,7 @@ import structlog
 
 from daemon.errors import DaemonError, ErrorCode
 from daemon.protocol import encode_event, utc_now_iso
-from daemon.store import Store
+from daemon.state.db import Store
 
 log = structlog.get_logger("ksi.bus")
 

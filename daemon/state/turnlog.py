@@ -19,7 +19,7 @@ and a descriptor idle for ``IDLE_CLOSE_S`` is closed.
 
 All file work happens on one writer thread (a single-worker executor: FIFO, so a session's
 lines stay in order) because creating a file costs ~0.7 ms on this project's test VMs and
-it is the first thing every new session does. The spawner queues the ``human`` line without
+it is the first thing every new session does. The turn scheduler queues the ``human`` line without
 waiting (it is written while the CLI starts) and awaits the ``claude``/``error`` line, so a
 SPAWN reply still means the whole turn is on disk. Recently used sessions keep their
 descriptor open, and ``latest.jsonl`` is re-pointed at most every ``LATEST_DELAY_S``,

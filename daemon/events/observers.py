@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from daemon.bus import Subscriber
-from daemon.registry import Context
+from daemon.commands.registry import Context
+from daemon.events.bus import Subscriber
 
 if TYPE_CHECKING:
     from daemon.app import Daemon

@@ -22,9 +22,9 @@ from pydantic import BaseModel, Field, TypeAdapter
 from pydantic.dataclasses import dataclass
 
 from daemon.errors import ErrorCode
-from daemon.orphans import Recorded
 from daemon.protocol import iso_from_epoch
-from daemon.store import Store
+from daemon.state.db import Store
+from daemon.turns.orphans import Recorded
 
 ProcessStatus = Literal[
     "queued", "running", "completed", "failed", "cancelled", "timed_out", "interrupted"
@@ -49,7 +49,7 @@ class AgentInfo(BaseModel):
 # Sessions and processes are the records memory holds hundreds of: slotted dataclasses
 # take ~0.25 KB each where a BaseModel (its __dict__ and fields-set) takes ~1.3 KB.
 @dataclass(slots=True, kw_only=True)
-class SessionInfo:
+class SessionRecord:
     session_id: str
     cwd: str
     model: str | None = None
@@ -66,7 +66,7 @@ class SessionInfo:
 
 
 @dataclass(slots=True, kw_only=True)
-class ProcessInfo:
+class TurnRecord:
     process_id: str
     status: ProcessStatus
     mode: Literal["sync", "async"]
@@ -92,12 +92,12 @@ class ProcessInfo:
     error: dict[str, Any] | None = None
 
 
-_PROCESS_JSON: TypeAdapter[ProcessInfo] = TypeAdapter(ProcessInfo)
+_PROCESS_JSON: TypeAdapter[TurnRecord] = TypeAdapter(TurnRecord)
 
 
 class StateManager:
     RECENT_PROCESSES = 500
-    # How far back start-up looks for client_request_ids (the spawner applies its own window).
+    # How far back start-up looks for client_request_ids (the scheduler applies its own window).
     IDEMPOTENCY_LOOKBACK_S = 24 * 3600.0
     # Sessions cached in memory (~0.5 KB each); older ones are read back from the table.
     CACHED_SESSIONS = 512
@@ -106,13 +106,13 @@ class StateManager:
         self.store = store
         self.shared: dict[str, tuple[Any, float]] = {}
         self.agents: dict[str, AgentInfo] = {}
-        self._sessions: OrderedDict[str, SessionInfo] = OrderedDict()  # LRU, oldest first
+        self._sessions: OrderedDict[str, SessionRecord] = OrderedDict()  # LRU, oldest first
         self.session_count = 0
-        self.processes: OrderedDict[str, ProcessInfo] = OrderedDict()
+        self.processes: OrderedDict[str, TurnRecord] = OrderedDict()
         self._agent_costs: dict[str, tuple[int, float]] = {}
         # Filled by load(): what an earlier run left behind.
         self.orphans: list[Recorded] = []
-        self.pending: list[tuple[ProcessInfo, bytes]] = []
+        self.pending: list[tuple[TurnRecord, bytes]] = []
         self.recent_request_ids: list[tuple[str, str, float]] = []
 
     async def load(self) -> None:
@@ -309,7 +309,7 @@ class StateManager:
 
     # -- sessions ---------------------------------------------------------------------
 
-    async def session(self, session_id: str) -> SessionInfo | None:
+    async def session(self, session_id: str) -> SessionRecord | None:
         """A known session, from the cache or the table; None if the daemon never ran it."""
         info = self._sessions.get(session_id)
         if info is not None:
@@ -322,7 +322,7 @@ class StateManager:
         cached = self._sessions.get(session_id)
         return cached if cached is not None else self._cache_session(_session_from_row(rows[0]))
 
-    async def list_sessions(self, agent_id: str | None, limit: int) -> list[SessionInfo]:
+    async def list_sessions(self, agent_id: str | None, limit: int) -> list[SessionRecord]:
         """Sessions, most recently used first (optionally one agent's)."""
         where, params = ("WHERE agent_id=? ", (agent_id, limit)) if agent_id else ("", (limit,))
         rows = await self.store.query(
@@ -331,7 +331,7 @@ class StateManager:
         # Cached objects match their rows: every write was queued ahead of this query.
         return [self._sessions.get(row["session_id"]) or _session_from_row(row) for row in rows]
 
-    def _cache_session(self, info: SessionInfo) -> SessionInfo:
+    def _cache_session(self, info: SessionRecord) -> SessionRecord:
         self._sessions[info.session_id] = info
         self._sessions.move_to_end(info.session_id)
         while len(self._sessions) > self.CACHED_SESSIONS:
@@ -350,7 +350,7 @@ class StateManager:
         log_path: str | None,
         completed: bool,
         new_session: bool = False,
-    ) -> SessionInfo:
+    ) -> SessionRecord:
         """Note one finished turn (successful or not) of a session: it now exists for resume.
 
         ``new_session`` (a session id the daemon just made) skips looking for a row. The
@@ -361,7 +361,7 @@ class StateManager:
         info = None if new_session else await self.session(session_id)
         now = time.time()
         if info is None:
-            info = SessionInfo(
+            info = SessionRecord(
                 session_id=session_id,
                 cwd=cwd,
                 created_at=iso_from_epoch(now),
@@ -403,7 +403,7 @@ class StateManager:
 
     # -- processes --------------------------------------------------------------------
 
-    def note_process(self, info: ProcessInfo) -> None:
+    def note_process(self, info: TurnRecord) -> None:
         """Keep a process record in memory only (a transition not worth a disk write)."""
         self.processes[info.process_id] = info
         self.processes.move_to_end(info.process_id)
@@ -413,18 +413,18 @@ class StateManager:
                 break  # never forget a live process
             self.processes.popitem(last=False)
 
-    async def save_process(self, info: ProcessInfo, *, wait: bool = True) -> None:
+    async def save_process(self, info: TurnRecord, *, wait: bool = True) -> None:
         """Upsert a process record; ``wait=False`` for transitions nobody is waiting on."""
         if wait:
             await self.store.write(*self._process_upsert(info))
         else:
             self.queue_process(info)
 
-    def queue_process(self, info: ProcessInfo) -> None:
+    def queue_process(self, info: TurnRecord) -> None:
         """Upsert a process record behind earlier writes, without waiting for the commit."""
         self.store.write_nowait(*self._process_upsert(info))
 
-    def _process_upsert(self, info: ProcessInfo) -> tuple[str, tuple[Any, ...]]:
+    def _process_upsert(self, info: TurnRecord) -> tuple[str, tuple[Any, ...]]:
         self.note_process(info)
         error_code = info.error.get("code") if info.error else None
         sql = (
@@ -455,8 +455,8 @@ class StateManager:
         return sql, params
 
 
-def _session_from_row(row: Any) -> SessionInfo:
-    return SessionInfo(
+def _session_from_row(row: Any) -> SessionRecord:
+    return SessionRecord(
         session_id=row["session_id"],
         cwd=row["cwd"],
         model=row["model"],

@@ -58,11 +58,11 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 import structlog
 
-from daemon.bus import Event, StoredEvent, Subscriber
+from daemon.commands.registry import Context
 from daemon.errors import DaemonError, ErrorCode, InvalidParameters, PermissionDenied, ProtocolError
+from daemon.events.bus import Event, StoredEvent, Subscriber
 from daemon.fsmodes import private_dir, socket_files
 from daemon.protocol import Request, encode_error, encode_event, parse_request, utc_now_iso
-from daemon.registry import Context
 
 if TYPE_CHECKING:
     from daemon.app import Daemon

@@ -1,6 +1,6 @@
 """SPAWN: everything around one Claude turn except running the CLI itself.
 
-The spawner validates and queues a turn, serialises turns of one session (concurrent
+The scheduler validates and queues a turn, serialises turns of one session (concurrent
 resumes silently fork a conversation), caps concurrent CLI runs with a FIFO queue, calls
 ``litellm.acompletion(model="claude-cli/<model>")`` (our provider runs the CLI), then
 logs the turn, records it in the state manager and announces it on the bus.
@@ -33,18 +33,18 @@ from daemon.claude.chat import cli_model
 from daemon.claude.engine import CURRENT_ENGINE, ClaudeEngine, EngineConfig
 from daemon.claude.errors import claude_error_of
 from daemon.claude.options import ClaudeOptions, StartInfo
+from daemon.commands.registry import invalid_parameters
 from daemon.errors import Conflict, DaemonError, ErrorCode, InvalidParameters, NotFound, SpawnFailed
-from daemon.orphans import child_env, start_ticks
 from daemon.protocol import utc_now_iso
-from daemon.registry import invalid_parameters
 from daemon.settings import Settings
-from daemon.state import FINAL_STATUSES, ProcessInfo, SessionInfo
-from daemon.turnlog import TurnLog
+from daemon.state.records import FINAL_STATUSES, SessionRecord, TurnRecord
+from daemon.state.turnlog import TurnLog
+from daemon.turns.orphans import child_env, start_ticks
 
 if TYPE_CHECKING:
     from daemon.app import Daemon
 
-log = structlog.get_logger("ksi.spawner")
+log = structlog.get_logger("ksi.turns")
 
 INSTALL_HINT = (
     "install the pinned CLI with `npm ci` in the project root, or point "
@@ -61,7 +61,7 @@ _ERROR_STATUS: dict[str, Literal["timed_out", "cancelled", "failed"]] = {
 
 
 class SpawnRequest(BaseModel):
-    """A validated SPAWN, as the spawner needs it (built by the SPAWN command)."""
+    """A validated SPAWN, as the scheduler needs it (built by the SPAWN command)."""
 
     prompt: str
     mode: Literal["sync", "async"]
@@ -78,7 +78,7 @@ def _new_future() -> asyncio.Future[dict[str, Any]]:
 
 @dataclass
 class Turn:
-    info: ProcessInfo
+    info: TurnRecord
     request: SpawnRequest
     session_id: str
     resume: bool
@@ -95,7 +95,7 @@ class Turn:
         return self.progress - 1
 
 
-class Spawner:
+class TurnScheduler:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.settings = daemon.settings
@@ -120,7 +120,7 @@ class Spawner:
 
     def start(self) -> None:
         self._ready = asyncio.Event()
-        # Marks every CLI (and its tool subprocesses) as this run's: see daemon/orphans.py.
+        # Marks every CLI (and its tool subprocesses) as this run's: see daemon/turns/orphans.py.
         extra_env = {**self.settings.claude_env, **child_env(self.settings.state_path)}
         retries = self.settings.cli_max_retries
         if retries is not None and "CLAUDE_CODE_MAX_RETRIES" not in os.environ:
@@ -350,7 +350,7 @@ class Spawner:
             return None  # never completed: the resubmission runs it (once)
         return hit[0]
 
-    def _new_turn(self, req: SpawnRequest, known: SessionInfo | None) -> Turn:
+    def _new_turn(self, req: SpawnRequest, known: SessionRecord | None) -> Turn:
         process_id = uuid.uuid4().hex[:12]
         requested_cwd = req.options.get("cwd")
         if req.session_id is not None:
@@ -381,7 +381,7 @@ class Spawner:
             # session's id. Reserved here, before anything is recorded, so the async reply,
             # the JSONL log, the state and every event carry the real id from the start.
             session_id = self.engine.reserve_session(opts, cli_model(req.model)) or session_id
-        info = ProcessInfo(
+        info = TurnRecord(
             process_id=process_id,
             status="queued",
             mode=req.mode,
@@ -581,7 +581,7 @@ class Spawner:
     def _on_start(self, turn: Turn, start: StartInfo) -> None:
         turn.info.pid = start.pid
         # The CLI leads its own process group; the start time tells it from a later process
-        # that reuses the pid, so a restarted daemon can end it safely (daemon/orphans.py).
+        # that reuses the pid, so a restarted daemon can end it safely (daemon/turns/orphans.py).
         turn.info.pgid = start.pid
         turn.info.pid_ticks = start_ticks(start.pid)
         turn.info.warm = start.mode == "warm"
@@ -715,7 +715,7 @@ class Spawner:
 
     # -- cancel and shutdown -------------------------------------------------------------
 
-    async def cancel(self, process_id: str) -> ProcessInfo:
+    async def cancel(self, process_id: str) -> TurnRecord:
         turn = self.turns.get(process_id)
         if turn is None:
             info = self.daemon.state.processes.get(process_id)
@@ -765,7 +765,7 @@ class Spawner:
             await self.engine.aclose()
         self.turnlog.close()
 
-    def snapshot(self) -> list[ProcessInfo]:
+    def snapshot(self) -> list[TurnRecord]:
         """Live turns with their queue positions, then recent finished ones (newest last)."""
         for turn in self.turns.values():
             turn.info.queue_position = self.queue_position(turn.info.process_id)
@@ -775,7 +775,7 @@ class Spawner:
         """Live warm CLIs (sessions and pool) for GET_PROCESSES."""
         return self.engine.warm_processes() if self.engine is not None else []
 
-    def with_warm(self, session: SessionInfo) -> SessionInfo:
+    def with_warm(self, session: SessionRecord) -> SessionRecord:
         """The session, with its warm-process details if a warm CLI serves it now."""
         warm = self.engine.warm_session(session.session_id) if self.engine is not None else None
         return replace(session, warm=warm) if warm else session

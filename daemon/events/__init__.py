@@ -1,0 +1,1 @@
+"""The message bus and the cognitive observers that listen to it."""

@@ -1,0 +1,1 @@
+"""What the daemon remembers: SQLite records (sessions, agents, shared state, turns), turn log."""

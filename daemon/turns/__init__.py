@@ -1,0 +1,1 @@
+"""Claude turns as the daemon runs them: scheduling, retries, recording, orphaned CLIs."""
