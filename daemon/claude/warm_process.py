@@ -26,7 +26,7 @@ How simpervisor 1.0 is used, and what had to be switched off (litellm-and-simper
   grandchild holding stdout delays indefinitely.
 
 simpervisor has no I/O API, so the pipes are read here, in 64 KiB chunks split by
-:class:`~daemon.claude.runner.LineSplitter` (a stream-json line can be megabytes).
+:class:`~daemon.framing.LineSplitter` (a stream-json line can be megabytes).
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ from daemon.claude.runner import (
     CHUNK_BYTES,
     DEFAULT_MAX_STDOUT,
     DEFAULT_STDERR_TAIL,
-    LineSplitter,
     killpg_quiet,
     wait_exit,
 )
+from daemon.framing import LineSplitter
 
 log = structlog.get_logger("ksi.claude.warm")
 
