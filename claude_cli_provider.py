@@ -96,9 +96,9 @@ _T = TypeVar("_T")
 
 
 class _ClaudeErrorMixin:
-    """Adds ``ksi_code`` (an ErrorCode value, or BAD_REQUEST/INTERNAL) and the original error."""
+    """Adds ``ksi_code`` (the daemon's :class:`ErrorCode`) and the original error."""
 
-    ksi_code: str = "INTERNAL"
+    ksi_code: ErrorCode = ErrorCode.INTERNAL_ERROR
     claude_error: ClaudeCLIError | None = None
 
 
@@ -145,6 +145,7 @@ class ClaudeUnavailableError(_ClaudeErrorMixin, ServiceUnavailableError):
 _BY_CODE: dict[ErrorCode, type[_ClaudeErrorMixin]] = {
     ErrorCode.CLAUDE_NOT_FOUND: ClaudeUnavailableError,
     ErrorCode.SESSION_NOT_FOUND: ClaudeSessionNotFoundError,
+    ErrorCode.INVALID_PARAMETERS: ClaudeBadRequestError,
     ErrorCode.AUTH_FAILED: ClaudeAuthenticationError,
     ErrorCode.RATE_LIMITED: ClaudeRateLimitError,
     ErrorCode.API_ERROR: ClaudeAPIError,
@@ -161,7 +162,7 @@ def _make_error(
     message: str,
     model: str,
     *,
-    ksi_code: str,
+    ksi_code: ErrorCode,
     claude_error: ClaudeCLIError | None = None,
     status_code: int | None = None,
 ) -> Exception:
@@ -180,15 +181,15 @@ def map_claude_error(err: ClaudeCLIError, model: str) -> Exception:
     status = err.api_error_status if err.code is ErrorCode.API_ERROR else None
     cls = _BY_CODE.get(err.code, ClaudeInternalError)
     return _make_error(
-        cls, err.message, model, ksi_code=err.code.value, claude_error=err, status_code=status
+        cls, err.message, model, ksi_code=err.code, claude_error=err, status_code=status
     )
 
 
-def ksi_code_of(exc: BaseException) -> str | None:
+def ksi_code_of(exc: BaseException) -> ErrorCode | None:
     """``ksi_code`` of a provider error, also when LiteLLM wrapped it while streaming."""
     for candidate in (exc, getattr(exc, "original_exception", None)):
         code = getattr(candidate, "ksi_code", None)
-        if isinstance(code, str):
+        if isinstance(code, ErrorCode):
             return code
     return None
 
@@ -204,7 +205,10 @@ def _litellm_errors(model: str) -> Iterator[None]:
         raise  # ours: every LiteLLM exception derives from openai.OpenAIError
     except Exception as exc:
         raise _make_error(
-            ClaudeInternalError, f"{type(exc).__name__}: {exc}", model, ksi_code="INTERNAL"
+            ClaudeInternalError,
+            f"{type(exc).__name__}: {exc}",
+            model,
+            ksi_code=ErrorCode.INTERNAL_ERROR,
         ) from exc
 
 
@@ -219,7 +223,7 @@ def _parse_request(
         return prompt, options_from_kwarg(params.get("claude"), system)
     except ValueError as exc:  # includes pydantic.ValidationError
         raise _make_error(
-            ClaudeBadRequestError, f"invalid request: {exc}", model, ksi_code="BAD_REQUEST"
+            ClaudeBadRequestError, f"invalid request: {exc}", model, ksi_code=ErrorCode.BAD_REQUEST
         ) from exc
 
 

@@ -65,7 +65,7 @@ class Daemon:
         self.bus = EventBus(self.store, history_size=settings.event_history)
         self.registry = build_registry()
         self.server = Server(self)
-        self.turns = TurnScheduler(self)
+        self.turns = TurnScheduler(settings, self.store, self.state, self.bus)
         self.observers = ObserverHost(self)
         self.stopping = False
         self._shutdown: asyncio.Event | None = None
@@ -115,6 +115,7 @@ class Daemon:
             return
         log.info("daemon.shutting_down", reason=reason)
         self.stopping = True
+        self.turns.accepting = False
         self._shutdown.set()
 
     async def _teardown(self) -> None:
@@ -195,8 +196,8 @@ class Daemon:
     # -- health ---------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        sp = self.turns
         storage = self.store.health()
+        turns = self.turns.stats()
         return {
             "status": "shutting_down"
             if self.stopping
@@ -215,14 +216,14 @@ class Daemon:
                 "agents": len(self.state.agents),
                 "sessions": self.state.session_count,
                 "shared_keys": len(self.state.shared),
-                "processes_running": sp.running_count,
-                "processes_queued": len(sp.queue),
+                "processes_running": turns["running"],
+                "processes_queued": turns["queued"],
                 "events_published": self.bus.published,
                 "last_seq": self.bus.seq,
             },
-            "litellm": sp.litellm_status(),
-            "claude": sp.claude_status(),
-            "warm": sp.warm_status(),
+            "litellm": turns["litellm"],
+            "claude": turns["claude"],
+            "warm": turns["warm"],
             "storage": storage,
             "orphans_ended": self.orphans_ended,
         }

@@ -152,7 +152,13 @@ class StorageError(DaemonError):
     code = ErrorCode.STORAGE_ERROR
 
 
-class SpawnFailed(DaemonError):
-    """A Claude turn failed; ``code`` is the CLI-level code (TIMEOUT, RATE_LIMITED, ...)."""
+class TurnFailed(DaemonError):
+    """A Claude turn failed; ``code`` is the CLI-level code (TIMEOUT, RATE_LIMITED, ...) and
+    ``details`` its evidence (``process_id``, ``exit_code``, ``stderr_tail``,
+    ``api_error_status``, ``session_id``, the CLI's ``raw`` JSON)."""
 
     code = ErrorCode.CLI_CRASHED
+
+    def record(self) -> dict[str, Any]:
+        """The flat form kept in the turn's record, its JSONL log line and its events."""
+        return {**(self.details or {}), "code": self.code, "message": self.message}

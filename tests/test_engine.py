@@ -162,7 +162,7 @@ async def test_resume_reuses_the_session_cwd(engine: ClaudeEngine, env: Env) -> 
     )
     assert second.text.endswith("(turn 2)")
     assert starts[0].cwd == str(project)
-    assert engine.session_cwd(first.session_id) == str(project)
+    assert await engine.sessions.cwd_of(first.session_id) == str(project)
     # Resume is cwd-scoped in the CLI: elsewhere the session does not exist.
     with pytest.raises(ClaudeCLIError) as info:
         await engine.run_turn("x", opts=ClaudeOptions(session_id=first.session_id, cwd=str(other)))

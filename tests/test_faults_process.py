@@ -356,16 +356,16 @@ def test_a_rate_limit_holds_the_other_turns(make_daemon: Any) -> None:
 
 
 def test_retry_delay_rules() -> None:
-    from daemon.errors import ErrorCode, SpawnFailed
+    from daemon.errors import ErrorCode, TurnFailed
     from daemon.settings import Settings
-    from daemon.turns.scheduler import retry_delay
+    from daemon.turns.retry import retry_delay
 
     s = Settings(api_retries=3, api_retry_base_s=1.0, api_retry_max_s=30.0)
 
     def err(
         code: ErrorCode, status: int | None, message: str = "API Error", **raw: Any
-    ) -> SpawnFailed:
-        return SpawnFailed(
+    ) -> TurnFailed:
+        return TurnFailed(
             message, code=code, details={"api_error_status": status, "raw": raw or None}
         )
 

@@ -1,15 +1,21 @@
 """ClaudeEngine: run Claude Code CLI turns with session continuity.
 
-The engine owns three pieces of policy the bare CLI leaves to its callers:
+The engine alone owns three pieces of policy the bare CLI leaves to its callers (the
+daemon's turn scheduler, daemon/turns/scheduler.py, uses them and keeps no copy):
 
 * **Per-session serialisation.** Two concurrent ``--resume`` runs of one
-  session both succeed but fork its history silently (reference §5), so turns
-  of one session id wait on an ``asyncio.Lock`` that is dropped when idle.
-* **cwd pinning.** Resume is scoped to the cwd the session was created in; the
-  engine remembers each session's cwd so a later turn without ``cwd`` lands in
-  the right project directory.
-* **Known session ids.** First turns pass ``--session-id <uuid>`` so the id is
-  known (and reported through ``on_start``) even if the run dies.
+  session both succeed but fork its history silently (the shared CLI reference, §5), so
+  turns of one session id wait on an ``asyncio.Lock`` that is dropped when idle. A caller
+  that must keep a session to itself for longer than the CLI run (the daemon records a
+  turn before the next one starts) holds it with :meth:`ClaudeEngine.hold_session`; turns
+  it runs inside do not wait for themselves.
+* **cwd pinning.** Resume is scoped to the cwd the session was created in, so a resumed
+  turn runs in the directory its session began in, and asking for another one is refused
+  before a CLI starts. Where those directories are kept is the caller's choice
+  (:class:`SessionDirectory`: the daemon's SQLite records; in memory by default).
+* **Session ids.** First turns pass ``--session-id <uuid>`` so the id is known (and
+  reported through ``on_start``) even if the run dies. :meth:`ClaudeEngine.plan_turn`
+  fixes id and cwd ahead of the run for a caller that reports them at once.
 
 How a turn is executed is behind :class:`TurnBackend`, chosen per turn by
 :meth:`ClaudeEngine._backend_for`: cold (one ``claude -p`` process per turn) or
@@ -34,12 +40,12 @@ from contextlib import aclosing, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import structlog
 
 from daemon.claude.backends import ColdBackend, StreamState, TurnBackend, TurnRequest, TurnStream
-from daemon.claude.errors import ClaudeCLIError, ErrorCode
+from daemon.claude.errors import ClaudeCLIError, ErrorCode, TurnRejected
 from daemon.claude.locate import claude_version, locate_claude
 from daemon.claude.options import ClaudeOptions, StartInfo
 from daemon.claude.results import TurnResult
@@ -52,6 +58,10 @@ log = structlog.get_logger("ksi.claude.engine")
 # The engine a LiteLLM call in this context is for (see ClaudeCLIProvider.engine): set by a
 # caller that owns an engine around its ``litellm.acompletion`` calls.
 CURRENT_ENGINE: ContextVar[ClaudeEngine | None] = ContextVar("ksi_claude_engine", default=None)
+
+# The sessions the current context holds (hold_session): their turns do not wait on their
+# own lock again.
+_HELD_SESSIONS: ContextVar[frozenset[str]] = ContextVar("ksi_held_sessions", default=frozenset())
 
 _MAX_REMEMBERED_SESSIONS = 10_000
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9]")
@@ -76,6 +86,35 @@ class EngineConfig:
     warm_interrupt_wait_s: float = 2.0
 
 
+class SessionDirectory(Protocol):
+    """Where the engine finds the directory a session began in (its cwd pin)."""
+
+    async def cwd_of(self, session_id: str) -> str | None:
+        """The session's cwd, or None if it is not known here."""
+        ...
+
+    def started(self, session_id: str, cwd: str) -> None:
+        """A CLI of the session has started in ``cwd``."""
+        ...
+
+
+class RememberedCwds:
+    """The default :class:`SessionDirectory`: the sessions this engine ran, in memory (LRU)."""
+
+    def __init__(self, limit: int = _MAX_REMEMBERED_SESSIONS) -> None:
+        self._cwds: OrderedDict[str, str] = OrderedDict()
+        self._limit = limit
+
+    async def cwd_of(self, session_id: str) -> str | None:
+        return self._cwds.get(session_id)
+
+    def started(self, session_id: str, cwd: str) -> None:
+        self._cwds[session_id] = cwd
+        self._cwds.move_to_end(session_id)
+        while len(self._cwds) > self._limit:
+            self._cwds.popitem(last=False)
+
+
 @dataclass
 class _SessionSlot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -85,8 +124,9 @@ class _SessionSlot:
 class ClaudeEngine:
     """Runs turns; see the module docstring for the policies it enforces."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, sessions: SessionDirectory | None = None) -> None:
         self.config = config
+        self.sessions: SessionDirectory = sessions or RememberedCwds()
         self._bin: Path | None = locate_claude(config.claude_bin, config.project_root)
         self._version: str | None = None
         self._cold = ColdBackend()
@@ -101,7 +141,6 @@ class ClaudeEngine:
             self._pool_spec,
         )
         self._slots: dict[str, _SessionSlot] = {}
-        self._session_cwds: OrderedDict[str, str] = OrderedDict()
         self._running: dict[int, str] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -116,10 +155,54 @@ class ClaudeEngine:
         opts = opts or ClaudeOptions()
         session_id, resume = self._session_for(opts, model)
         backend = self._backend_for(opts)
-        async with self._session_slot(session_id):
-            req, pids = self._request(prompt, model, opts, session_id, resume, backend.mode)
+        async with self.hold_session(session_id):
+            cwd = await self._cwd_for(opts, session_id, resume)
+            req, pids = self._request(prompt, model, opts, session_id, resume, cwd, backend.mode)
             with self._shutdown_is_cancel(pids):
                 return await backend.run_json(req)
+
+    async def plan_turn(self, opts: ClaudeOptions, model: str | None = None) -> ClaudeOptions:
+        """The options a turn will run with, fixed now: its session id (the resumed one, the
+        given ``new_session_id``, a pooled warm process's, or a new uuid) and its cwd (for a
+        resume, the one the session began in). Running the result is the same turn; a caller
+        that reports ids before the turn runs (the daemon) plans first, and a caller holding
+        the session (:meth:`hold_session`) plans again right before the run, when the turns
+        before it have settled where the session lives.
+
+        Raises :class:`TurnRejected` (nothing ran): a resume asking for another directory than
+        the session's, or a cwd that is not a directory (any more).
+        """
+        session_id, resume = self._session_for(opts, model)
+        cwd = await self._cwd_for(opts, session_id, resume)
+        ids = (session_id, None) if resume else (None, session_id)
+        return opts.model_copy(update={"session_id": ids[0], "new_session_id": ids[1], "cwd": cwd})
+
+    @asynccontextmanager
+    async def hold_session(self, session_id: str) -> AsyncIterator[None]:
+        """Keep the session to this context: other turns of it wait until the block ends;
+        turns run inside it (in this task, or tasks it starts) do not."""
+        held = _HELD_SESSIONS.get()
+        if session_id in held:
+            yield
+            return
+        # Reference-counted, not "dropped when unlocked": right after a release the lock looks
+        # free while a woken waiter has yet to take it, and a fresh lock for the same session
+        # would let two of its turns run at once.
+        slot = self._slots.setdefault(session_id, _SessionSlot())
+        slot.users += 1
+        try:
+            async with slot.lock:
+                _HELD_SESSIONS.set(held | {session_id})
+                try:
+                    yield
+                finally:
+                    # Not ContextVar.reset: a stream's steps may each run in another context
+                    # (the provider's sync streaming does), where the token is not valid.
+                    _HELD_SESSIONS.set(held)
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                self._slots.pop(session_id, None)
 
     def stream_turn(
         self, prompt: str, *, model: str | None = None, opts: ClaudeOptions | None = None
@@ -259,10 +342,6 @@ class ClaudeEngine:
             found.unlink()
         return True
 
-    def session_cwd(self, session_id: str) -> str | None:
-        """The cwd a session was last run in, if this engine has seen it."""
-        return self._session_cwds.get(session_id)
-
     # -- internals --------------------------------------------------------
 
     def _backend_for(self, opts: ClaudeOptions) -> TurnBackend:
@@ -303,8 +382,9 @@ class ClaudeEngine:
         state: StreamState,
     ) -> AsyncGenerator[dict[str, Any], None]:
         backend = self._backend_for(opts)
-        async with self._session_slot(session_id):
-            req, pids = self._request(prompt, model, opts, session_id, resume, backend.mode)
+        async with self.hold_session(session_id):
+            cwd = await self._cwd_for(opts, session_id, resume)
+            req, pids = self._request(prompt, model, opts, session_id, resume, cwd, backend.mode)
             with self._shutdown_is_cancel(pids):
                 # Close the inner generator explicitly: leaving `async for` via
                 # GeneratorExit would otherwise leave the CLI running until GC.
@@ -319,6 +399,28 @@ class ClaudeEngine:
             return opts.new_session_id, False
         return self.reserve_session(opts, model) or str(uuid.uuid4()), False
 
+    async def _cwd_for(self, opts: ClaudeOptions, session_id: str, resume: bool) -> str:
+        pinned = await self.sessions.cwd_of(session_id) if resume else None
+        return self._settle_cwd(opts, session_id, pinned)
+
+    def _settle_cwd(self, opts: ClaudeOptions, session_id: str, pinned: str | None) -> str:
+        # Two stat calls on a local path: not worth a thread.
+        asked = os.path.realpath(opts.cwd) if opts.cwd is not None else None
+        if pinned is not None and asked is not None and asked != pinned:
+            raise TurnRejected(
+                ErrorCode.SESSION_NOT_FOUND,
+                f"session {session_id} lives in {pinned}; resume is scoped to the directory "
+                "a session began in",
+                session_id=session_id,
+                details={"session_cwd": pinned},
+            )
+        cwd = pinned or asked or os.path.realpath(self.config.default_cwd)
+        if not os.path.isdir(cwd):
+            raise TurnRejected(
+                ErrorCode.INVALID_PARAMETERS, f"cwd {cwd} is not a directory", session_id=session_id
+            )
+        return cwd
+
     def _binary(self) -> Path | None:
         if self._bin is None:
             # Re-resolve so `npm ci` after daemon start is picked up.
@@ -332,6 +434,7 @@ class ClaudeEngine:
         opts: ClaudeOptions,
         session_id: str,
         resume: bool,
+        cwd: str,
         mode: Literal["cold", "warm"],
     ) -> tuple[TurnRequest, list[int]]:
         if self._closed:
@@ -345,10 +448,6 @@ class ClaudeEngine:
                 f"in {self.config.project_root}, or pass --claude-bin / set KSI_CLAUDE_BIN.",
                 session_id=session_id,
             )
-        cwd = opts.cwd
-        if cwd is None and resume:
-            cwd = self._session_cwds.get(session_id)
-        cwd = cwd or str(self.config.default_cwd)
         env = self._env()
         timeout = opts.timeout_s if opts.timeout_s is not None else self.config.default_timeout_s
 
@@ -358,7 +457,7 @@ class ClaudeEngine:
             pids.append(pid)
             self._running[pid] = session_id
             self._idle.clear()
-            self._remember_cwd(session_id, cwd)
+            self.sessions.started(session_id, cwd)
             if opts.on_start is None:
                 return
             info = StartInfo(pid=pid, session_id=session_id, mode=mode, argv=tuple(argv), cwd=cwd)
@@ -382,24 +481,6 @@ class ClaudeEngine:
             on_start=on_start,
         )
         return req, pids
-
-    def _remember_cwd(self, session_id: str, cwd: str) -> None:
-        self._session_cwds[session_id] = cwd
-        self._session_cwds.move_to_end(session_id)
-        while len(self._session_cwds) > _MAX_REMEMBERED_SESSIONS:
-            self._session_cwds.popitem(last=False)
-
-    @asynccontextmanager
-    async def _session_slot(self, session_id: str) -> AsyncIterator[None]:
-        slot = self._slots.setdefault(session_id, _SessionSlot())
-        slot.users += 1
-        try:
-            async with slot.lock:
-                yield
-        finally:
-            slot.users -= 1
-            if slot.users == 0:
-                self._slots.pop(session_id, None)
 
     @contextmanager
     def _shutdown_is_cancel(self, pids: list[int]) -> Iterator[None]:

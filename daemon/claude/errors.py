@@ -23,7 +23,7 @@ from typing import Any
 
 from daemon.errors import ErrorCode
 
-__all__ = ["ClaudeCLIError", "ErrorCode", "claude_error_of"]
+__all__ = ["ClaudeCLIError", "ErrorCode", "TurnRejected", "claude_error_of"]
 
 
 class ClaudeCLIError(Exception):
@@ -74,6 +74,27 @@ class ClaudeCLIError(Exception):
             "pid": self.pid,
             "raw": self.raw,
         }
+
+
+class TurnRejected(ClaudeCLIError):
+    """The engine refused a turn before any CLI started (nothing ran, nothing was paid):
+    ``SESSION_NOT_FOUND`` for a resume in a directory the session did not begin in (the CLI
+    would not find it there), ``INVALID_PARAMETERS`` for a cwd that is not a directory.
+    ``details`` say what the caller got wrong (``session_cwd``)."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        session_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(code, message, session_id=session_id)
+        self.details = details or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), **self.details}
 
 
 def claude_error_of(exc: BaseException) -> ClaudeCLIError | None:

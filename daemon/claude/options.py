@@ -17,7 +17,7 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -48,37 +48,34 @@ def _canonical_uuid(value: str | None) -> str | None:
         raise ValueError(f"not a valid UUID: {value!r}") from None
 
 
-class ClaudeOptions(BaseModel):
-    """Validated CLI options for one turn (all optional)."""
+# Upper bounds keep a typo (or 1e30) from becoming a turn that is never timed out.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_TURNS = 10_000
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    session_id: str | None = None
-    """Resume this session (``--resume``)."""
-    new_session_id: str | None = None
-    """Id for a first turn (``--session-id``). If unset the engine picks one: a uuid4, or
-    for a warm turn with default flags the id of a pre-warmed pool process."""
-    cwd: str | None = None
-    """Working directory; must exist. Resume is cwd-scoped in the CLI."""
+class TurnOptions(BaseModel):
+    """How a turn runs, as any caller may ask for it: the fields a daemon SPAWN and the
+    provider's ``claude={...}`` share, declared and validated here only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Resume is cwd-scoped in the CLI, so a resumed session runs where it began (the
+    # engine sees to it: ClaudeEngine.plan_turn).
+    cwd: str | None = Field(
+        default=None, description="absolute directory; a session keeps the one it began in"
+    )
     enable_tools: bool = True
     """False -> ``--tools ""`` (no tools at all)."""
     allowed_tools: list[str] | None = None
     disallowed_tools: list[str] | None = None
-    max_turns: int | None = Field(default=None, ge=1)
+    max_turns: int | None = Field(default=None, ge=1, le=MAX_TURNS)
     append_system_prompt: str | None = None
     permission_mode: PermissionMode | None = None
-    timeout_s: float | None = Field(default=None, gt=0)
-    warm: bool | None = None
-    """Run on the session's long-lived CLI (daemon.claude.warm); None: the engine default."""
-    include_partial_messages: bool = False
-    on_start: Callable[[StartInfo], None] | None = Field(default=None, exclude=True, repr=False)
-
-    @field_validator("session_id", "new_session_id")
-    @classmethod
-    def _check_uuid(cls, value: str | None) -> str | None:
-        # The CLI rejects non-UUIDs anyway, but only after a ~0.4 s start-up;
-        # canonical form also keeps our per-session lock keys unique.
-        return _canonical_uuid(value)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    warm: bool | None = Field(
+        default=None,
+        description="use a long-lived CLI process for this session (default from config)",
+    )
 
     @field_validator("cwd")
     @classmethod
@@ -109,8 +106,37 @@ class ClaudeOptions(BaseModel):
             raise ValueError("tool names must be non-empty")
         return value
 
+
+class ClaudeOptions(TurnOptions):
+    """Validated CLI options for one turn (all optional): :class:`TurnOptions` plus the
+    session to run in and what the caller wants to hear while it runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    session_id: str | None = None
+    """Resume this session (``--resume``)."""
+    new_session_id: str | None = None
+    """Id for a first turn (``--session-id``). If unset the engine picks one: a uuid4, or
+    for a warm turn with default flags the id of a pre-warmed pool process."""
+    include_partial_messages: bool = False
+    on_start: Callable[[StartInfo], None] | None = Field(default=None, exclude=True, repr=False)
+
+    @field_validator("session_id", "new_session_id")
+    @classmethod
+    def _check_uuid(cls, value: str | None) -> str | None:
+        # The CLI rejects non-UUIDs anyway, but only after a ~0.4 s start-up;
+        # canonical form also keeps our per-session lock keys unique.
+        return _canonical_uuid(value)
+
     @model_validator(mode="after")
     def _check_exclusive(self) -> ClaudeOptions:
         if self.session_id is not None and self.new_session_id is not None:
             raise ValueError("give session_id (resume) or new_session_id (first turn), not both")
         return self
+
+    @classmethod
+    def of(cls, base: TurnOptions, **session: Any) -> ClaudeOptions:
+        """``base`` (already validated, e.g. as a SPAWN's parameters) with session fields,
+        without validating ``base`` a second time."""
+        fields = {name: getattr(base, name) for name in TurnOptions.model_fields}
+        return cls.model_construct(**fields, **session)

@@ -7,26 +7,18 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
-from daemon.claude.options import PermissionMode
+from daemon.claude.options import TurnOptions
 from daemon.commands.registry import Context, NoParams, Params, Registry, Result
 from daemon.errors import ErrorCode, NotFound
-from daemon.state.records import ProcessStatus, SessionRecord, TurnRecord
-from daemon.turns.scheduler import SpawnRequest
+from daemon.state.records import SessionRecord, TurnRecord
+from daemon.turns.outcome import SpawnResult
+from daemon.turns.turn import SpawnRequest
 
 
-def _tool_list(value: Any) -> Any:
-    # KSI clients sometimes send "Bash,Read" instead of a list.
-    if isinstance(value, str):
-        return [t.strip() for t in value.split(",") if t.strip()]
-    return value
+class SpawnParams(Params, TurnOptions):
+    """A SPAWN: the prompt, where the turn belongs, and its :class:`TurnOptions` (declared
+    and validated there, shared with the provider's ``claude={...}``)."""
 
-
-# Upper bounds keep a typo (or 1e30) from becoming a turn that is never timed out.
-MAX_TIMEOUT_S = 7 * 24 * 3600.0
-MAX_TURNS = 10_000
-
-
-class SpawnParams(Params):
     # Strict: JSON true is not 1 second, "yes" is not a boolean, 3.0 is not a turn count.
     # A paid turn runs on these values, so a client's slip is an error, not a guess.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -41,25 +33,11 @@ class SpawnParams(Params):
         "model id, or 'claude-cli/<model>'; default from config",
     )
     agent_id: str | None = Field(default=None, min_length=1, max_length=256)
-    enable_tools: bool = True
-    allowed_tools: list[str] | None = None
-    disallowed_tools: list[str] | None = None
-    max_turns: int | None = Field(default=None, ge=1, le=MAX_TURNS)
-    append_system_prompt: str | None = None
-    permission_mode: PermissionMode | None = None
-    cwd: str | None = Field(
-        default=None, description="absolute directory; a session keeps the one it began in"
-    )
-    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     client_request_id: str | None = Field(
         default=None,
         min_length=1,
         max_length=256,
         description="the same id within the idempotency window returns the same process",
-    )
-    warm: bool | None = Field(
-        default=None,
-        description="use a long-lived CLI process for this session (default from config)",
     )
 
     @field_validator("prompt")
@@ -79,26 +57,13 @@ class SpawnParams(Params):
                 raise ValueError("must be a session UUID as returned by SPAWN") from None
         return v
 
-    @field_validator("cwd")
-    @classmethod
-    def _absolute(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith("/"):
-            raise ValueError("must be an absolute path")
-        return v
-
-    @field_validator("cwd", "model", "append_system_prompt", "allowed_tools", "disallowed_tools")
-    @classmethod
-    def _no_nul(cls, v: Any) -> Any:
-        # These reach the CLI's argv or a path: a NUL byte cannot be passed to exec.
-        if v is not None and "\0" in (v if isinstance(v, str) else "".join(v)):
-            raise ValueError("must not contain a NUL character")
-        return v
-
     @field_validator("model")
     @classmethod
     def _model(cls, v: str | None) -> str | None:
         if v is None:
             return v
+        if "\0" in v:
+            raise ValueError("must not contain a NUL character")
         if v.startswith("claude-cli/"):
             v = v.removeprefix("claude-cli/")
         if not v or "/" in v:
@@ -111,29 +76,10 @@ class SpawnParams(Params):
     @field_validator("allowed_tools", "disallowed_tools", mode="before")
     @classmethod
     def _tools(cls, v: Any) -> Any:
-        return _tool_list(v)
-
-
-class SpawnResult(Result):
-    process_id: str
-    status: ProcessStatus
-    session_id: str | None = None
-    mode: Literal["async"] | None = None
-    replayed: bool = Field(
-        default=False,
-        description="true when client_request_id matched an earlier SPAWN and no new turn was run",
-    )
-    text: str | None = None
-    is_error: bool | None = None
-    cost_usd: float | None = None
-    usage: dict[str, Any] | None = None
-    num_turns: int | None = None
-    duration_ms: int | None = None
-    model: str | None = None
-    agent_id: str | None = None
-    warm: bool | None = None
-    log_path: str | None = None
-    raw: dict[str, Any] | None = Field(default=None, description="the CLI's full JSON result")
+        # KSI clients sometimes send "Bash,Read" instead of a list.
+        if isinstance(v, str):
+            return [t.strip() for t in v.split(",") if t.strip()]
+        return v
 
 
 class ProcessesResult(Result):
@@ -192,20 +138,6 @@ def register(r: Registry) -> None:
         with a process_id and later publishes PROCESS_COMPLETE."""
         daemon = ctx.daemon
         agent_id = p.agent_id or (ctx.conn.agent_id if ctx.conn else None)
-        options = p.model_dump(
-            include={
-                "enable_tools",
-                "allowed_tools",
-                "disallowed_tools",
-                "max_turns",
-                "append_system_prompt",
-                "permission_mode",
-                "cwd",
-                "timeout_s",
-                "warm",
-            },
-            exclude_none=True,
-        )
         req = SpawnRequest(
             prompt=p.prompt,
             mode=p.mode,
@@ -213,22 +145,25 @@ def register(r: Registry) -> None:
             model=p.model or daemon.settings.default_model,
             agent_id=agent_id,
             client_request_id=p.client_request_id,
-            options=options,
+            # The SPAWN's own TurnOptions fields, validated with it: not validated again.
+            options=TurnOptions.model_construct(
+                **{name: getattr(p, name) for name in TurnOptions.model_fields}
+            ),
         )
-        return SpawnResult.model_validate(await daemon.turns.submit(req))
+        return await daemon.turns.submit(req)
 
     @r.command("GET_PROCESSES", params=NoParams, result=ProcessesResult)
     async def get_processes(ctx: Context, p: NoParams) -> ProcessesResult:
         """Queued and running turns (with queue positions) and recent finished ones."""
-        sp = ctx.daemon.turns
-        procs = sp.snapshot()
+        turns = ctx.daemon.turns
+        procs = turns.snapshot()
         return ProcessesResult(
             processes=procs,
-            running=sp.running_count,
-            queued=len(sp.queue),
-            max_concurrency=ctx.daemon.settings.max_concurrency,
+            running=turns.slots.running,
+            queued=turns.slots.queued,
+            max_concurrency=turns.slots.limit,
             total=len(procs),
-            warm=sp.warm_processes(),
+            warm=turns.engine.warm_processes(),
         )
 
     @r.command("CANCEL_PROCESS", params=ProcessIdParams, result=CancelResult)

@@ -1,0 +1,56 @@
+"""A SPAWN as the scheduler keeps it: the validated request and the live turn."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel
+
+from daemon.claude.options import ClaudeOptions, TurnOptions
+from daemon.errors import TurnFailed
+from daemon.state.records import TurnRecord
+from daemon.turns.outcome import Outcome, SpawnResult
+
+
+class SpawnRequest(BaseModel):
+    """A validated SPAWN (built by the SPAWN command; kept in SQLite while an async one
+    waits, so it runs after a restart)."""
+
+    prompt: str
+    mode: Literal["sync", "async"]
+    session_id: str | None = None
+    model: str
+    agent_id: str | None = None
+    client_request_id: str | None = None
+    options: TurnOptions
+
+
+def _new_future() -> asyncio.Future[Outcome]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass
+class Turn:
+    info: TurnRecord
+    request: SpawnRequest
+    # Its session fixed at submit (resume, or the new session's id); cwd as the client asked:
+    # the engine plans it again inside the session's hold (ClaudeEngine.plan_turn).
+    opts: ClaudeOptions
+    session_id: str
+    cwd: str  # where it runs (planned at submit; settled when it starts)
+    done: asyncio.Future[SpawnResult | TurnFailed] = field(default_factory=_new_future)
+    task: asyncio.Task[None] | None = None
+    # Set at shutdown for a queued async turn: its request is kept in SQLite and it runs
+    # after the restart, so its cancellation now is not recorded as a cancelled turn.
+    deferred: bool = False
+    progress: int = 0  # PROCESS_PROGRESS events so far (their per-process index)
+
+    @property
+    def resume(self) -> bool:
+        return self.opts.session_id is not None
+
+    def next_index(self) -> int:
+        self.progress += 1
+        return self.progress - 1
