@@ -24,6 +24,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import structlog
 
 from daemon import __version__, logs
 from daemon.commands import build_registry
+from daemon.commands.registry import Services
 from daemon.events.bus import EventBus
 from daemon.events.observers import ObserverHost
 from daemon.fsmodes import private_dir, socket_files
@@ -64,9 +66,19 @@ class Daemon:
         self.state = StateManager(self.store)
         self.bus = EventBus(self.store, history_size=settings.event_history)
         self.registry = build_registry()
-        self.server = Server(self)
         self.turns = TurnScheduler(settings, self.store, self.state, self.bus)
-        self.observers = ObserverHost(self)
+        self.services = Services(
+            settings=settings,
+            store=self.store,
+            state=self.state,
+            bus=self.bus,
+            turns=self.turns,
+            registry=self.registry,
+            health=self.health,
+            request_shutdown=self.request_shutdown,
+        )
+        self.server = Server(self)
+        self.observers = ObserverHost(self.services)
         self.stopping = False
         self._shutdown: asyncio.Event | None = None
         self._force = False
@@ -88,19 +100,23 @@ class Daemon:
             found = find_orphans(owner_token(self.settings.state_path), self.state.orphans)
             self.orphans_ended = await end_orphans(found, self.settings.term_grace_s)
             await self.bus.load()
-            await self.observers.start()
-            self._install_signals()
-            await self.server.start()
-            log.info(
-                "daemon.ready",
-                socket=str(self.server.path),
-                pid=os.getpid(),
-                version=__version__,
-                startup_ms=round((time.time() - self.started_at) * 1000, 1),
-            )
-            self.turns.start()
-            await self._shutdown.wait()
-            await self._teardown()
+            # The daemon's long-lived tasks (observer loops, LiteLLM's loading, the CLI's
+            # version probe) live in this group: none outlives the daemon's run, and each is
+            # cancelled and awaited by its owner's stop during the teardown.
+            async with _task_group() as tasks:
+                await self.observers.start(tasks)
+                self._install_signals()
+                await self.server.start()
+                log.info(
+                    "daemon.ready",
+                    socket=str(self.server.path),
+                    pid=os.getpid(),
+                    version=__version__,
+                    startup_ms=round((time.time() - self.started_at) * 1000, 1),
+                )
+                self.turns.start(tasks)
+                await self._shutdown.wait()
+                await self._teardown()
         finally:
             self._release_pidfile()
         log.info("daemon.stopped")
@@ -198,6 +214,7 @@ class Daemon:
     def health(self) -> dict[str, Any]:
         storage = self.store.health()
         turns = self.turns.stats()
+        bus_counts = self.bus.stats()
         return {
             "status": "shutting_down"
             if self.stopping
@@ -209,17 +226,16 @@ class Daemon:
             "started_at": iso_from_epoch(self.started_at),
             "uptime_s": round(time.time() - self.started_at, 3),
             "socket": self.server.path_str,
+            # Each part counts its own (the order is the one clients have always seen).
             "counts": {
                 "connections": len(self.server.connections),
-                "subscribers": len(self.bus.subscribers),
-                "observers": len(self.observers.running),
-                "agents": len(self.state.agents),
-                "sessions": self.state.session_count,
-                "shared_keys": len(self.state.shared),
+                "subscribers": bus_counts["subscribers"],
+                **self.observers.stats(),
+                **self.state.stats(),
                 "processes_running": turns["running"],
                 "processes_queued": turns["queued"],
-                "events_published": self.bus.published,
-                "last_seq": self.bus.seq,
+                "events_published": bus_counts["events_published"],
+                "last_seq": bus_counts["last_seq"],
             },
             "litellm": turns["litellm"],
             "claude": turns["claude"],
@@ -227,6 +243,20 @@ class Daemon:
             "storage": storage,
             "orphans_ended": self.orphans_ended,
         }
+
+
+@contextlib.asynccontextmanager
+async def _task_group() -> AsyncIterator[asyncio.TaskGroup]:
+    """An asyncio.TaskGroup that lets a single error out as itself: the group's tasks catch
+    their own, so what fails here is start-up or teardown, and callers (main, tests) look
+    for that error, not for an ExceptionGroup around it."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            yield group
+    except BaseExceptionGroup as errors:
+        if len(errors.exceptions) == 1:
+            raise errors.exceptions[0] from None
+        raise
 
 
 def _state_files(name: str) -> bool:

@@ -53,27 +53,29 @@ def register(r: Registry) -> None:
         """Register (or update) an agent with a role, capabilities and free-form metadata.
         Publishes AGENT_REGISTERED. STORAGE_FULL or STORAGE_ERROR if it could not be
         persisted (the registry is unchanged)."""
-        info = await ctx.daemon.state.register_agent(p.agent_id, p.role, p.capabilities, p.metadata)
-        ctx.daemon.bus.publish("AGENT_REGISTERED", {"agent_id": p.agent_id, "role": p.role})
+        info = await ctx.services.state.register_agent(
+            p.agent_id, p.role, p.capabilities, p.metadata
+        )
+        ctx.services.bus.publish("AGENT_REGISTERED", {"agent_id": p.agent_id, "role": p.role})
         return RegisterResult(status="registered", agent=info)
 
     @r.command("UNREGISTER_AGENT", params=AgentIdParams, result=UnregisterResult)
     async def unregister_agent(ctx: Context, p: AgentIdParams) -> UnregisterResult:
         """Remove an agent from the registry. Publishes AGENT_UNREGISTERED. STORAGE_FULL or
         STORAGE_ERROR if that could not be persisted (the agent stays registered)."""
-        if not await ctx.daemon.state.unregister_agent(p.agent_id):
-            known = sorted(ctx.daemon.state.agents)[:5]
+        if not await ctx.services.state.unregister_agent(p.agent_id):
+            known = sorted(ctx.services.state.agents)[:5]
             raise NotFound(
                 f"no agent {p.agent_id!r} is registered",
                 code=ErrorCode.AGENT_NOT_FOUND,
                 details={"known_agents": known},
             )
-        ctx.daemon.bus.publish("AGENT_UNREGISTERED", {"agent_id": p.agent_id})
+        ctx.services.bus.publish("AGENT_UNREGISTERED", {"agent_id": p.agent_id})
         return UnregisterResult(status="unregistered", agent_id=p.agent_id)
 
     @r.command("GET_AGENTS", params=NoParams, result=AgentsResult)
     async def get_agents(ctx: Context, p: NoParams) -> AgentsResult:
         """Every registered agent with its role, capabilities, status, timestamps, number of
         completed turns and total cost."""
-        agents = ctx.daemon.state.agent_list()
+        agents = ctx.services.state.agent_list()
         return AgentsResult(agents=agents, total=len(agents))

@@ -122,7 +122,7 @@ def register(r: Registry) -> None:
             status="active",
             subscribed_to=sorted(sub.patterns.items),
             agent_id=sub.agent_id,
-            last_seq=ctx.daemon.bus.seq,
+            last_seq=ctx.services.bus.seq,
         )
 
     @r.command("UNSUBSCRIBE", params=UnsubscribeParams, result=UnsubscribeResult)
@@ -144,14 +144,14 @@ def register(r: Registry) -> None:
         # The event's history row is written without waiting: while the store is failing or
         # behind, say so (STORAGE_*) instead of answering "published" for an event that
         # GET_EVENTS and SUBSCRIBE since_seq would then never replay.
-        await ctx.daemon.store.wait_writable()
+        await ctx.services.store.wait_writable()
         from_agent = p.from_agent or (ctx.conn.agent_id if ctx.conn else None)
-        ev = ctx.daemon.bus.publish(
+        ev = ctx.services.bus.publish(
             p.event_type,
             p.payload,
             from_agent=from_agent,
             to_agent=p.to_agent,
-            max_bytes=ctx.daemon.settings.max_event_bytes,
+            max_bytes=ctx.services.settings.max_event_bytes,
         )
         return PublishResult(
             status="published", event_type=ev.event_type, seq=ev.seq, delivered_to=ev.delivered
@@ -162,6 +162,6 @@ def register(r: Registry) -> None:
         """Recent events (persisted across restarts), optionally filtered by type patterns
         and newer than ``since_seq``. Without ``since_seq`` the newest ``limit`` are
         returned; with it, the oldest ``limit`` after it (page forward with last_seq)."""
-        events = await ctx.daemon.bus.query(p.event_types, p.since_seq, p.limit)
+        events = await ctx.services.bus.query(p.event_types, p.since_seq, p.limit)
         last = events[-1].seq if events else p.since_seq
         return GetEventsResult(events=[e.to_dict() for e in events], last_seq=last)

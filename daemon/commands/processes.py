@@ -136,13 +136,13 @@ def register(r: Registry) -> None:
         """Run a Claude turn through LiteLLM and the claude-cli provider. ``mode: sync``
         answers with the turn's text, session_id, cost and usage; ``async`` answers at once
         with a process_id and later publishes PROCESS_COMPLETE."""
-        daemon = ctx.daemon
+        services = ctx.services
         agent_id = p.agent_id or (ctx.conn.agent_id if ctx.conn else None)
         req = SpawnRequest(
             prompt=p.prompt,
             mode=p.mode,
             session_id=p.session_id,
-            model=p.model or daemon.settings.default_model,
+            model=p.model or services.settings.default_model,
             agent_id=agent_id,
             client_request_id=p.client_request_id,
             # The SPAWN's own TurnOptions fields, validated with it: not validated again.
@@ -150,12 +150,12 @@ def register(r: Registry) -> None:
                 **{name: getattr(p, name) for name in TurnOptions.model_fields}
             ),
         )
-        return await daemon.turns.submit(req)
+        return await services.turns.submit(req)
 
     @r.command("GET_PROCESSES", params=NoParams, result=ProcessesResult)
     async def get_processes(ctx: Context, p: NoParams) -> ProcessesResult:
         """Queued and running turns (with queue positions) and recent finished ones."""
-        turns = ctx.daemon.turns
+        turns = ctx.services.turns
         procs = turns.snapshot()
         return ProcessesResult(
             processes=procs,
@@ -169,15 +169,15 @@ def register(r: Registry) -> None:
     @r.command("CANCEL_PROCESS", params=ProcessIdParams, result=CancelResult)
     async def cancel_process(ctx: Context, p: ProcessIdParams) -> CancelResult:
         """Cancel a queued or running turn; a running CLI's whole process group is killed."""
-        info = await ctx.daemon.turns.cancel(p.process_id)
+        info = await ctx.services.turns.cancel(p.process_id)
         return CancelResult(process_id=info.process_id, status=info.status)
 
     @r.command("GET_SESSIONS", params=SessionsParams, result=SessionsResult)
     async def get_sessions(ctx: Context, p: SessionsParams) -> SessionsResult:
         """Known sessions, most recently used first (optionally one agent's)."""
         sessions = [
-            ctx.daemon.turns.with_warm(s)
-            for s in await ctx.daemon.state.list_sessions(p.agent_id, p.limit)
+            ctx.services.turns.with_warm(s)
+            for s in await ctx.services.state.list_sessions(p.agent_id, p.limit)
         ]
         return SessionsResult(sessions=sessions, total=len(sessions))
 
@@ -185,11 +185,11 @@ def register(r: Registry) -> None:
     async def get_session(ctx: Context, p: SessionIdParams) -> SessionResult:
         """One session: cwd, model, turns, total cost, last use, log path, and its recent
         processes."""
-        info = await ctx.daemon.state.session(p.session_id)
+        info = await ctx.services.state.session(p.session_id)
         if info is None:
             raise NotFound(
                 f"no session {p.session_id!r} is known to the daemon",
                 code=ErrorCode.SESSION_NOT_FOUND,
             )
-        procs = [x for x in ctx.daemon.state.processes.values() if x.session_id == p.session_id]
-        return SessionResult(session=ctx.daemon.turns.with_warm(info), processes=procs)
+        procs = [x for x in ctx.services.state.processes.values() if x.session_id == p.session_id]
+        return SessionResult(session=ctx.services.turns.with_warm(info), processes=procs)

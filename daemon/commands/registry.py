@@ -20,8 +20,12 @@ from daemon.errors import DaemonError, InvalidParameters, UnknownCommand
 from daemon.protocol import Request, encode_error, encode_success
 
 if TYPE_CHECKING:
-    from daemon.app import Daemon
+    from daemon.events.bus import EventBus
     from daemon.server import Connection
+    from daemon.settings import Settings
+    from daemon.state.db import Store
+    from daemon.state.records import StateManager
+    from daemon.turns.scheduler import TurnScheduler
 
 log = structlog.get_logger("ksi.registry")
 
@@ -50,11 +54,25 @@ class Result(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass(frozen=True, slots=True)
+class Services:
+    """The parts of the daemon that commands (and observers, through them) may use."""
+
+    settings: Settings
+    store: Store
+    state: StateManager
+    bus: EventBus
+    turns: TurnScheduler
+    registry: Registry
+    health: Callable[[], dict[str, Any]]
+    request_shutdown: Callable[[str], None]
+
+
 @dataclass(slots=True)
 class Context:
     """What a handler may touch: the daemon's services and, over the socket, its connection."""
 
-    daemon: Daemon
+    services: Services
     conn: Connection | None = None
     request: Request | None = None
 

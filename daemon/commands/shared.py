@@ -54,14 +54,14 @@ def register(r: Registry) -> None:
         """Store a JSON value under a key; durable when the reply arrives. Publishes
         SHARED_STATE_CHANGED. If it cannot be persisted the reply is STORAGE_FULL or
         STORAGE_ERROR and nothing changed."""
-        ts = await ctx.daemon.state.set_shared(p.key, p.value)
-        ctx.daemon.bus.publish("SHARED_STATE_CHANGED", {"key": p.key, "action": "set"})
+        ts = await ctx.services.state.set_shared(p.key, p.value)
+        ctx.services.bus.publish("SHARED_STATE_CHANGED", {"key": p.key, "action": "set"})
         return SetResult(key=p.key, status="set", updated_at=iso_from_epoch(ts))
 
     @r.command("GET_SHARED", params=KeyParams, result=GetResult)
     async def get_shared(ctx: Context, p: KeyParams) -> GetResult:
         """Read a key; a missing key is ``found: false`` with ``value: null``, not an error."""
-        entry = ctx.daemon.state.shared.get(p.key)
+        entry = ctx.services.state.shared.get(p.key)
         if entry is None:
             return GetResult(key=p.key, value=None, found=False)
         return GetResult(key=p.key, value=entry[0], found=True, updated_at=iso_from_epoch(entry[1]))
@@ -70,13 +70,13 @@ def register(r: Registry) -> None:
     async def delete_shared(ctx: Context, p: KeyParams) -> DeleteResult:
         """Delete a key; ``deleted: false`` if it did not exist. STORAGE_FULL or
         STORAGE_ERROR if the deletion could not be persisted (the key is still there)."""
-        deleted = await ctx.daemon.state.delete_shared(p.key)
+        deleted = await ctx.services.state.delete_shared(p.key)
         if deleted:
-            ctx.daemon.bus.publish("SHARED_STATE_CHANGED", {"key": p.key, "action": "delete"})
+            ctx.services.bus.publish("SHARED_STATE_CHANGED", {"key": p.key, "action": "delete"})
         return DeleteResult(key=p.key, deleted=deleted)
 
     @r.command("LIST_SHARED", params=ListParams, result=ListResult)
     async def list_shared(ctx: Context, p: ListParams) -> ListResult:
         """List keys (sorted), optionally only those starting with ``prefix``."""
-        keys = sorted(k for k in ctx.daemon.state.shared if k.startswith(p.prefix))
+        keys = sorted(k for k in ctx.services.state.shared if k.startswith(p.prefix))
         return ListResult(keys=keys, total=len(keys))

@@ -65,20 +65,20 @@ def register(r: Registry) -> None:
         the state of LiteLLM and of the Claude CLI binary."""
         # Built by the daemon from its own counters: nothing to validate (tests check the
         # result against the published schema), and this is the liveness probe, called often.
-        return HealthResult.model_construct(**ctx.daemon.health())
+        return HealthResult.model_construct(**ctx.services.health())
 
     @r.command("GET_COMMANDS", params=NoParams, result=CommandsResult)
     async def get_commands(ctx: Context, p: NoParams) -> CommandsResult:
         """Every command with its description and the JSON Schema of its parameters and
         result."""
-        commands = ctx.daemon.registry.describe()
+        commands = ctx.services.registry.describe()
         return CommandsResult(commands=commands, total=len(commands))
 
     @r.command("SHUTDOWN", params=NoParams, result=ShutdownResult)
     async def shutdown(ctx: Context, p: NoParams) -> ShutdownResult:
         """Reply, then stop gracefully (the same path as SIGTERM)."""
         # Scheduled, not awaited: the reply is written before the shutdown starts closing.
-        asyncio.get_running_loop().call_soon(ctx.daemon.request_shutdown, "SHUTDOWN command")
+        asyncio.get_running_loop().call_soon(ctx.services.request_shutdown, "SHUTDOWN command")
         return ShutdownResult(status="shutting_down", message="daemon is shutting down")
 
     @r.command("CONNECT", params=ConnectParams, result=ConnectResult)

@@ -285,6 +285,14 @@ class EventBus:
         if self.store is not None:
             await self.store.write(self._RESERVE_SQL, (value,))
 
+    def stats(self) -> dict[str, int]:
+        """HEALTH_CHECK's counts of the bus."""
+        return {
+            "subscribers": len(self.subscribers),
+            "events_published": self.published,
+            "last_seq": self.seq,
+        }
+
     def add(self, sub: Subscriber) -> None:
         self.subscribers.add(sub)
 

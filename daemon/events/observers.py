@@ -25,15 +25,12 @@ import importlib
 import inspect
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from daemon.commands.registry import Context
+from daemon.commands.registry import Context, Services
 from daemon.events.bus import Subscriber
-
-if TYPE_CHECKING:
-    from daemon.app import Daemon
 
 log = structlog.get_logger("ksi.observers")
 
@@ -41,13 +38,14 @@ log = structlog.get_logger("ksi.observers")
 class ObserverAPI:
     """What an observer may do: call commands, and log."""
 
-    def __init__(self, daemon: Daemon, name: str) -> None:
-        self._daemon = daemon
+    def __init__(self, services: Services, name: str) -> None:
+        self._services = services
         self.name = name
         self.log = structlog.get_logger(f"ksi.observer.{name}")
 
     async def call(self, command: str, parameters: dict[str, Any] | None = None) -> Any:
-        return await self._daemon.registry.call(Context(self._daemon), command, parameters or {})
+        services = self._services
+        return await services.registry.call(Context(services), command, parameters or {})
 
 
 @dataclass
@@ -63,21 +61,23 @@ class RunningObserver:
 
 
 class ObserverHost:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.settings = daemon.settings
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.bus = services.bus
         self.running: dict[str, RunningObserver] = {}
 
-    async def start(self) -> None:
+    async def start(self, tasks: asyncio.TaskGroup) -> None:
+        """Load the configured observers; their loops run in ``tasks`` (the daemon's)."""
         for spec in self.settings.observers:
             try:
-                await self.add(spec, load_factory(spec))
+                await self.add(spec, load_factory(spec), tasks)
             except Exception:
                 # A broken plugin is the plugin's problem: log it, run without it.
                 log.exception("observer.load_failed", observer=spec)
 
-    async def add(self, name: str, factory: Any) -> RunningObserver:
-        plugin = factory(ObserverAPI(self.daemon, name))
+    async def add(self, name: str, factory: Any, tasks: asyncio.TaskGroup) -> RunningObserver:
+        plugin = factory(ObserverAPI(self.services, name))
         patterns = list(getattr(plugin, "event_types", None) or ["*"])
         sub = Subscriber(
             f"observer:{name}",
@@ -90,8 +90,8 @@ class ObserverHost:
         starter = getattr(plugin, "start", None)
         if starter is not None:
             await asyncio.wait_for(starter(), self.settings.observer_timeout_s)
-        self.daemon.bus.add(sub)
-        obs.task = asyncio.create_task(self._loop(obs), name=f"observer-{name}")
+        self.bus.add(sub)
+        obs.task = tasks.create_task(self._loop(obs), name=f"observer-{name}")
         self.running[name] = obs
         log.info("observer.started", observer=name, event_types=patterns)
         return obs
@@ -127,9 +127,13 @@ class ObserverHost:
                         event_type=event.event_type,
                     )
 
+    def stats(self) -> dict[str, int]:
+        """HEALTH_CHECK's count of observers (each one's own counters are in its record)."""
+        return {"observers": len(self.running)}
+
     async def stop(self) -> None:
         for obs in self.running.values():
-            self.daemon.bus.remove(obs.subscriber)
+            self.bus.remove(obs.subscriber)
             if obs.task is not None:
                 obs.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -141,19 +145,6 @@ class ObserverHost:
                 except Exception:
                     log.exception("observer.stop_failed", observer=obs.name)
         self.running.clear()
-
-    def describe(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": o.name,
-                "handled": o.handled,
-                "failures": o.failures,
-                "timeouts": o.timeouts,
-                "lost": o.subscriber.lost,
-                "queued": len(o.subscriber.inbox),
-            }
-            for o in self.running.values()
-        ]
 
 
 def load_factory(spec: str) -> Any:

@@ -111,7 +111,7 @@ class Connection(asyncio.Protocol):
         self._drop_timer: asyncio.TimerHandle | None = None
         # The last event seq handed to the transport: SUBSCRIBER_DROPPED's last_seq.
         self._sent_seq = 0
-        self.ctx = Context(server.daemon, self)
+        self.ctx = Context(server.daemon.services, self)
         # Output: queued replies, written together (see send/flush).
         self._out: list[bytes] = []
         self._out_bytes = 0
@@ -448,7 +448,7 @@ class Connection(asyncio.Protocol):
         return reply
 
     async def _run_detached(self, req: Request) -> None:
-        ctx = Context(self.daemon, self, req)
+        ctx = Context(self.daemon.services, self, req)
         reply = await self.daemon.registry.dispatch(ctx, req)
         await self.send(reply)
 

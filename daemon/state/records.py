@@ -301,10 +301,12 @@ class StateManager:
         info.turns, info.total_cost_usd = turns, round(cost, 10)
         return info
 
-    def agent_costs(self) -> dict[str, dict[str, float | int]]:
+    def stats(self) -> dict[str, int]:
+        """HEALTH_CHECK's counts of what the state holds."""
         return {
-            a: {"turns": n, "total_cost_usd": round(c, 10)}
-            for a, (n, c) in self._agent_costs.items()
+            "agents": len(self.agents),
+            "sessions": self.session_count,
+            "shared_keys": len(self.shared),
         }
 
     # -- sessions ---------------------------------------------------------------------

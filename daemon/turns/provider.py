@@ -31,11 +31,17 @@ class ProviderLoader:
         self._ready = asyncio.Event()
         self._error: str | None = None
         self._acompletion: Acompletion | None = None
+        self._tasks: asyncio.TaskGroup | None = None
         self.task: asyncio.Task[None] | None = None
+
+    def start(self, tasks: asyncio.TaskGroup) -> None:
+        """Loading, once asked for, runs in ``tasks`` (the daemon's group)."""
+        self._tasks = tasks
 
     def ensure_loading(self) -> None:
         if self.task is None:
-            self.task = asyncio.create_task(self._load(), name="ksi-load-litellm")
+            assert self._tasks is not None, "start() first"
+            self.task = self._tasks.create_task(self._load(), name="ksi-load-litellm")
 
     async def acompletion(self) -> Acompletion:
         """``litellm.acompletion`` once loaded; Unavailable (NOT_READY) if it cannot be."""

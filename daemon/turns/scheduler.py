@@ -79,12 +79,21 @@ class TurnScheduler:
 
     # -- start-up -------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, tasks: asyncio.TaskGroup) -> None:
+        """Start serving turns; background work (loading LiteLLM, probing the CLI's
+        version) runs in ``tasks``, the daemon's group, until :meth:`shutdown`."""
         self.engine.start_pool()  # pre-warmed CLIs (warm_pool_size of them) start now
+        self.provider.start(tasks)
         self._resume_pending()
         if self.settings.litellm_preload:
             self.provider.ensure_loading()
-        self._version_probe = asyncio.create_task(self.engine.probe_version())
+        self._version_probe = tasks.create_task(self._probe_version(), name="ksi-claude-version")
+
+    async def _probe_version(self) -> None:
+        try:
+            await self.engine.probe_version()
+        except Exception:  # a task of the daemon's group must not fail: it would end them all
+            log.exception("claude.version_probe_failed")
 
     def stats(self) -> dict[str, Any]:
         """HEALTH_CHECK's view of turns: counts, LiteLLM, the CLI, warm processes."""
