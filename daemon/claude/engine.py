@@ -4,7 +4,7 @@ The engine alone owns three pieces of policy the bare CLI leaves to its callers 
 daemon's turn scheduler, daemon/turns/scheduler.py, uses them and keeps no copy):
 
 * **Per-session serialisation.** Two concurrent ``--resume`` runs of one
-  session both succeed but fork its history silently (the shared CLI reference, §5), so
+  session both succeed but fork its history silently (measured with 2.1.197), so
   turns of one session id wait on an ``asyncio.Lock`` that is dropped when idle. A caller
   that must keep a session to itself for longer than the CLI run (the daemon records a
   turn before the next one starts) holds it with :meth:`ClaudeEngine.hold_session`; turns

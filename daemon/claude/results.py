@@ -1,7 +1,7 @@
 """Turn a finished CLI run into a :class:`TurnResult` or a :class:`ClaudeCLIError`.
 
-What the CLI does on failure (measured against 2.1.197, see
-``/work/shared/reference/claude-cli.md`` §4-§5) drives the order of checks:
+What the CLI does on failure (measured against 2.1.197; the table is in the "Errors" section
+of LITELLM_INTEGRATION.md) drives the order of checks:
 
 * API errors print a normal result object with ``"subtype": "success"`` and
   ``"is_error": true`` and exit 1, so ``subtype`` alone proves nothing;

@@ -272,6 +272,7 @@ class TurnScheduler:
     # -- running a turn ---------------------------------------------------------------------
 
     async def _run(self, turn: Turn) -> None:
+        turn.entered = True
         info = turn.info
         holding_slot = finishing = False
         try:
@@ -389,11 +390,18 @@ class TurnScheduler:
         turn.task.cancel()
         # The run's own cleanup kills the CLI's process group before the task ends.
         await asyncio.wait([turn.task])
+        await self._settle_unstarted(turn)
         # The reply means the cancel is durable: this write commits behind the ones the turn
         # queued (its record, and the end of its kept request), so a crash now cannot bring
         # a cancelled queued turn back to life after the restart.
         await self.state.save_process(turn.info)
         return turn.info
+
+    async def _settle_unstarted(self, turn: Turn) -> None:
+        """Record a turn whose task was cancelled before its first step: the coroutine never
+        ran, so neither did its own handling of the cancel."""
+        if not turn.entered and turn.info.process_id in self.turns:
+            await self._finish(turn, failure_of(asyncio.CancelledError(), turn.info.process_id))
 
     def force_stop(self) -> None:
         for turn in list(self.turns.values()):
@@ -415,6 +423,9 @@ class TurnScheduler:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        for turn in list(self.turns.values()):
+            if not turn.deferred:
+                await self._settle_unstarted(turn)
         background = [t for t in (self._version_probe, self.provider.task) if t is not None]
         for task in background:
             task.cancel()

@@ -45,6 +45,7 @@ class Turn:
     # Set at shutdown for a queued async turn: its request is kept in SQLite and it runs
     # after the restart, so its cancellation now is not recorded as a cancelled turn.
     deferred: bool = False
+    entered: bool = False  # its task has begun (a task cancelled before that never does)
     progress: int = 0  # PROCESS_PROGRESS events so far (their per-process index)
 
     @property
