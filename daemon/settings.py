@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from daemon.claude import defaults
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 MiB = 1024 * 1024
@@ -52,8 +54,8 @@ class Settings(BaseSettings):
     claude_env: dict[str, str] = Field(default_factory=dict)
     default_model: str = "sonnet"
     max_concurrency: int = Field(default=4, ge=1)
-    default_timeout_s: float = Field(default=600.0, gt=0)
-    term_grace_s: float = Field(default=3.0, ge=0)
+    default_timeout_s: float = Field(default=defaults.TIMEOUT_S, gt=0)
+    term_grace_s: float = Field(default=defaults.TERM_GRACE_S, ge=0)
     idempotency_window_s: float = Field(default=600.0, ge=0)
     # CLAUDE_CODE_MAX_RETRIES for every CLI run unless the daemon's own environment sets it.
     # 0: the daemon retries instead (below), visibly and with the queue held while the API
@@ -67,10 +69,10 @@ class Settings(BaseSettings):
     api_retry_max_s: float = Field(default=30.0, gt=0, le=300)
 
     # Warm sessions (one long-lived CLI per active session) and the pre-warmed pool.
-    warm_default: bool = False
-    warm_idle_s: float = Field(default=600.0, gt=0)
-    warm_max: int = Field(default=8, ge=0)
-    warm_pool_size: int = Field(default=0, ge=0)
+    warm_default: bool = defaults.WARM_DEFAULT
+    warm_idle_s: float = Field(default=defaults.WARM_IDLE_S, gt=0)
+    warm_max: int = Field(default=defaults.WARM_MAX, ge=0)
+    warm_pool_size: int = Field(default=defaults.WARM_POOL_SIZE, ge=0)
 
     # Cognitive observers: "package.module:factory" or an entry point name in "ksi.observers".
     observers: Annotated[list[str], NoDecode] = Field(default_factory=list)

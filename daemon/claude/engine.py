@@ -44,6 +44,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from daemon.claude import defaults
 from daemon.claude.backends import ColdBackend, StreamState, TurnBackend, TurnRequest, TurnStream
 from daemon.claude.errors import ClaudeCLIError, ErrorCode, TurnRejected
 from daemon.claude.locate import claude_version, locate_claude
@@ -75,14 +76,14 @@ class EngineConfig:
     default_cwd: Path
     claude_bin: str | None = None
     default_model: str | None = None
-    default_timeout_s: float = 600.0
-    term_grace_s: float = 3.0
+    default_timeout_s: float = defaults.TIMEOUT_S
+    term_grace_s: float = defaults.TERM_GRACE_S
     extra_env: dict[str, str] = field(default_factory=dict)
-    warm_default: bool = False
-    warm_idle_s: float = 600.0
-    warm_max: int = 8
+    warm_default: bool = defaults.WARM_DEFAULT
+    warm_idle_s: float = defaults.WARM_IDLE_S
+    warm_max: int = defaults.WARM_MAX
     """Cap on warm session processes (LRU eviction); 0 disables warm mode."""
-    warm_pool_size: int = 0
+    warm_pool_size: int = defaults.WARM_POOL_SIZE
     warm_interrupt_wait_s: float = 2.0
 
 

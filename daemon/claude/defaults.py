@@ -1,0 +1,11 @@
+"""Defaults of the engine's settings, written once: :class:`~daemon.claude.engine.EngineConfig`
+(the provider's own engine) and :class:`~daemon.settings.Settings` (the daemon's) use these."""
+
+from __future__ import annotations
+
+TIMEOUT_S = 600.0  # a turn's wall-clock limit
+TERM_GRACE_S = 3.0  # SIGTERM to SIGKILL of a CLI's process group
+WARM_DEFAULT = False  # turns run on a long-lived CLI unless they say otherwise
+WARM_IDLE_S = 600.0  # a warm CLI idle this long is stopped
+WARM_MAX = 8  # warm session CLIs at most (LRU eviction); 0 turns warm mode off
+WARM_POOL_SIZE = 0  # pre-warmed CLIs waiting for new sessions
