@@ -94,7 +94,7 @@ class Daemon:
         try:
             self._lock_state()
             await self.store.open()
-            await self.state.load()
+            await self.state.load(idempotency_window_s=self.settings.idempotency_window_s)
             # Before any turn can run: CLIs of an earlier run that died under them would
             # otherwise run alongside new turns of the same sessions (daemon/turns/orphans.py).
             found = find_orphans(owner_token(self.settings.state_path), self.state.orphans)

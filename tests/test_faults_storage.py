@@ -97,7 +97,7 @@ async def db_roomy(store: Store) -> None:
 @pytest.fixture
 async def state(db: Store) -> StateManager:
     manager = StateManager(db)
-    await manager.load()
+    await manager.load(idempotency_window_s=600.0)
     return manager
 
 

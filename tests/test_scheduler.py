@@ -62,7 +62,7 @@ def request(prompt: str, **fields: Any) -> SpawnRequest:
 async def _harness(tmp_path: Path, **settings: Any) -> AsyncIterator[Harness]:
     h = Harness(tmp_path, **settings)
     await h.store.open()
-    await h.state.load()
+    await h.state.load(idempotency_window_s=h.settings.idempotency_window_s)
     await h.bus.load()
     h.bus.add(h.events)
     async with asyncio.TaskGroup() as tasks:

@@ -12,7 +12,7 @@ from daemon.state.records import StateManager
 async def state(db: Store, monkeypatch: pytest.MonkeyPatch) -> StateManager:
     monkeypatch.setattr(StateManager, "CACHED_SESSIONS", 3)
     manager = StateManager(db)
-    await manager.load()
+    await manager.load(idempotency_window_s=600.0)
     return manager
 
 
@@ -77,7 +77,7 @@ async def test_sessions_and_their_count_survive_a_restart(state: StateManager) -
     for n in range(5):
         await _turn(state, n)
     again = StateManager(state.store)
-    await again.load()
+    await again.load(idempotency_window_s=600.0)
     assert again.session_count == 5
     assert list(again._sessions) == ["s2", "s3", "s4"]  # the most recently used, cached
     s0 = await again.session("s0")

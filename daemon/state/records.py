@@ -97,8 +97,6 @@ _PROCESS_JSON: TypeAdapter[TurnRecord] = TypeAdapter(TurnRecord)
 
 class StateManager:
     RECENT_PROCESSES = 500
-    # How far back start-up looks for client_request_ids (the scheduler applies its own window).
-    IDEMPOTENCY_LOOKBACK_S = 24 * 3600.0
     # Sessions cached in memory (~0.5 KB each); older ones are read back from the table.
     CACHED_SESSIONS = 512
 
@@ -115,7 +113,9 @@ class StateManager:
         self.pending: list[tuple[TurnRecord, bytes]] = []
         self.recent_request_ids: list[tuple[str, str, float]] = []
 
-    async def load(self) -> None:
+    async def load(self, *, idempotency_window_s: float) -> None:
+        """Read what the daemon remembers; ``idempotency_window_s``: how far back the
+        client_request_ids that can still be replayed go (Settings.idempotency_window_s)."""
         for row in await self.store.query("SELECT key, value, updated_at FROM shared"):
             self.shared[row["key"]] = (orjson.loads(row["value"]), row["updated_at"])
         for row in await self.store.query("SELECT * FROM agents"):
@@ -135,7 +135,7 @@ class StateManager:
             self._cache_session(_session_from_row(row))
         (count,) = await self.store.query("SELECT COUNT(*) AS n FROM sessions")
         self.session_count = count["n"]
-        await self._recover()
+        await self._recover(idempotency_window_s)
         rows = await self.store.query(
             "SELECT record, status, error_code FROM processes ORDER BY created_at DESC LIMIT ?",
             (self.RECENT_PROCESSES,),
@@ -152,7 +152,7 @@ class StateManager:
         ):
             self._agent_costs[row["agent_id"]] = (row["n"], row["cost"])
 
-    async def _recover(self) -> None:
+    async def _recover(self, idempotency_window_s: float) -> None:
         """Settle the turns an earlier run left unfinished (it stopped or died under them).
 
         A turn that was running is ``interrupted``: it may have been paid for, so it is never
@@ -208,7 +208,7 @@ class StateManager:
                 )
         for process_id in pending:  # requests whose turn had started or ended meanwhile
             self.drop_pending(process_id)
-        window_start = now - self.IDEMPOTENCY_LOOKBACK_S
+        window_start = now - idempotency_window_s
         self.recent_request_ids = [
             (row["client_request_id"], row["process_id"], row["created_at"])
             for row in await self.store.query(
