@@ -12,7 +12,8 @@ daemon's turn scheduler, daemon/turns/scheduler.py, uses them and keeps no copy)
 * **cwd pinning.** Resume is scoped to the cwd the session was created in, so a resumed
   turn runs in the directory its session began in, and asking for another one is refused
   before a CLI starts. Where those directories are kept is the caller's choice
-  (:class:`SessionDirectory`: the daemon's SQLite records; in memory by default).
+  (a :class:`~daemon.claude.sessions.SessionDirectory`: the daemon's SQLite records; in memory by
+  default).
 * **Session ids.** First turns pass ``--session-id <uuid>`` so the id is known (and
   reported through ``on_start``) even if the run dies. :meth:`ClaudeEngine.plan_turn`
   fixes id and cwd ahead of the run for a caller that reports them at once.
@@ -29,18 +30,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
-import re
 import signal
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import aclosing, asynccontextmanager, contextmanager
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import AbstractAsyncContextManager, aclosing, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import structlog
 
@@ -51,6 +49,8 @@ from daemon.claude.locate import claude_version, locate_claude
 from daemon.claude.options import ClaudeOptions, StartInfo
 from daemon.claude.results import TurnResult
 from daemon.claude.runner import killpg_quiet
+from daemon.claude.sessions import RememberedCwds, SessionDirectory, SessionHolds
+from daemon.claude.transcripts import Transcripts
 from daemon.claude.warm import WarmBackend, WarmConfig
 from daemon.claude.warm_process import ProcSpec
 
@@ -59,13 +59,6 @@ log = structlog.get_logger("ksi.claude.engine")
 # The engine a LiteLLM call in this context is for (see ClaudeCLIProvider.engine): set by a
 # caller that owns an engine around its ``litellm.acompletion`` calls.
 CURRENT_ENGINE: ContextVar[ClaudeEngine | None] = ContextVar("ksi_claude_engine", default=None)
-
-# The sessions the current context holds (hold_session): their turns do not wait on their
-# own lock again.
-_HELD_SESSIONS: ContextVar[frozenset[str]] = ContextVar("ksi_held_sessions", default=frozenset())
-
-_MAX_REMEMBERED_SESSIONS = 10_000
-_SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9]")
 
 
 @dataclass(kw_only=True)
@@ -87,41 +80,6 @@ class EngineConfig:
     warm_interrupt_wait_s: float = 2.0
 
 
-class SessionDirectory(Protocol):
-    """Where the engine finds the directory a session began in (its cwd pin)."""
-
-    async def cwd_of(self, session_id: str) -> str | None:
-        """The session's cwd, or None if it is not known here."""
-        ...
-
-    def started(self, session_id: str, cwd: str) -> None:
-        """A CLI of the session has started in ``cwd``."""
-        ...
-
-
-class RememberedCwds:
-    """The default :class:`SessionDirectory`: the sessions this engine ran, in memory (LRU)."""
-
-    def __init__(self, limit: int = _MAX_REMEMBERED_SESSIONS) -> None:
-        self._cwds: OrderedDict[str, str] = OrderedDict()
-        self._limit = limit
-
-    async def cwd_of(self, session_id: str) -> str | None:
-        return self._cwds.get(session_id)
-
-    def started(self, session_id: str, cwd: str) -> None:
-        self._cwds[session_id] = cwd
-        self._cwds.move_to_end(session_id)
-        while len(self._cwds) > self._limit:
-            self._cwds.popitem(last=False)
-
-
-@dataclass
-class _SessionSlot:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-
-
 class ClaudeEngine:
     """Runs turns; see the module docstring for the policies it enforces."""
 
@@ -141,7 +99,8 @@ class ClaudeEngine:
             ),
             self._pool_spec,
         )
-        self._slots: dict[str, _SessionSlot] = {}
+        self._holds = SessionHolds()
+        self._transcripts = Transcripts(self._env())
         self._running: dict[int, str] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -178,32 +137,10 @@ class ClaudeEngine:
         ids = (session_id, None) if resume else (None, session_id)
         return opts.model_copy(update={"session_id": ids[0], "new_session_id": ids[1], "cwd": cwd})
 
-    @asynccontextmanager
-    async def hold_session(self, session_id: str) -> AsyncIterator[None]:
+    def hold_session(self, session_id: str) -> AbstractAsyncContextManager[None]:
         """Keep the session to this context: other turns of it wait until the block ends;
         turns run inside it (in this task, or tasks it starts) do not."""
-        held = _HELD_SESSIONS.get()
-        if session_id in held:
-            yield
-            return
-        # Reference-counted, not "dropped when unlocked": right after a release the lock looks
-        # free while a woken waiter has yet to take it, and a fresh lock for the same session
-        # would let two of its turns run at once.
-        slot = self._slots.setdefault(session_id, _SessionSlot())
-        slot.users += 1
-        try:
-            async with slot.lock:
-                _HELD_SESSIONS.set(held | {session_id})
-                try:
-                    yield
-                finally:
-                    # Not ContextVar.reset: a stream's steps may each run in another context
-                    # (the provider's sync streaming does), where the token is not valid.
-                    _HELD_SESSIONS.set(held)
-        finally:
-            slot.users -= 1
-            if slot.users == 0:
-                self._slots.pop(session_id, None)
+        return self._holds.hold(session_id)
 
     def stream_turn(
         self, prompt: str, *, model: str | None = None, opts: ClaudeOptions | None = None
@@ -251,7 +188,7 @@ class ClaudeEngine:
             "version": self._version,
             "running": len(self._running),
             "running_pids": sorted(self._running),
-            "active_sessions": len(self._slots),
+            "active_sessions": self._holds.active,
             "warm_default": self.config.warm_default,
             "warm": self._warm.status(),
             "closed": self._closed,
@@ -292,56 +229,19 @@ class ClaudeEngine:
 
     # -- rewinding a failed attempt ---------------------------------------------------
 
-    @functools.cached_property
-    def _projects_dir(self) -> Path:
-        # Once: it reads the whole environment, and every turn attempt asks for it.
-        env = self._env()
-        config = env.get("CLAUDE_CONFIG_DIR") or os.path.join(
-            env.get("HOME") or os.path.expanduser("~"), ".claude"
-        )
-        return Path(config) / "projects"
-
-    def transcript_path(self, session_id: str, cwd: str) -> Path:
-        """Where the CLI keeps a session's transcript: ``projects/<cwd slug>/<id>.jsonl``.
-        The slug is the cwd with every character but ASCII letters and digits made "-"
-        (measured with 2.1.197: "/tmp/a_b c@d.e" -> "-tmp-a-b-c-d-e")."""
-        return self._projects_dir / _SLUG_UNSAFE.sub("-", cwd) / f"{session_id}.jsonl"
-
     def transcript_mark(self, session_id: str, cwd: str) -> int | None:
-        """The transcript's length now (None: it does not exist yet), for :meth:`rewind`."""
-        try:
-            return self.transcript_path(session_id, cwd).stat().st_size
-        except OSError:
-            return None
+        """The session's transcript length now (None: none yet), for :meth:`rewind`."""
+        return self._transcripts.mark(session_id, cwd)
 
     async def rewind(
         self, session_id: str, cwd: str, mark: int | None, *, new_session: bool
     ) -> bool:
-        """Undo what a failed attempt added to a session, so that a retry of the same prompt
-        reaches the model once: the CLI stores a prompt before calling the API and replays
-        it on the next resume (measured), which would send it twice.
-
-        The session's warm CLI (if any) holds the attempt in memory, so it is stopped first;
-        the next attempt resumes from the rewound file. Returns False if the transcript
-        could not be found where it was expected, so a retry would not be safe.
-        """
+        """Undo what a failed attempt added to a session (see Transcripts.rewind), so that a
+        retry of the same prompt reaches the model once. The session's warm CLI (if any)
+        holds the attempt in memory, so it is stopped first; the next attempt resumes from
+        the rewound file."""
         await self._warm.forget(session_id)
-        path = self.transcript_path(session_id, cwd)
-        if mark is not None:
-            try:
-                os.truncate(path, mark)
-            except FileNotFoundError:
-                return False  # it existed before the attempt: something else removed it
-            return True
-        if path.exists():  # made by the failed attempt
-            path.unlink()
-            return True
-        if not new_session:
-            return False  # the CLI keeps it elsewhere: how long it was before is unknown
-        # A new session's file did not exist before the attempt, wherever the CLI put it.
-        for found in self._projects_dir.glob(f"*/{session_id}.jsonl"):
-            found.unlink()
-        return True
+        return self._transcripts.rewind(session_id, cwd, mark, new_session=new_session)
 
     # -- internals --------------------------------------------------------
 
