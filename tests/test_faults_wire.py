@@ -174,7 +174,7 @@ def test_encode_error_leaves_out_an_echo_it_cannot_encode() -> None:
     assert reply == {"status": "error", "command": "X", "error": err.to_wire()}
     deep_details = DaemonError("boom", code=ErrorCode.CONFLICT, details={"v": nested(300)})
     reply = orjson.loads(encode_error(Echo("X", 1, True), deep_details))
-    assert reply["error"] == {"code": "SOME_CODE", "message": "boom"}
+    assert reply["error"] == {"code": "CONFLICT", "message": "boom"}
 
 
 def test_depth_check_does_not_trip_on_brackets_in_strings() -> None:
