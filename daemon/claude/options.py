@@ -17,7 +17,7 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -106,6 +106,13 @@ class TurnOptions(BaseModel):
             raise ValueError("tool names must be non-empty")
         return value
 
+    @classmethod
+    def of(cls, base: TurnOptions, **extra: Any) -> Self:
+        """``base``'s TurnOptions fields (already validated, e.g. as a SPAWN's parameters)
+        with ``extra`` fields of this class, without validating ``base`` a second time."""
+        fields = {name: getattr(base, name) for name in TurnOptions.model_fields}
+        return cls.model_construct(**fields, **extra)
+
 
 class ClaudeOptions(TurnOptions):
     """Validated CLI options for one turn (all optional): :class:`TurnOptions` plus the
@@ -133,10 +140,3 @@ class ClaudeOptions(TurnOptions):
         if self.session_id is not None and self.new_session_id is not None:
             raise ValueError("give session_id (resume) or new_session_id (first turn), not both")
         return self
-
-    @classmethod
-    def of(cls, base: TurnOptions, **session: Any) -> ClaudeOptions:
-        """``base`` (already validated, e.g. as a SPAWN's parameters) with session fields,
-        without validating ``base`` a second time."""
-        fields = {name: getattr(base, name) for name in TurnOptions.model_fields}
-        return cls.model_construct(**fields, **session)

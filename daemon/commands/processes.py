@@ -145,10 +145,7 @@ def register(r: Registry) -> None:
             model=p.model or services.settings.default_model,
             agent_id=agent_id,
             client_request_id=p.client_request_id,
-            # The SPAWN's own TurnOptions fields, validated with it: not validated again.
-            options=TurnOptions.model_construct(
-                **{name: getattr(p, name) for name in TurnOptions.model_fields}
-            ),
+            options=TurnOptions.of(p),  # the SPAWN's own fields, validated with it
         )
         return await services.turns.submit(req)
 

@@ -207,7 +207,6 @@ class TurnScheduler:
             try:
                 req = SpawnRequest.model_validate_json(raw)
             except ValidationError as exc:  # e.g. its cwd was removed while we were down
-                req = SpawnRequest.model_construct(prompt="", mode="async", model="")
                 failed = failure_of(InvalidParameters(str(exc)), info.process_id)
                 info.status, info.error = "failed", failed.record()
                 state.drop_pending(info.process_id)
