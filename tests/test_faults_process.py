@@ -343,7 +343,14 @@ def test_a_rate_limit_holds_the_other_turns(make_daemon: Any) -> None:
         target=lambda: first.append(spawn(d, prompt=f"[[flaky:429:{counter}:1]] first"))
     )
     caller.start()
-    wait_for(lambda: counter.exists() and counter.read_text() == "1")
+
+    def rate_limited() -> bool:
+        events = d.result("GET_EVENTS", {"event_types": ["PROCESS_PROGRESS"]})["events"]
+        return any(e["data"].get("kind") == "api_retry" for e in events)
+
+    # The daemon has seen the 429 (not merely the CLI having started): only from then on
+    # can it hold the other turns back.
+    wait_for(rate_limited)
     second = spawn(d, prompt="second")
     caller.join(30)
     assert first[0]["status"] == "success"
