@@ -9,6 +9,7 @@ code, anything else is logged with its traceback and sent as ``INTERNAL_ERROR``.
 from __future__ import annotations
 
 import difflib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
@@ -165,9 +166,18 @@ class Registry:
 
     async def dispatch(self, ctx: Context, req: Request) -> bytes:
         """Run one request and return the encoded reply line; never raises (but on cancel)."""
+        started = time.perf_counter()
         try:
             return encode_success(req, await self.call(ctx, req.command, req.parameters))
         except DaemonError as exc:
+            # Logged here, where the error is still typed: not re-read from the reply bytes.
+            log.info(
+                "command.failed",
+                conn=ctx.conn.id if ctx.conn is not None else None,
+                command=req.command,
+                code=exc.code,
+                ms=round((time.perf_counter() - started) * 1000, 3),
+            )
             return encode_error(req, exc)
         except Exception:
             log.exception("command.crashed", command=req.command)

@@ -48,14 +48,12 @@ import itertools
 import os
 import socket
 import struct
-import time
 import types
 from collections import deque
 from collections.abc import Coroutine, Generator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import orjson
 import structlog
 
 from daemon.commands.registry import Context
@@ -398,7 +396,6 @@ class Connection(asyncio.Protocol):
         if spec is not None and spec.long_running and self.persistent:
             self._track(asyncio.create_task(self._run_detached(req)))
             return _Served.DETACHED
-        started = time.perf_counter()
         self.ctx.request = req
         coro = self.daemon.registry.dispatch(self.ctx, req)
         value: Any = None
@@ -407,21 +404,21 @@ class Connection(asyncio.Protocol):
         else:
             done, value = _first_step(coro)
         if done:
-            self._queue(self._logged(req, value, started))
+            self._queue(value)
             return _Served.ANSWERED
         # It has to wait: it goes on as a task, and the connection's later lines wait for it.
         task = asyncio.get_running_loop().create_task(_run_rest(coro, value))
         self._waiting = task
         self._track(task)
-        task.add_done_callback(functools.partial(self._waited, req, started))
+        task.add_done_callback(functools.partial(self._waited, req))
         return _Served.WAITING
 
-    def _waited(self, req: Request, started: float, task: asyncio.Task[bytes]) -> None:
+    def _waited(self, req: Request, task: asyncio.Task[bytes]) -> None:
         self._waiting = None
         if not task.cancelled():
             exc = task.exception()
             if exc is None:
-                self._queue(self._logged(req, task.result(), started))
+                self._queue(task.result())
             else:  # dispatch does not raise; if it ever does, the request still gets a reply
                 log.error("request.crashed", conn=self.id, command=req.command, exc_info=exc)
                 self._queue(
@@ -434,18 +431,6 @@ class Connection(asyncio.Protocol):
             self.close()
             return
         self._run_process()
-
-    def _logged(self, req: Request, reply: bytes, started: float) -> bytes:
-        if reply.startswith(b'{"status":"error"'):
-            code = orjson.loads(reply)["error"]["code"]  # error path only: parse is cheap
-            log.info(
-                "command.failed",
-                conn=self.id,
-                command=req.command,
-                code=code,
-                ms=round((time.perf_counter() - started) * 1000, 3),
-            )
-        return reply
 
     async def _run_detached(self, req: Request) -> None:
         ctx = Context(self.daemon.services, self, req)
