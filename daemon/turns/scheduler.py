@@ -46,7 +46,7 @@ from daemon.turns.provider import Acompletion, ProviderLoader
 from daemon.turns.recorder import TurnRecorder
 from daemon.turns.retry import Backoff, retry_delay, slows_everyone
 from daemon.turns.slots import Slots
-from daemon.turns.turn import SpawnRequest, Turn
+from daemon.turns.turn import SpawnRequest, Turn, restored_turn
 
 log = structlog.get_logger("ksi.turns")
 
@@ -205,24 +205,23 @@ class TurnScheduler:
             self._idempotent[key] = (process_id, created - offset)
         for info, raw in state.pending:
             try:
-                req = SpawnRequest.model_validate_json(raw)
-            except ValidationError as exc:  # e.g. its cwd was removed while we were down
+                turn = restored_turn(info, raw, str(self.settings.project_root))
+            except ValidationError as exc:
                 failed = failure_of(InvalidParameters(str(exc)), info.process_id)
                 info.status, info.error = "failed", failed.record()
                 state.drop_pending(info.process_id)
                 state.queue_process(info)
                 continue
-            session_id = info.session_id or req.session_id or str(uuid.uuid4())
-            ids = {"session_id": session_id} if req.session_id else {"new_session_id": session_id}
-            cwd = info.cwd or req.options.cwd or str(self.settings.project_root)
-            turn = Turn(info, req, ClaudeOptions.of(req.options, **ids), session_id, cwd)
             self.turns[info.process_id] = turn
             state.note_process(info)
-            if req.client_request_id:
-                self._idempotent[req.client_request_id] = (info.process_id, time.monotonic())
+            if turn.request.client_request_id:
+                key = turn.request.client_request_id
+                self._idempotent[key] = (info.process_id, time.monotonic())
             self._launch(turn)
             log.info(
-                "turn.resumed_after_restart", process_id=info.process_id, session_id=session_id
+                "turn.resumed_after_restart",
+                process_id=info.process_id,
+                session_id=turn.session_id,
             )
         state.pending = []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,3 +56,14 @@ class Turn:
     def next_index(self) -> int:
         self.progress += 1
         return self.progress - 1
+
+
+def restored_turn(info: TurnRecord, raw: bytes, default_cwd: str) -> Turn:
+    """The turn of an async SPAWN an earlier run accepted but did not start, from its
+    request as kept in SQLite. Raises ValidationError if the request no longer validates
+    (e.g. its cwd was removed while the daemon was down)."""
+    req = SpawnRequest.model_validate_json(raw)
+    session_id = info.session_id or req.session_id or str(uuid.uuid4())
+    ids = {"session_id": session_id} if req.session_id else {"new_session_id": session_id}
+    cwd = info.cwd or req.options.cwd or default_cwd
+    return Turn(info, req, ClaudeOptions.of(req.options, **ids), session_id, cwd)
