@@ -9,3 +9,5 @@ WARM_DEFAULT = False  # turns run on a long-lived CLI unless they say otherwise
 WARM_IDLE_S = 600.0  # a warm CLI idle this long is stopped
 WARM_MAX = 8  # warm session CLIs at most (LRU eviction); 0 turns warm mode off
 WARM_POOL_SIZE = 0  # pre-warmed CLIs waiting for new sessions
+WARM_INTERRUPT_WAIT_S = 2.0  # an interrupted warm turn's result, before its CLI is killed
+WARM_CLOSE_GRACE_S = 2.0  # a warm CLI's exit after its stdin closes, before SIGTERM

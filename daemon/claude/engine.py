@@ -51,7 +51,7 @@ from daemon.claude.results import TurnResult
 from daemon.claude.runner import killpg_quiet
 from daemon.claude.sessions import RememberedCwds, SessionDirectory, SessionHolds
 from daemon.claude.transcripts import Transcripts
-from daemon.claude.warm import WarmBackend, WarmConfig
+from daemon.claude.warm import WarmBackend
 from daemon.claude.warm_process import ProcSpec
 
 log = structlog.get_logger("ksi.claude.engine")
@@ -77,7 +77,8 @@ class EngineConfig:
     warm_max: int = defaults.WARM_MAX
     """Cap on warm session processes (LRU eviction); 0 disables warm mode."""
     warm_pool_size: int = defaults.WARM_POOL_SIZE
-    warm_interrupt_wait_s: float = 2.0
+    warm_interrupt_wait_s: float = defaults.WARM_INTERRUPT_WAIT_S
+    warm_close_grace_s: float = defaults.WARM_CLOSE_GRACE_S
 
 
 class ClaudeEngine:
@@ -89,16 +90,7 @@ class ClaudeEngine:
         self._bin: Path | None = locate_claude(config.claude_bin, config.project_root)
         self._version: str | None = None
         self._cold = ColdBackend()
-        self._warm = WarmBackend(
-            WarmConfig(
-                idle_s=config.warm_idle_s,
-                max_warm=config.warm_max,
-                pool_size=config.warm_pool_size,
-                interrupt_wait_s=config.warm_interrupt_wait_s,
-                term_grace_s=config.term_grace_s,
-            ),
-            self._pool_spec,
-        )
+        self._warm = WarmBackend(config, self._pool_spec)
         self._holds = SessionHolds()
         self._transcripts = Transcripts(self._env())
         self._running: dict[int, str] = {}

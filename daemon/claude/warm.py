@@ -22,8 +22,8 @@ Policies (each one is a decision, see "Warm sessions" in LITELLM_INTEGRATION.md)
   exactly this reason (warm_process.py).
 * **Cancel and timeout.** The CLI's interrupt control request ends the turn within
   milliseconds and keeps the process; if no ``result`` follows within
-  ``interrupt_wait_s``, the process group is killed and the next turn resumes in a new one.
-* **Idle and cap.** Processes idle for ``idle_s`` are ended; more than ``max_warm`` session
+  ``warm_interrupt_wait_s``, the process group is killed and the next turn resumes in a new one.
+* **Idle and cap.** Processes idle for ``warm_idle_s`` are ended; more than ``warm_max`` session
   processes end the least recently used idle one. Busy processes are never evicted: if all
   are busy a new session briefly exceeds the cap.
 * **Pool** (:mod:`daemon.claude.warm_pool`). :meth:`WarmBackend.take_pooled` hands a
@@ -40,8 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import structlog
@@ -52,19 +51,12 @@ from daemon.claude.results import TurnResult, classify_result, stdout_excerpt
 from daemon.claude.warm_pool import WarmPool
 from daemon.claude.warm_process import ProcSpec, WarmProcess, user_message
 
+if TYPE_CHECKING:
+    from daemon.claude.engine import EngineConfig
+
 log = structlog.get_logger("ksi.claude.warm")
 
 _MAX_HISTORY = 10_000
-
-
-@dataclass(frozen=True, kw_only=True)
-class WarmConfig:
-    idle_s: float = 600.0
-    max_warm: int = 8
-    pool_size: int = 0
-    interrupt_wait_s: float = 2.0
-    close_grace_s: float = 2.0
-    term_grace_s: float = 3.0
 
 
 def spec_for(req: TurnRequest) -> ProcSpec:
@@ -86,11 +78,11 @@ class WarmBackend:
 
     mode: Literal["cold", "warm"] = "warm"
 
-    def __init__(self, config: WarmConfig, pool_spec: Callable[[], ProcSpec | None]) -> None:
+    def __init__(self, config: EngineConfig, pool_spec: Callable[[], ProcSpec | None]) -> None:
         self.config = config
         self._sessions: OrderedDict[str, WarmProcess] = OrderedDict()  # LRU order, oldest first
         self._pool = WarmPool(
-            config.pool_size if config.max_warm > 0 else 0,
+            config.warm_pool_size if config.warm_max > 0 else 0,
             pool_spec,
             on_exit=self._on_exit,
             retire=self._retire,
@@ -226,7 +218,7 @@ class WarmBackend:
 
     async def _died(self, proc: WarmProcess, req: TurnRequest, junk: bytes) -> ClaudeCLIError:
         """stdout closed before the turn's result: the CLI died (or never started)."""
-        await proc.wait_exited(self.config.close_grace_s)
+        await proc.wait_exited(self.config.warm_close_grace_s)
         await proc.stderr_settled()
         await asyncio.shield(self._retire(proc, "died"))
         log.warning(
@@ -280,13 +272,13 @@ class WarmBackend:
 
         Measured with 2.1.197: the control_response comes within ~4 ms and the turn ends
         with an ``error_during_execution`` result; the process lives on. If that does not
-        happen within ``interrupt_wait_s`` the group is killed and the session will resume
+        happen within ``warm_interrupt_wait_s`` the group is killed and the session will resume
         in a new process.
         """
         started = time.monotonic()
         if proc.alive and await proc.send_interrupt():
             try:
-                async with asyncio.timeout(self.config.interrupt_wait_s):
+                async with asyncio.timeout(self.config.warm_interrupt_wait_s):
                     while (line := await proc.next_line()) is not None:
                         obj = _json_line(line)
                         if obj is not None and obj.get("type") == "result":
@@ -363,7 +355,7 @@ class WarmBackend:
                 pooled=proc.pooled,
             )
             task = asyncio.ensure_future(
-                proc.stop(self.config.close_grace_s, self.config.term_grace_s)
+                proc.stop(self.config.warm_close_grace_s, self.config.term_grace_s)
             )
             self._retiring[proc] = task
             task.add_done_callback(functools.partial(self._retired, proc))
@@ -390,7 +382,7 @@ class WarmBackend:
             self._pool.exited(proc)
 
     def _enforce_cap(self, keep: WarmProcess | None = None) -> None:
-        excess = len(self._sessions) - self.config.max_warm
+        excess = len(self._sessions) - self.config.warm_max
         for proc in list(self._sessions.values()):  # least recently used first
             if excess <= 0:
                 return
@@ -403,14 +395,14 @@ class WarmBackend:
             self._reaper = asyncio.create_task(self._reap_idle(), name="warm-reaper")
 
     async def _reap_idle(self) -> None:
-        interval = min(max(self.config.idle_s / 4, 0.05), 5.0)
+        interval = min(max(self.config.warm_idle_s / 4, 0.05), 5.0)
         while not self._closed:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for proc in list(self._sessions.values()):
-                if not proc.busy and now - proc.last_used >= self.config.idle_s:
+                if not proc.busy and now - proc.last_used >= self.config.warm_idle_s:
                     self._retire(proc, "idle")
-            self._pool.expire(now, self.config.idle_s)
+            self._pool.expire(now, self.config.warm_idle_s)
 
     # -- pool -------------------------------------------------------------------------------
 
@@ -445,8 +437,8 @@ class WarmBackend:
             "busy": sum(1 for p in sessions if p.busy),
             "pool_ready": len(pool),
             "pool_size": self._pool.size,
-            "max_warm": self.config.max_warm,
-            "idle_timeout_s": self.config.idle_s,
+            "max_warm": self.config.warm_max,
+            "idle_timeout_s": self.config.warm_idle_s,
             "session_pids": sorted(p.pid for p in sessions),
             "pool_pids": [p.pid for p in pool],
         }
