@@ -168,6 +168,18 @@ async def test_death_mid_turn_fails_that_turn_only(engine: ClaudeEngine, env: En
     assert len(set(rec.pids)) == 2
 
 
+async def test_unparseable_output_of_a_dying_warm_cli_is_in_its_error(
+    engine: ClaudeEngine,
+) -> None:
+    rec = Recorder()
+    sid = (await engine.run_turn("one", opts=rec.opts())).session_id
+    with pytest.raises(ClaudeCLIError) as info:
+        await engine.run_turn("[[bad-json]] two", opts=rec.opts(sid))
+    assert info.value.code is ErrorCode.INVALID_OUTPUT
+    assert info.value.raw is not None
+    assert "this is not json" in info.value.raw["stdout_excerpt"]
+
+
 async def test_cancel_interrupts_and_keeps_the_process(engine: ClaudeEngine) -> None:
     rec = Recorder()
     sid = (await engine.run_turn("one", opts=rec.opts())).session_id

@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
-import orjson
-
 from daemon.claude.argv import build_argv
 from daemon.claude.errors import ClaudeCLIError, ErrorCode
 from daemon.claude.options import ClaudeOptions
-from daemon.claude.results import TurnResult, classify_result, parse_result, stdout_excerpt
+from daemon.claude.results import StdoutLines, TurnResult, classify_result, parse_result
 from daemon.claude.runner import OutputLimitError, RunResult, run_process
 
 
@@ -166,16 +164,10 @@ class ColdBackend:
         )
         task.add_done_callback(lambda _: lines.put_nowait(None))
         result_obj: dict[str, Any] | None = None
-        junk = bytearray()
+        stdout = StdoutLines()
         try:
             while (line := await lines.get()) is not None:
-                try:
-                    obj = orjson.loads(line) if line.strip() else None
-                except orjson.JSONDecodeError:
-                    obj = None
-                if not isinstance(obj, dict):
-                    if line.strip() and len(junk) < 8192:
-                        junk += line[:4096] + b"\n"
+                if (obj := stdout.parse(line)) is None:
                     continue
                 if obj.get("type") == "result":
                     result_obj = obj
@@ -197,7 +189,7 @@ class ColdBackend:
             requested_model=req.model,
             session_id=req.session_id,
             pid=run.pid,
-            stdout_sample=stdout_excerpt(bytes(junk)) if result_obj is None else "",
+            stdout_sample=stdout.excerpt() if result_obj is None else "",
         )
 
     async def aclose(self) -> None:

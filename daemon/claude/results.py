@@ -63,6 +63,36 @@ class TurnResult:
         }
 
 
+_JUNK_KEPT = 8192  # unparseable stdout kept per turn, for the error that explains it
+_JUNK_LINE = 4096
+
+
+def json_line(line: bytes) -> dict[str, Any] | None:
+    """One stdout line as a JSON object, or None (blank, not JSON, not an object)."""
+    try:
+        obj = orjson.loads(line) if line.strip() else None
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class StdoutLines:
+    """A turn's stdout as the cold and warm backends read it: JSON objects are parsed, and
+    anything else is kept (bounded) for the error of a turn that ends without a result."""
+
+    def __init__(self) -> None:
+        self._junk = bytearray()
+
+    def parse(self, line: bytes) -> dict[str, Any] | None:
+        obj = json_line(line)
+        if obj is None and line.strip() and len(self._junk) < _JUNK_KEPT:
+            self._junk += line[:_JUNK_LINE] + b"\n"
+        return obj
+
+    def excerpt(self) -> str:
+        return stdout_excerpt(bytes(self._junk))
+
+
 def stdout_excerpt(stdout: bytes) -> str:
     """Head and tail of unparseable output, bounded so errors stay small."""
     if len(stdout) <= 2 * _EXCERPT_BYTES:

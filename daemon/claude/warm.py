@@ -42,12 +42,11 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal
 
-import orjson
 import structlog
 
 from daemon.claude.backends import StreamState, TurnRequest, spawn_errors
 from daemon.claude.errors import ClaudeCLIError, ErrorCode
-from daemon.claude.results import TurnResult, classify_result, stdout_excerpt
+from daemon.claude.results import StdoutLines, TurnResult, classify_result, json_line
 from daemon.claude.warm_pool import WarmPool
 from daemon.claude.warm_process import ProcSpec, WarmProcess, user_message
 
@@ -63,14 +62,6 @@ def spec_for(req: TurnRequest) -> ProcSpec:
     return ProcSpec(
         claude_bin=req.claude_bin, model=req.model, opts=req.opts, cwd=req.cwd, env=req.env
     )
-
-
-def _json_line(line: bytes) -> dict[str, Any] | None:
-    try:
-        obj = orjson.loads(line) if line.strip() else None
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 class WarmBackend:
@@ -142,14 +133,14 @@ class WarmBackend:
                 proc.begin_turn()
                 if not await proc.write(user_message(req.prompt)):
                     settled = True
-                    raise await self._died(proc, req, b"")
+                    raise await self._died(proc, req)
             self._remember(req.session_id)
             proc.turns += 1
             req.on_start(proc.pid, proc.argv)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + req.timeout_s
             result_obj: dict[str, Any] | None = None
-            junk = bytearray()
+            stdout = StdoutLines()
             while True:
                 try:
                     # A timeout around this await only (never around a yield), and not
@@ -161,10 +152,7 @@ class WarmBackend:
                     raise await self._timed_out(proc, req) from None
                 if line is None:
                     break
-                obj = _json_line(line)
-                if obj is None:
-                    if line.strip() and len(junk) < 8192:
-                        junk += line[:4096] + b"\n"
+                if (obj := stdout.parse(line)) is None:
                     continue
                 kind = obj.get("type")
                 if kind == "control_response":
@@ -177,7 +165,7 @@ class WarmBackend:
                 yield obj
             if result_obj is None:
                 settled = True
-                raise await self._died(proc, req, bytes(junk))
+                raise await self._died(proc, req, stdout.excerpt())
             state.result = self._classify(proc, req, result_obj)
         except BaseException:
             if not settled:
@@ -216,7 +204,9 @@ class WarmBackend:
         proc.cost_base = max(proc.cost_base, total)
         return turn_cost
 
-    async def _died(self, proc: WarmProcess, req: TurnRequest, junk: bytes) -> ClaudeCLIError:
+    async def _died(
+        self, proc: WarmProcess, req: TurnRequest, stdout_sample: str = ""
+    ) -> ClaudeCLIError:
         """stdout closed before the turn's result: the CLI died (or never started)."""
         await proc.wait_exited(self.config.warm_close_grace_s)
         await proc.stderr_settled()
@@ -235,7 +225,7 @@ class WarmBackend:
                 requested_model=req.model,
                 session_id=req.session_id,
                 pid=proc.pid,
-                stdout_sample=stdout_excerpt(junk),
+                stdout_sample=stdout_sample,
             )
         except ClaudeCLIError as exc:
             return exc
@@ -280,7 +270,7 @@ class WarmBackend:
             try:
                 async with asyncio.timeout(self.config.warm_interrupt_wait_s):
                     while (line := await proc.next_line()) is not None:
-                        obj = _json_line(line)
+                        obj = json_line(line)
                         if obj is not None and obj.get("type") == "result":
                             self._note_total(proc, obj)
                             log.info(
