@@ -138,7 +138,7 @@ class TurnScheduler:
             return await self._reply_for(existing, req.mode, replay=True)
         turn = self._new_turn(req, planned)
         process_id = turn.info.process_id
-        self.turns[process_id] = turn
+        self._register(turn)
         await self.state.save_process(turn.info, wait=False)
         if req.mode == "async":
             # The reply promises the turn will run, so its request is durable first.
@@ -180,16 +180,21 @@ class TurnScheduler:
                 req.options.warm if req.options.warm is not None else self.settings.warm_default
             ),
         )
-        if req.client_request_id:
-            self._idempotent[req.client_request_id] = (process_id, time.monotonic())
         opts = planned.model_copy(update={"cwd": req.options.cwd})
         return Turn(info, req, opts, session_id, planned.cwd)
+
+    def _register(self, turn: Turn) -> None:
+        """A live turn, found by its process id and (if it has one) its client_request_id."""
+        self.turns[turn.info.process_id] = turn
+        if turn.request.client_request_id:
+            key = turn.request.client_request_id
+            self._idempotent[key] = (turn.info.process_id, time.monotonic())
 
     def _launch(self, turn: Turn) -> None:
         turn.task = asyncio.create_task(self._run(turn), name=f"turn-{turn.info.process_id}")
 
     def _forget(self, turn: Turn) -> None:
-        """Undo the registration of a turn that will never run."""
+        """Undo the :meth:`_register` of a turn that will never run."""
         self.turns.pop(turn.info.process_id, None)
         if turn.request.client_request_id:
             self._idempotent.pop(turn.request.client_request_id, None)
@@ -212,11 +217,8 @@ class TurnScheduler:
                 state.drop_pending(info.process_id)
                 state.queue_process(info)
                 continue
-            self.turns[info.process_id] = turn
+            self._register(turn)
             state.note_process(info)
-            if turn.request.client_request_id:
-                key = turn.request.client_request_id
-                self._idempotent[key] = (info.process_id, time.monotonic())
             self._launch(turn)
             log.info(
                 "turn.resumed_after_restart",
