@@ -44,11 +44,11 @@ import structlog
 
 from daemon.claude import defaults
 from daemon.claude.backends import ColdBackend, StreamState, TurnBackend, TurnRequest, TurnStream
+from daemon.claude.child import killpg_quiet
 from daemon.claude.errors import ClaudeCLIError, ErrorCode, TurnRejected
 from daemon.claude.locate import claude_version, locate_claude
 from daemon.claude.options import ClaudeOptions, StartInfo
 from daemon.claude.results import TurnResult
-from daemon.claude.runner import killpg_quiet
 from daemon.claude.sessions import RememberedCwds, SessionDirectory, SessionHolds
 from daemon.claude.transcripts import Transcripts
 from daemon.claude.warm import WarmBackend

@@ -1,7 +1,7 @@
 """WarmBackend: one long-lived Claude CLI per active session, and a pre-warmed pool.
 
 A warm turn skips the CLI's ~0.3-0.4 s start-up: the session's CLI (a
-:class:`~daemon.claude.warm_process.WarmProcess`, started by simpervisor) stays up between
+:class:`~daemon.claude.warm_process.WarmProcess`) stays up between
 turns and each turn is one JSON line on its stdin, answered by lines ending in ``result``.
 The turn's result goes through the same :func:`~daemon.claude.results.classify_result`
 as a cold turn, so callers see the same TurnResult and ClaudeCLIError codes.
@@ -18,8 +18,8 @@ Policies (each one is a decision, see "Warm sessions" in LITELLM_INTEGRATION.md)
   ``--resume`` and the turn runs there: nothing was lost. A process dying *after* the line
   was written fails that turn with the CLI's own error (CLI_CRASHED for a crash). It is not
   re-sent: the CLI may already have called the API (paid) or run tools (side effects). The
-  next turn resumes the session in a new process. simpervisor's restart loop is disabled for
-  exactly this reason (warm_process.py).
+  next turn resumes the session in a new process. Nothing restarts a process for exactly
+  this reason (warm_process.py).
 * **Cancel and timeout.** The CLI's interrupt control request ends the turn within
   milliseconds and keeps the process; if no ``result`` follows within
   ``warm_interrupt_wait_s``, the process group is killed and the next turn resumes in a new one.
