@@ -218,17 +218,16 @@ class Connection(asyncio.Protocol):
     # -- serving ---------------------------------------------------------------------------
 
     def _serve_soon(self) -> None:
-        """Serve the queued lines in a task, unless one is at it already (then stop reading
-        until it is done: back-pressure)."""
+        """Serve the queued lines in a task, unless one is at it already or the peer is not
+        reading its replies (then stop reading until that changes: back-pressure)."""
         if self.closed:
             return
-        if self._serving is not None:
-            if self._lines:
-                self._hold_input()
-        elif self._lines and not self._write_paused:
+        if self._serving is None and self._lines and not self._write_paused:
             self._serving = task = asyncio.get_running_loop().create_task(self._serve())
             self._track(task)
-        elif self._eof and not self._lines:
+        elif self._lines:
+            self._hold_input()
+        elif self._eof and self._serving is None:
             self.close()
 
     async def _serve(self) -> None:
