@@ -121,7 +121,7 @@ async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def _idle(conn: Connection) -> Callable[[], bool]:
-    return lambda: not conn.tasks
+    return lambda: not conn.pending_tasks()
 
 
 async def test_pipelined_replies_come_in_request_order() -> None:

@@ -61,7 +61,6 @@ _INTERNAL = "internal error while serving the request; see the daemon log"
 
 class _Served(enum.Enum):
     NOTHING = "nothing"  # a blank line
-    ANSWERED = "answered"
     DETACHED = "detached"  # a long-running command now running in a task of its own
 
 
@@ -90,6 +89,7 @@ class Connection(asyncio.Protocol):
         self._splitter = LineSplitter(server.settings.max_line_bytes, keep_newline=True)
         self._lines: deque[Line] = deque()
         self._serving: asyncio.Task[None] | None = None
+        self._idle: asyncio.Future[None] | None = None  # set while _serving waits for lines
         self._held = 0  # the splitter's pending bytes as counted in server.pending_input
         self._last_input = 0.0  # loop time of the last byte of an incomplete line
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -218,32 +218,53 @@ class Connection(asyncio.Protocol):
     # -- serving ---------------------------------------------------------------------------
 
     def _serve_soon(self) -> None:
-        """Serve the queued lines in a task, unless one is at it already or the peer is not
-        reading its replies (then stop reading until that changes: back-pressure)."""
+        """Have the connection's task serve the queued lines, unless it is at them already
+        or the peer is not reading its replies (then stop reading until that changes:
+        back-pressure)."""
         if self.closed:
             return
-        if self._serving is None and self._lines and not self._write_paused:
-            self._serving = task = asyncio.get_running_loop().create_task(self._serve())
-            self._track(task)
+        if self._lines and not self._write_paused:
+            if self._serving is None:
+                self._serving = asyncio.get_running_loop().create_task(self._serve())
+            elif self._idle is not None:
+                self._wake()
+            else:
+                self._hold_input()
         elif self._lines:
             self._hold_input()
-        elif self._eof and self._serving is None:
+        elif self._eof and (self._serving is None or self._idle is not None):
             self.close()
 
+    def _wake(self) -> None:
+        if self._idle is not None:
+            if not self._idle.done():
+                self._idle.set_result(None)
+            self._idle = None
+
     async def _serve(self) -> None:
+        """The connection's task: serves lines as they come, waits while there are none
+        (or the peer reads no replies), ends when the connection closes."""
+        loop = asyncio.get_running_loop()
         try:
-            await self._serve_lines()
+            while True:
+                await self._serve_lines()
+                if self.closed:
+                    break
+                if self._lines:
+                    self._hold_input()
+                else:
+                    self._release_input()
+                    if self._eof:
+                        self.close()
+                        break
+                self._idle = idle = loop.create_future()
+                await idle
         except Exception:  # a bug outside any one line's serving: do not leave reading paused
             log.exception("connection.crashed", conn=self.id)
             self.close()
         finally:
             self._serving = None
-        if self._lines:
-            self._hold_input()
-        else:
-            self._release_input()
-            if self._eof and not self.closed:
-                self.close()
+            self._idle = None
 
     async def _serve_lines(self) -> None:
         """Serve queued lines in order until none are left or the peer stops reading. After
@@ -255,6 +276,10 @@ class Connection(asyncio.Protocol):
             outcome = await self._serve_line(self._lines.popleft())
             if outcome is _Served.NOTHING:
                 continue
+            if isinstance(outcome, bytes):
+                # The last line's reply goes out below; with more lines to serve it waits
+                # for theirs, or for the next loop turn if one of them has to wait.
+                self.queue(outcome, soon=bool(self._lines))
             if not self.persistent:
                 self.close()  # one command per connection: the reply goes, then we close
                 return
@@ -270,21 +295,19 @@ class Connection(asyncio.Protocol):
                 served = 0
         self.flush()
 
-    async def _serve_line(self, line: Line) -> _Served:
-        """Answer one line; whatever goes wrong, it gets a reply."""
+    async def _serve_line(self, line: Line) -> bytes | _Served:
+        """Answer one line (its reply); whatever goes wrong, it gets one."""
         req: Request | None = None
         try:
             if isinstance(line, Refused):
-                self.queue(encode_error(None, self._refused(line)))
-                return _Served.ANSWERED
+                return encode_error(None, self._refused(line))
             if not line.strip():
                 return _Served.NOTHING
             try:
                 req = parse_request(line)
             except ProtocolError as exc:
                 log.warning("request.rejected", conn=self.id, code=exc.code, error=exc.message)
-                self.queue(encode_error(exc.echo, exc))
-                return _Served.ANSWERED
+                return encode_error(exc.echo, exc)
             registry = self.daemon.registry
             spec = registry.get(req.command)
             if spec is not None and spec.long_running and self.persistent:
@@ -292,11 +315,10 @@ class Connection(asyncio.Protocol):
                 return _Served.DETACHED
             started = time.perf_counter()
             self.ctx.request = req
-            self.queue(self._logged(req, await registry.dispatch(self.ctx, req), started))
+            return self._logged(req, await registry.dispatch(self.ctx, req), started)
         except Exception:  # a bug must cost this line an error reply, nothing more
             log.exception("request.crashed", conn=self.id)
-            self.queue(encode_error(req, DaemonError(_INTERNAL)))
-        return _Served.ANSWERED
+            return encode_error(req, DaemonError(_INTERNAL))
 
     def _refused(self, why: Refused) -> ProtocolError:
         if why is Refused.TOO_LONG:
@@ -332,6 +354,13 @@ class Connection(asyncio.Protocol):
         reply = await self.daemon.registry.dispatch(ctx, req)
         await self.send(reply)
 
+    def pending_tasks(self) -> list[asyncio.Task[Any]]:
+        """What is still running for this connection: its detached commands and the line
+        being served."""
+        busy = self._serving is not None and self._idle is None
+        serving = [self._serving] if busy and self._serving is not None else []
+        return [*self.tasks, *serving]
+
     def _track(self, task: asyncio.Task[Any]) -> None:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -349,14 +378,14 @@ class Connection(asyncio.Protocol):
 
     # -- output -----------------------------------------------------------------------
 
-    def queue(self, data: bytes) -> None:
-        """Queue ``data`` to go out with the next write: at the end of the lines being
-        served, when a handler waits (next loop turn), or at once past ``FLUSH_BYTES``."""
+    def queue(self, data: bytes, *, soon: bool = True) -> None:
+        """Queue ``data`` to go out with the next write: at once past ``FLUSH_BYTES``, else
+        at the end of the lines being served or (``soon``) the next loop turn at the latest."""
         self._out.append(data)
         self._out_bytes += len(data)
         if self._out_bytes >= FLUSH_BYTES:
             self.flush()
-        elif self._flush_handle is None:
+        elif soon and self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
 
     async def send(self, data: bytes, *, now: bool = False) -> None:
@@ -439,5 +468,6 @@ class Connection(asyncio.Protocol):
             return
         self.flush()  # queued output goes before the close
         self.closed = True
+        self._wake()  # a task waiting for lines ends
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()

@@ -90,7 +90,7 @@ class Server:
         conns = list(self.connections.values())
         for conn in conns:
             conn.close()
-        tasks = [t for c in conns for t in c.tasks]
+        tasks = [t for c in conns for t in c.pending_tasks()]
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
 
