@@ -77,7 +77,7 @@ class Daemon:
             health=self.health,
             request_shutdown=self.request_shutdown,
         )
-        self.server = Server(self)
+        self.server = Server(self.services)
         self.observers = ObserverHost(self.services)
         self.stopping = False
         self._shutdown: asyncio.Event | None = None

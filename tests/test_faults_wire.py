@@ -25,7 +25,8 @@ from daemon.app import Daemon
 from daemon.errors import DaemonError, ErrorCode
 from daemon.events.bus import EventBus, Subscriber
 from daemon.protocol import MAX_DEPTH, Echo, encode_error, parse_request
-from daemon.server.connection import DROP_GRACE_S, Server
+from daemon.server import Server
+from daemon.server.subscriptions import DROP_GRACE_S
 from daemon.settings import Settings
 from daemon.state.db import Store
 from tests.helpers import FAKE_CLAUDE, DaemonProcess, raw_exchange, short_tmpdir, wait_for
@@ -269,8 +270,8 @@ def test_command_names_up_to_the_limit_are_looked_up(d: DaemonProcess) -> None:
 
 
 async def _start_server(sock: Path) -> Server:
-    daemon = SimpleNamespace(settings=Settings(socket=sock))
-    server = Server(cast(Any, daemon))
+    services = SimpleNamespace(settings=Settings(socket=sock))
+    server = Server(cast(Any, services))
     await server.start()
     return server
 
