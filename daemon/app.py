@@ -228,7 +228,7 @@ class Daemon:
             "socket": self.server.path_str,
             # Each part counts its own (the order is the one clients have always seen).
             "counts": {
-                "connections": len(self.server.connections),
+                **self.server.stats(),
                 "subscribers": bus_counts["subscribers"],
                 **self.observers.stats(),
                 **self.state.stats(),

@@ -47,6 +47,16 @@ def _registry() -> Registry:
         """Answer at once."""
         return NResult(n=p.n)
 
+    @reg.command("NOW", params=NParams, result=NResult)
+    def now(ctx: Context, p: NParams) -> NResult:
+        """A plain function: never waits."""
+        return NResult(n=p.n)
+
+    @reg.command("BOOM", params=NParams, result=NResult)
+    def boom(ctx: Context, p: NParams) -> NResult:
+        """A plain function with a bug."""
+        raise RuntimeError("bug")
+
     @reg.command("WAIT", params=NParams, result=NResult)
     async def wait(ctx: Context, p: NParams) -> NResult:
         """Wait ``ms`` under a deadline that holds; ``n`` < 0: one that expires."""
@@ -150,6 +160,30 @@ async def test_the_replies_to_one_read_go_out_in_one_write() -> None:
     assert t.replies()[-1]["id"] == "a"
     await _until(_idle(conn))
     assert [r["id"] for r in t.replies()[-3:]] == ["a", "b", "c"]
+
+
+async def test_a_handler_that_never_waits_is_answered_in_the_read_callback() -> None:
+    conn, t = _open()
+    conn.data_received(_line("NOW", 1, n=1))
+    # No loop turn yet: answered, and the one-shot connection closed, inside data_received.
+    assert [r["result"] for r in t.replies()] == [{"n": 1, "timed_out": False}]
+    assert t.closed
+
+
+async def test_lines_answered_at_once_keep_their_place_behind_a_waiting_one() -> None:
+    conn, t = _open()
+    conn.data_received(_line("CONNECT"))
+    await _until(_idle(conn))
+    conn.data_received(_line("NOW", "a") + _line("WAIT", "b", ms=20) + _line("NOW", "c"))
+    assert [r.get("id") for r in t.replies()] == [None, "a"]  # "c" waits behind "b"
+    conn.data_received(_line("NOW", "d"))  # arrives while "b" waits: it queues too
+    assert [r.get("id") for r in t.replies()] == [None, "a"]
+    await _until(_idle(conn))
+    assert [r.get("id") for r in t.replies()] == [None, "a", "b", "c", "d"]
+    conn.data_received(_line("BOOM", "e") + _line("NOW", "f"))
+    assert [r.get("id") for r in t.replies()][-2:] == ["e", "f"]
+    assert t.replies()[-2]["error"]["code"] == "INTERNAL_ERROR"
+    assert not t.closed
 
 
 async def test_an_oversized_line_is_refused_and_the_next_one_served() -> None:

@@ -391,10 +391,9 @@ def test_incomplete_lines_of_all_connections_share_a_byte_budget(d: DaemonProces
     first = _partial(d, 400_000)
     second = _partial(d, 400_000)
     try:
-        # sendall() returned, so the bytes are queued at the daemon's end; each turn of its
-        # loop reads 256 KiB from every ready socket, and a round trip takes several turns.
-        for _ in range(3):
-            d.result("HEALTH_CHECK")
+        # sendall() returned, so the bytes are queued at the daemon's end; it reads them
+        # over a few loop turns (256 KiB a turn from each ready socket).
+        wait_for(lambda: d.result("HEALTH_CHECK")["counts"]["input_buffered_bytes"] >= 800_000)
         third = _partial(d, 400_000)  # 1.2 MB > 1 MiB
         try:
             assert error_code(_finish(third)) == "INPUT_BUFFERS_FULL"

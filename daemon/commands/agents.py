@@ -74,7 +74,7 @@ def register(r: Registry) -> None:
         return UnregisterResult(status="unregistered", agent_id=p.agent_id)
 
     @r.command("GET_AGENTS", params=NoParams, result=AgentsResult)
-    async def get_agents(ctx: Context, p: NoParams) -> AgentsResult:
+    def get_agents(ctx: Context, p: NoParams) -> AgentsResult:
         """Every registered agent with its role, capabilities, status, timestamps, number of
         completed turns and total cost."""
         agents = ctx.services.state.agent_list()

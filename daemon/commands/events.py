@@ -107,7 +107,7 @@ class GetEventsResult(Result):
 
 def register(r: Registry) -> None:
     @r.command("SUBSCRIBE", params=SubscribeParams, result=SubscribeResult)
-    async def subscribe(ctx: Context, p: SubscribeParams) -> SubscribeResult:
+    def subscribe(ctx: Context, p: SubscribeParams) -> SubscribeResult:
         """Receive matching events on this connection (which becomes persistent). Patterns
         may be globs (``PROCESS_*``, ``*``). With ``since_seq``, the events after it are
         replayed from the history first. A subscriber that falls more than the queue limit
@@ -126,7 +126,7 @@ def register(r: Registry) -> None:
         )
 
     @r.command("UNSUBSCRIBE", params=UnsubscribeParams, result=UnsubscribeResult)
-    async def unsubscribe(ctx: Context, p: UnsubscribeParams) -> UnsubscribeResult:
+    def unsubscribe(ctx: Context, p: UnsubscribeParams) -> UnsubscribeResult:
         """Stop receiving some (or, without ``event_types``, all) events."""
         if ctx.conn is None:
             raise InvalidParameters("UNSUBSCRIBE needs a socket connection")

@@ -150,7 +150,7 @@ def register(r: Registry) -> None:
         return await services.turns.submit(req)
 
     @r.command("GET_PROCESSES", params=NoParams, result=ProcessesResult)
-    async def get_processes(ctx: Context, p: NoParams) -> ProcessesResult:
+    def get_processes(ctx: Context, p: NoParams) -> ProcessesResult:
         """Queued and running turns (with queue positions) and recent finished ones."""
         turns = ctx.services.turns
         procs = turns.snapshot()

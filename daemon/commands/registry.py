@@ -2,15 +2,22 @@
 
 Each command is registered once with a description, a pydantic parameter model and a
 pydantic result model; ``GET_COMMANDS`` publishes both as JSON Schema. :meth:`Registry.dispatch`
-is the only place where exceptions become error replies: a :class:`DaemonError` keeps its
-code, anything else is logged with its traceback and sent as ``INTERNAL_ERROR``.
+(and :meth:`Registry.dispatch_now`) is the only place where exceptions become error replies:
+a :class:`DaemonError` keeps its code, anything else is logged with its traceback and sent
+as ``INTERNAL_ERROR``.
+
+A handler is a plain ``def`` when it never waits (it reads the daemon's memory: HEALTH_CHECK,
+GET_SHARED) and an ``async def`` when it does. The socket answers the first kind inside the
+read callback, one event-loop turn sooner than the second (``daemon/server/connection.py``);
+nothing else about a handler changes, and an ``async def`` runs in an ordinary task.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -34,6 +41,8 @@ _SUGGEST_MAX_CHARS = 64  # twice the longest command name
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
+# A handler: (Context, params) -> result, as a plain function or a coroutine function.
+H = TypeVar("H", bound=Callable[..., Any])
 
 
 class Params(BaseModel):
@@ -84,7 +93,9 @@ class CommandSpec(Generic[P, R]):
     description: str
     params: type[P]
     result: type[R]
-    handler: Callable[[Context, P], Awaitable[R]]
+    handler: Callable[[Context, P], Any]  # returns R, or an Awaitable[R] (not immediate)
+    # A plain-function handler: it never waits, so it may be run and answered at once.
+    immediate: bool
     # Long-running commands (a sync SPAWN) run in their own task on a persistent
     # connection, so that later pipelined commands are not stuck behind them.
     long_running: bool = False
@@ -108,15 +119,23 @@ class Registry:
         long_running: bool = False,
         aliases: tuple[str, ...] = (),
         exclude_none: bool = False,
-    ) -> Callable[[Callable[[Context, P], Awaitable[R]]], Callable[[Context, P], Awaitable[R]]]:
-        """Register a handler; its docstring's first paragraph is the command's description."""
+    ) -> Callable[[H], H]:
+        """Register a handler (``def`` or ``async def``, see the module docstring); its
+        docstring's first paragraph is the command's description."""
 
-        def decorate(
-            fn: Callable[[Context, P], Awaitable[R]],
-        ) -> Callable[[Context, P], Awaitable[R]]:
+        def decorate(fn: H) -> H:
             doc = (fn.__doc__ or "").strip().split("\n\n")[0]
+            immediate = not inspect.iscoroutinefunction(fn)
             spec = CommandSpec(
-                name, " ".join(doc.split()), params, result, fn, long_running, aliases, exclude_none
+                name,
+                " ".join(doc.split()),
+                params,
+                result,
+                fn,
+                immediate,
+                long_running,
+                aliases,
+                exclude_none,
             )
             if name in self._by_name or any(a in self._by_name for a in aliases):
                 raise ValueError(f"command {name} registered twice")
@@ -161,7 +180,9 @@ class Registry:
         """Run a command in-process (observers, and :meth:`dispatch`); returns the JSON-ready
         result or raises the command's error."""
         spec = self.lookup(name)
-        result = await spec.handler(ctx, self.validate(spec, parameters))
+        result = spec.handler(ctx, self.validate(spec, parameters))
+        if not spec.immediate:
+            result = await result
         return result.model_dump(mode="json", exclude_none=spec.exclude_none)
 
     async def dispatch(self, ctx: Context, req: Request) -> bytes:
@@ -169,7 +190,28 @@ class Registry:
         started = time.perf_counter()
         try:
             return encode_success(req, await self.call(ctx, req.command, req.parameters))
-        except DaemonError as exc:
+        except Exception as exc:
+            return self._failed(ctx, req, exc, started)
+
+    def dispatch_now(self, ctx: Context, req: Request) -> bytes | None:
+        """:meth:`dispatch` for a request that needs no waiting (an unknown command, bad
+        parameters, a plain-function handler): its reply, here and now. None when the
+        handler is a coroutine function: then use :meth:`dispatch`."""
+        started = time.perf_counter()
+        try:
+            spec = self.lookup(req.command)
+            if not spec.immediate:
+                return None
+            result = spec.handler(ctx, self.validate(spec, req.parameters))
+            return encode_success(
+                req, result.model_dump(mode="json", exclude_none=spec.exclude_none)
+            )
+        except Exception as exc:
+            return self._failed(ctx, req, exc, started)
+
+    @staticmethod
+    def _failed(ctx: Context, req: Request, exc: Exception, started: float) -> bytes:
+        if isinstance(exc, DaemonError):
             # Logged here, where the error is still typed: not re-read from the reply bytes.
             log.info(
                 "command.failed",
@@ -179,11 +221,10 @@ class Registry:
                 ms=round((time.perf_counter() - started) * 1000, 3),
             )
             return encode_error(req, exc)
-        except Exception:
-            log.exception("command.crashed", command=req.command)
-            return encode_error(
-                req, DaemonError("internal error while running the command; see the daemon log")
-            )
+        log.error("command.crashed", command=req.command, exc_info=exc)
+        return encode_error(
+            req, DaemonError("internal error while running the command; see the daemon log")
+        )
 
     def describe(self) -> list[dict[str, Any]]:
         return [

@@ -59,7 +59,7 @@ def register(r: Registry) -> None:
         return SetResult(key=p.key, status="set", updated_at=iso_from_epoch(ts))
 
     @r.command("GET_SHARED", params=KeyParams, result=GetResult)
-    async def get_shared(ctx: Context, p: KeyParams) -> GetResult:
+    def get_shared(ctx: Context, p: KeyParams) -> GetResult:
         """Read a key; a missing key is ``found: false`` with ``value: null``, not an error."""
         entry = ctx.services.state.shared.get(p.key)
         if entry is None:
@@ -76,7 +76,7 @@ def register(r: Registry) -> None:
         return DeleteResult(key=p.key, deleted=deleted)
 
     @r.command("LIST_SHARED", params=ListParams, result=ListResult)
-    async def list_shared(ctx: Context, p: ListParams) -> ListResult:
+    def list_shared(ctx: Context, p: ListParams) -> ListResult:
         """List keys (sorted), optionally only those starting with ``prefix``."""
         keys = sorted(k for k in ctx.services.state.shared if k.startswith(p.prefix))
         return ListResult(keys=keys, total=len(keys))

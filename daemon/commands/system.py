@@ -60,7 +60,7 @@ class ConnectResult(Result):
 
 def register(r: Registry) -> None:
     @r.command("HEALTH_CHECK", params=NoParams, result=HealthResult)
-    async def health_check(ctx: Context, p: NoParams) -> HealthResult:
+    def health_check(ctx: Context, p: NoParams) -> HealthResult:
         """Liveness and counters: version, uptime, connections, sessions, processes, and
         the state of LiteLLM and of the Claude CLI binary."""
         # Built by the daemon from its own counters: nothing to validate (tests check the
@@ -68,21 +68,21 @@ def register(r: Registry) -> None:
         return HealthResult.model_construct(**ctx.services.health())
 
     @r.command("GET_COMMANDS", params=NoParams, result=CommandsResult)
-    async def get_commands(ctx: Context, p: NoParams) -> CommandsResult:
+    def get_commands(ctx: Context, p: NoParams) -> CommandsResult:
         """Every command with its description and the JSON Schema of its parameters and
         result."""
         commands = ctx.services.registry.describe()
         return CommandsResult(commands=commands, total=len(commands))
 
     @r.command("SHUTDOWN", params=NoParams, result=ShutdownResult)
-    async def shutdown(ctx: Context, p: NoParams) -> ShutdownResult:
+    def shutdown(ctx: Context, p: NoParams) -> ShutdownResult:
         """Reply, then stop gracefully (the same path as SIGTERM)."""
         # Scheduled, not awaited: the reply is written before the shutdown starts closing.
         asyncio.get_running_loop().call_soon(ctx.services.request_shutdown, "SHUTDOWN command")
         return ShutdownResult(status="shutting_down", message="daemon is shutting down")
 
     @r.command("CONNECT", params=ConnectParams, result=ConnectResult)
-    async def connect(ctx: Context, p: ConnectParams) -> ConnectResult:
+    def connect(ctx: Context, p: ConnectParams) -> ConnectResult:
         """Keep this connection open for many pipelined commands and pushed events."""
         if ctx.conn is None:
             raise InvalidParameters("CONNECT only makes sense over the socket")
@@ -92,7 +92,7 @@ def register(r: Registry) -> None:
         )
 
     @r.command("AGENT_CONNECTION", params=AgentConnectionParams, result=ConnectResult)
-    async def agent_connection(ctx: Context, p: AgentConnectionParams) -> ConnectResult:
+    def agent_connection(ctx: Context, p: AgentConnectionParams) -> ConnectResult:
         """KSI-compatible form of CONNECT: ``action: connect`` binds the connection to
         ``agent_id`` and keeps it open; ``disconnect`` drops its subscriptions."""
         if ctx.conn is None:

@@ -81,6 +81,10 @@ class Server:
         transport.write(encode_error(None, err))
         return Refusal(transport)
 
+    def stats(self) -> dict[str, int]:
+        """HEALTH_CHECK counts: open connections, bytes held in incomplete request lines."""
+        return {"connections": len(self.connections), "input_buffered_bytes": self.pending_input}
+
     async def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
