@@ -311,6 +311,11 @@ def probe_health(path: Path, timeout: float = 1.0) -> bool:
 
 
 def parse_args(argv: list[str] | None) -> Settings:
+    return Settings(**flag_overrides(argv))
+
+
+def flag_overrides(argv: list[str] | None) -> dict[str, Any]:
+    """The settings given as command-line flags (they take precedence over KSI_* variables)."""
     ap = argparse.ArgumentParser(
         prog="daemon.py",
         description="KSI daemon: runs the Claude Code CLI for local programs over a Unix socket.",
@@ -338,8 +343,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
     ap.add_argument("--warm-pool-size", type=int, help="pre-warmed CLI processes to keep")
     args = ap.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    return Settings(**overrides)
+    return {k: v for k, v in vars(args).items() if v is not None}
 
 
 def use_pidfd_child_watcher() -> bool:

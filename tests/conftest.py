@@ -1,4 +1,7 @@
-"""Shared fixtures: a running daemon subprocess on a short temporary socket path."""
+"""Shared fixtures: running daemons on short temporary socket paths.
+
+Daemons run in the test process (tests/inproc.py) unless a test needs the process itself;
+such tests start a :class:`tests.helpers.DaemonProcess` (``daemon_process``)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import pytest
 
 from daemon.state.db import Store
 from tests.helpers import DaemonProcess, short_tmpdir
+from tests.inproc import InProcessDaemon
 
 
 @pytest.fixture
@@ -29,7 +33,7 @@ async def db(tmp_path: Path) -> AsyncIterator[Store]:
 def d() -> Iterator[DaemonProcess]:
     """One plain daemon per test module; tests use their own keys, agent ids and event
     types. Modules that need other settings define their own ``d``."""
-    dp = DaemonProcess().start()
+    dp = InProcessDaemon().start()
     try:
         yield dp
     finally:
@@ -39,6 +43,16 @@ def d() -> Iterator[DaemonProcess]:
 @pytest.fixture
 def daemon() -> Iterator[DaemonProcess]:
     """A daemon that has not loaded LiteLLM (commands other than SPAWN)."""
+    d = InProcessDaemon().start()
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture
+def daemon_process() -> Iterator[DaemonProcess]:
+    """A daemon subprocess, for tests of the process itself (signals, exit, pid file)."""
     d = DaemonProcess().start()
     try:
         yield d
@@ -49,11 +63,15 @@ def daemon() -> Iterator[DaemonProcess]:
 @pytest.fixture
 def make_daemon() -> Iterator[Callable[..., DaemonProcess]]:
     """Start daemons with LiteLLM preloaded (driving the fake CLI), extra flags and
-    environment; all are cleaned up after the test."""
+    environment; ``process=True`` for a subprocess (tests of the process itself: signals,
+    restarts, its environment). All are cleaned up after the test."""
     started: list[DaemonProcess] = []
 
-    def make(*args: str, env: dict[str, str] | None = None, **kw: Any) -> DaemonProcess:
-        d = DaemonProcess(args=list(args), env=env, preload=True, **kw).start()
+    def make(
+        *args: str, env: dict[str, str] | None = None, process: bool = False, **kw: Any
+    ) -> DaemonProcess:
+        kind = DaemonProcess if process else InProcessDaemon
+        d = kind(args=list(args), env=env, preload=True, **kw).start()
         started.append(d)
         return d
 
@@ -65,7 +83,7 @@ def make_daemon() -> Iterator[Callable[..., DaemonProcess]]:
 @pytest.fixture
 def spawn_daemon() -> Iterator[DaemonProcess]:
     """A daemon with LiteLLM preloaded, driving the fake claude CLI."""
-    d = DaemonProcess(preload=True).start()
+    d = InProcessDaemon(preload=True).start()
     try:
         yield d
     finally:

@@ -87,28 +87,26 @@ class DaemonProcess:
         self.config_dir = self.base / "claude-config"
         self.fake_log = self.base / "fake_claude.jsonl"
         self.args = args or []
-        self.env = dict(os.environ)
-        self.env.pop("CLAUDECODE", None)
-        self.env.update(
-            {
-                "CLAUDE_CONFIG_DIR": str(self.config_dir),
-                "FAKE_CLAUDE_LOG": str(self.fake_log),
-                "KSI_LITELLM_PRELOAD": "true" if preload else "false",
-                # Transient API errors are retried (3 times, from 1 s by default): tests of
-                # error mapping need not wait for the production backoff.
-                "KSI_API_RETRY_BASE_S": "0.01",
-            }
-        )
+        # What this daemon's environment sets over the test process's own.
+        self.env_overrides = {
+            "CLAUDE_CONFIG_DIR": str(self.config_dir),
+            "FAKE_CLAUDE_LOG": str(self.fake_log),
+            "KSI_LITELLM_PRELOAD": "true" if preload else "false",
+            # Transient API errors are retried (3 times, from 1 s by default): tests of
+            # error mapping need not wait for the production backoff.
+            "KSI_API_RETRY_BASE_S": "0.01",
+        }
         if claude_bin is not None:
-            self.env["KSI_CLAUDE_BIN"] = str(claude_bin)
-        self.env.update(env or {})
+            self.env_overrides["KSI_CLAUDE_BIN"] = str(claude_bin)
+        self.env_overrides.update(env or {})
+        self.env = {k: v for k, v in os.environ.items() if k != "CLAUDECODE"}
+        self.env.update(self.env_overrides)
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr_path = self.base / "daemon.stderr"
 
-    def start(self, timeout: float = 15.0) -> DaemonProcess:
-        cmd = [
-            sys.executable,
-            str(ROOT / "daemon.py"),
+    def flags(self) -> list[str]:
+        """The daemon's command line after ``daemon.py``."""
+        return [
             "--socket",
             str(self.socket),
             "--state-dir",
@@ -119,6 +117,9 @@ class DaemonProcess:
             "json",
             *self.args,
         ]
+
+    def start(self, timeout: float = 15.0) -> DaemonProcess:
+        cmd = [sys.executable, str(ROOT / "daemon.py"), *self.flags()]
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 cmd,
@@ -143,6 +144,20 @@ class DaemonProcess:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the daemon to end by itself (SHUTDOWN); its exit code."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    @property
+    def serving_pid(self) -> int:
+        """The pid the daemon reports (HEALTH_CHECK's ``pid``)."""
+        return self.pid
 
     def request(
         self, command: str, params: dict[str, Any] | None = None, **envelope: Any

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from tests.helpers import DaemonProcess, raw_exchange, wait_for
+from tests.inproc import InProcessDaemon
 from tests.wire import Wire, persistent
 
 LIMIT = 4096
@@ -20,7 +21,7 @@ LIMIT = 4096
 
 @pytest.fixture(scope="module")
 def d() -> Iterator[DaemonProcess]:
-    dp = DaemonProcess(env={"KSI_MAX_LINE_BYTES": str(LIMIT)}).start()
+    dp = InProcessDaemon(env={"KSI_MAX_LINE_BYTES": str(LIMIT)}).start()
     try:
         yield dp
     finally:
@@ -81,8 +82,7 @@ class LogCursor:
 
 
 def assert_healthy(d: DaemonProcess) -> None:
-    assert d.proc is not None
-    assert d.proc.poll() is None
+    assert d.running
     assert d.call("HEALTH_CHECK")["result"]["status"] == "healthy"
 
 

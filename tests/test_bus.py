@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from daemon.app import Daemon
-from daemon.events.bus import EventBus, Patterns, StoredEvent, Subscriber
+from daemon.events.bus import EventBus
+from daemon.events.subscriber import Patterns, StoredEvent, Subscriber
 from daemon.settings import Settings
 from daemon.state.db import Store
 from tests.helpers import FAKE_CLAUDE, short_tmpdir

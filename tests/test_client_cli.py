@@ -15,6 +15,7 @@ import pytest
 
 from daemon.client import AsyncClient, CommandError, ConnectionClosed, SyncClient
 from tests.helpers import ROOT, DaemonProcess, short_tmpdir, wait_for
+from tests.inproc import InProcessDaemon
 
 
 def cli(
@@ -132,7 +133,7 @@ async def test_async_client_events(d: DaemonProcess) -> None:
 
 
 async def test_async_client_sees_the_daemon_go() -> None:
-    dp = DaemonProcess().start()
+    dp = InProcessDaemon().start()
     try:
         c = await AsyncClient.open(dp.socket)
         await c.subscribe(["*"])
@@ -144,8 +145,7 @@ async def test_async_client_sees_the_daemon_go() -> None:
         with pytest.raises(ConnectionClosed):
             await c.call("HEALTH_CHECK", timeout=5)
         await c.close()
-        assert dp.proc is not None
-        assert dp.proc.wait(10) == 0
+        assert dp.wait(10) == 0
     finally:
         dp.cleanup()
 
@@ -185,7 +185,7 @@ def test_cli_send_health_check(d: DaemonProcess) -> None:
     assert proc.returncode == 0, proc.stderr
     reply = orjson.loads(proc.stdout)
     assert reply["status"] == "success"
-    assert reply["result"]["pid"] == d.pid
+    assert reply["result"]["pid"] == d.serving_pid
     lower = cli(d, "send", "health_check")  # command names are case-insensitive here
     assert lower.returncode == 0
     assert orjson.loads(lower.stdout)["command"] == "HEALTH_CHECK"

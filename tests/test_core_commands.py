@@ -95,7 +95,7 @@ def test_health_check(d: DaemonProcess, schemas: Schemas) -> None:
     h = ok(d, schemas, "HEALTH_CHECK")
     assert h["status"] == "healthy"
     assert h["version"] == daemon_pkg.__version__
-    assert h["pid"] == d.pid
+    assert h["pid"] == d.serving_pid
     assert h["socket"] == str(d.socket)
     assert ISO_Z.match(h["started_at"])
     assert h["uptime_s"] >= 0

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from tests.helpers import DaemonProcess, fill, pid_alive, short_tmpdir, spawn, wait_for
+from tests.inproc import InProcessDaemon
 
 
 def turns_run(d: DaemonProcess) -> list[dict[str, Any]]:
@@ -59,7 +60,7 @@ def processes(d: DaemonProcess) -> dict[str, dict[str, Any]]:
 
 
 def test_kill9_leaves_no_cli_running_after_the_restart(make_daemon: Any, pids: list[int]) -> None:
-    d = make_daemon()
+    d = make_daemon(process=True)
     runs = []
     for i in range(3):
         pidfile = d.base / f"cli{i}.pid"
@@ -126,7 +127,7 @@ def test_a_second_daemon_on_the_same_state_is_refused(make_daemon: Any, pids: li
 
 
 def test_sighup_stops_gracefully(make_daemon: Any, pids: list[int]) -> None:
-    d = make_daemon()
+    d = make_daemon(process=True)
     pidfile = d.base / "cli.pid"
     replies: list[dict[str, Any]] = []
     caller = threading.Thread(
@@ -159,7 +160,7 @@ def test_sighup_stops_gracefully(make_daemon: Any, pids: list[int]) -> None:
 def test_queued_async_turns_run_after_a_restart(
     make_daemon: Any, pids: list[int], how: str
 ) -> None:
-    d = make_daemon("--max-concurrency", "1", env={"KSI_SHUTDOWN_GRACE_S": "0"})
+    d = make_daemon("--max-concurrency", "1", env={"KSI_SHUTDOWN_GRACE_S": "0"}, process=True)
     pidfile = d.base / "blocker.pid"
     blocker = spawn(d, prompt=f"[[pidfile:{pidfile}]][[sleep:120]] blocker", mode="async")
     pids.append(read_pid(pidfile))
@@ -192,7 +193,7 @@ def test_queued_async_turns_run_after_a_restart(
 
 
 def test_replay_after_a_restart_does_not_pay_twice(make_daemon: Any, pids: list[int]) -> None:
-    d = make_daemon()
+    d = make_daemon(process=True)
     first = spawn(d, prompt="paid once", client_request_id="job-1")
     assert first["status"] == "success", first
     pidfile = d.base / "cli.pid"
@@ -404,7 +405,7 @@ def test_spawn_and_publish_refuse_while_the_state_disk_is_full(tmpfs: Any) -> No
     """SPAWN and PUBLISH record their effect without waiting for the commit; while the store
     is failing they say so instead of answering success for records that would be lost."""
     disk = tmpfs("4m")
-    d = DaemonProcess(preload=True)
+    d = InProcessDaemon(preload=True)
     d.state_dir = disk / "state"
     try:
         d.start()

@@ -28,7 +28,8 @@ from daemon.state import turnlog
 from daemon.state.db import Store
 from daemon.state.records import StateManager
 from daemon.state.turnlog import TurnLog
-from tests.helpers import DaemonProcess, fill, short_tmpdir
+from tests.helpers import fill, short_tmpdir
+from tests.inproc import InProcessDaemon
 
 SET = (
     "INSERT INTO shared(key, value, updated_at) VALUES(?,?,?) "
@@ -344,7 +345,7 @@ def test_set_shared_and_register_agent_on_a_full_disk_are_typed_over_the_wire(
     tmpfs: Callable[[str], Path],
 ) -> None:
     disk = tmpfs("4m")
-    dp = DaemonProcess()
+    dp = InProcessDaemon()
     dp.state_dir = disk / "state"
     try:
         dp.start()

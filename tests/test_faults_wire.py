@@ -23,13 +23,15 @@ import pytest
 from daemon import protocol
 from daemon.app import Daemon
 from daemon.errors import DaemonError, ErrorCode
-from daemon.events.bus import EventBus, Subscriber
+from daemon.events.bus import EventBus
+from daemon.events.subscriber import Subscriber
 from daemon.protocol import MAX_DEPTH, Echo, encode_error, parse_request
 from daemon.server import Server
 from daemon.server.subscriptions import DROP_GRACE_S
 from daemon.settings import Settings
 from daemon.state.db import Store
 from tests.helpers import FAKE_CLAUDE, DaemonProcess, raw_exchange, short_tmpdir, wait_for
+from tests.inproc import InProcessDaemon
 from tests.wire import Wire, persistent
 
 QUEUE = 200
@@ -41,7 +43,7 @@ HISTORY = 100  # of the `small_history` daemon
 
 @pytest.fixture(scope="module")
 def d() -> Iterator[DaemonProcess]:
-    dp = DaemonProcess(
+    dp = InProcessDaemon(
         env={
             "KSI_SUBSCRIBER_QUEUE": str(QUEUE),
             "KSI_MAX_EVENT_BYTES": str(EVENT_BYTES),
@@ -58,7 +60,7 @@ def d() -> Iterator[DaemonProcess]:
 @pytest.fixture
 def small_history() -> Iterator[DaemonProcess]:
     """Default limits but a short history (and no 1 MiB input budget, as `d` has)."""
-    dp = DaemonProcess(env={"KSI_EVENT_HISTORY": str(HISTORY)}).start()
+    dp = InProcessDaemon(env={"KSI_EVENT_HISTORY": str(HISTORY)}).start()
     try:
         yield dp
     finally:

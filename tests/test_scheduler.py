@@ -14,7 +14,8 @@ import pytest
 
 from daemon.claude.options import TurnOptions
 from daemon.errors import ErrorCode, InvalidParameters, TurnFailed, Unavailable
-from daemon.events.bus import EventBus, Subscriber
+from daemon.events.bus import EventBus
+from daemon.events.subscriber import Subscriber
 from daemon.settings import Settings
 from daemon.state.db import Store
 from daemon.state.records import StateManager

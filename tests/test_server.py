@@ -59,11 +59,14 @@ def test_a_one_shot_command_that_waits_still_gets_its_reply(d: DaemonProcess) ->
     assert d.result("GET_SHARED", {"key": "one-shot"})["value"] == [1, 2]
 
 
-def test_a_peer_that_pipelines_without_reading_is_held_back_not_buffered(d: DaemonProcess) -> None:
+def test_a_peer_that_pipelines_without_reading_is_held_back_not_buffered(
+    daemon_process: DaemonProcess,
+) -> None:
     """GET_COMMANDS replies are large; the daemon stops serving (and reading) while its
     output waits, and every reply still arrives, whole and in order, once the peer reads."""
     n = 400
     request = b"".join(orjson.dumps({"command": "GET_COMMANDS", "id": i}) + b"\n" for i in range(n))
+    d = daemon_process  # a process of its own: its memory is measured
     rss_before = rss_kb(d)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from tests.helpers import DaemonProcess, wait_for
+from tests.inproc import InProcessDaemon
 from tests.wire import Wire, persistent
 
 QUEUE = 50
@@ -22,7 +23,7 @@ PAYLOAD = {"pad": "x" * 300}
 
 @pytest.fixture
 def d() -> Iterator[DaemonProcess]:
-    dp = DaemonProcess(env={"KSI_SUBSCRIBER_QUEUE": str(QUEUE)}).start()
+    dp = InProcessDaemon(env={"KSI_SUBSCRIBER_QUEUE": str(QUEUE)}).start()
     try:
         yield dp
     finally:

@@ -26,7 +26,7 @@ def fake_invocations(d: DaemonProcess) -> list[dict[str, Any]]:
 
 
 def test_sync_spawn_returns_answer_session_cost_and_usage(make_daemon: Any) -> None:
-    d = make_daemon(env={"CLAUDECODE": "1"})
+    d = make_daemon(env={"CLAUDECODE": "1"}, process=True)  # the process environment
     reply = spawn(d, prompt="--help me, I start with dashes", model="sonnet")
     assert reply["status"] == "success", reply
     r = reply["result"]

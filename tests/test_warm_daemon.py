@@ -18,6 +18,7 @@ import pytest
 
 from daemon.client import AsyncClient
 from tests.helpers import DaemonProcess, pid_alive, wait_for
+from tests.inproc import InProcessDaemon
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def make_daemon() -> Iterator[Any]:
     started: list[DaemonProcess] = []
 
     def make(**env: str) -> DaemonProcess:
-        d = DaemonProcess(env=env, preload=True).start()
+        d = InProcessDaemon(env=env, preload=True).start()
         started.append(d)
         return d
 

@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 
 from daemon.commands.registry import Context, Services
-from daemon.events.bus import Subscriber
+from daemon.events.subscriber import Subscriber
 
 log = structlog.get_logger("ksi.observers")
 

@@ -45,7 +45,7 @@ import structlog
 
 from daemon.commands.registry import Context
 from daemon.errors import DaemonError, ErrorCode, InvalidParameters, ProtocolError
-from daemon.events.bus import Subscriber
+from daemon.events.subscriber import Subscriber
 from daemon.framing import Line, LineSplitter, Refused
 from daemon.protocol import Request, encode_error, parse_request
 from daemon.server.subscriptions import FLUSH_BYTES, Subscription

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Final
 
 import structlog
 
-from daemon.events.bus import Event, EventBus, StoredEvent, Subscriber
+from daemon.events.bus import EventBus
+from daemon.events.subscriber import Event, StoredEvent, Subscriber
 from daemon.protocol import encode_event, utc_now_iso
 
 if TYPE_CHECKING:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import queue
 import sqlite3
@@ -157,8 +158,11 @@ class Store:
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
+        # The worker runs in a copy of the opener's context, as asyncio.to_thread would: what
+        # is bound there (structlog context variables) applies to its log lines too.
+        context = contextvars.copy_context()
         self._thread = threading.Thread(
-            target=self._run, args=(ready,), name="ksi-sqlite", daemon=True
+            target=context.run, args=(self._run, ready), name="ksi-sqlite", daemon=True
         )
         self._thread.start()
         await ready
