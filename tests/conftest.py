@@ -6,6 +6,11 @@ such tests start a :class:`tests.helpers.DaemonProcess` (``daemon_process``)."""
 from __future__ import annotations
 
 import os
+
+# As claude_cli_provider.py does before its import: LiteLLM must not fetch its price list
+# from the internet, and test modules (test_provider.py) import LiteLLM before it.
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+os.environ.setdefault("LITELLM_LOG", "ERROR")
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path

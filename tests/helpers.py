@@ -120,6 +120,8 @@ class DaemonProcess:
 
     def start(self, timeout: float = 15.0) -> DaemonProcess:
         cmd = [sys.executable, str(ROOT / "daemon.py"), *self.flags()]
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()  # a restart: the earlier run's pipe
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 cmd,
@@ -200,6 +202,8 @@ class DaemonProcess:
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
         if self.owns_base:
             shutil.rmtree(self.base, ignore_errors=True)
 

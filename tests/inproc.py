@@ -115,7 +115,8 @@ class InProcessDaemon(DaemonProcess):
     def start(self, timeout: float = 15.0) -> InProcessDaemon:
         _configure_logging()
         self.daemon = Daemon(self.settings())
-        self._sink = open(self.log_file, "ab")  # noqa: SIM115 - closed in cleanup()
+        if self._sink is None:  # a restart keeps appending to the same log
+            self._sink = open(self.log_file, "ab")  # noqa: SIM115 - closed in cleanup()
         self._thread = threading.Thread(target=self._run, name=f"daemon-{self.base.name}")
         self._thread.start()
         wait_for(self._healthy, timeout)

@@ -491,23 +491,23 @@ def test_tool_with_max_turns_one(work: Path, env: dict[str, str]) -> None:
 
 def test_sigterm_exits_143_silently(work: Path, env: dict[str, str], tmp_path: Path) -> None:
     pidfile = tmp_path / "fake.pid"
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, str(FAKE), "-p", "--output-format", "json"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=work,
         env=env,
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    proc.stdin.write(f"wait [[pidfile:{pidfile}]] [[sleep:30]]".encode())
-    proc.stdin.close()
-    assert int(wait_for_file(pidfile)) == proc.pid
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=5) == 143
-    assert (proc.stdout.read(), proc.stderr.read()) == (b"", b"")
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdin.write(f"wait [[pidfile:{pidfile}]] [[sleep:30]]".encode())
+        proc.stdin.close()
+        assert int(wait_for_file(pidfile)) == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 143
+        assert (proc.stdout.read(), proc.stderr.read()) == (b"", b"")
 
 
 def test_ignore_sigterm_needs_sigkill(work: Path, env: dict[str, str], tmp_path: Path) -> None:
@@ -576,7 +576,8 @@ class WarmFake:
             env=env,
         )  # fmt: skip
         self.lines: queue.Queue[bytes] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pumping = threading.Thread(target=self._pump, daemon=True)
+        self._pumping.start()
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -608,7 +609,12 @@ class WarmFake:
         assert self.proc.stderr is not None
         self.proc.stdin.close()
         code = self.proc.wait(timeout=5)
-        return code, self.proc.stderr.read()
+        stderr = self.proc.stderr.read()
+        self.proc.stderr.close()
+        self._pumping.join(5)  # it reads stdout to its EOF
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return code, stderr
 
 
 def test_warm_mode_turns_interrupt_and_eof(work: Path, env: dict[str, str]) -> None:

@@ -236,10 +236,13 @@ def test_planted_pid_file_symlink_is_refused() -> None:
     d = DaemonProcess(base)
     d.socket.parent.mkdir(parents=True, exist_ok=True)
     d.socket.with_suffix(".pid").symlink_to(victim)
-    with pytest.raises(RuntimeError, match="exited with 1"):
-        d.start(timeout=10)
-    assert victim.read_text() == "precious\n"
-    assert "is a symbolic link; refusing to use it" in d.stderr()
+    try:
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            d.start(timeout=10)
+        assert victim.read_text() == "precious\n"
+        assert "is a symbolic link; refusing to use it" in d.stderr()
+    finally:
+        d.cleanup()
 
 
 def test_a_shared_sticky_directory_keeps_its_mode() -> None:
