@@ -4,7 +4,10 @@ that pipelines without reading its replies."""
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 import time
 
 import orjson
@@ -59,6 +62,20 @@ def test_a_one_shot_command_that_waits_still_gets_its_reply(d: DaemonProcess) ->
     assert d.result("GET_SHARED", {"key": "one-shot"})["value"] == [1, 2]
 
 
+def settled(s: socket.socket, timeout: float = 10.0) -> int:
+    """Wait until replies wait at our end and stop growing: the sender holds back. Returns
+    the bytes waiting (FIONREAD)."""
+    deadline = time.monotonic() + timeout
+    before = -1
+    while True:
+        waiting = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        if waiting > 0 and waiting == before:
+            return int(waiting)
+        assert time.monotonic() < deadline, f"replies still growing: {waiting} bytes"
+        before = waiting
+        time.sleep(0.05)
+
+
 def test_a_peer_that_pipelines_without_reading_is_held_back_not_buffered(
     daemon_process: DaemonProcess,
 ) -> None:
@@ -73,7 +90,7 @@ def test_a_peer_that_pipelines_without_reading_is_held_back_not_buffered(
         s.connect(str(d.socket))
         s.sendall(b'{"command":"CONNECT"}\n')
         s.sendall(request)  # never blocks for long: the daemon keeps reading until it holds
-        time.sleep(1.0)  # the daemon has written what the socket takes, then held back
+        settled(s)  # the daemon has written what the socket takes, then held back
         rss_held = rss_kb(d)
         data = b""
         while data.count(b"\n") < n + 1:

@@ -102,7 +102,8 @@ class WarmBackend:
         self._closed = True
         if self._reaper is not None:
             self._reaper.cancel()
-        for proc in [*self._sessions.values(), *self._pool.close()]:
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        for proc in [*self._sessions.values(), *await self._pool.close()]:
             self._retire(proc, "shutdown")
         if self._retiring:
             await asyncio.wait(list(self._retiring.values()))

@@ -117,9 +117,10 @@ class WarmPool:
         if stale:
             self.refill()
 
-    def close(self) -> list[WarmProcess]:
+    async def close(self) -> list[WarmProcess]:
         """Stop refilling; returns the processes still in the pool (the caller ends them)."""
         self._closed = True
         if self._task is not None:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         return list(self.procs)

@@ -3,7 +3,7 @@
 ``claude -p --input-format stream-json --output-format stream-json --verbose`` reads one
 JSON user message per stdin line and answers each with a ``system/init`` line, the
 assistant lines and a ``result`` line; it prints nothing before the first message and
-exits 0 when stdin closes (../shared/reference/claude-cli.md §12, re-measured with 2.1.197).
+exits 0 when stdin closes (measured with CLI 2.1.197; LITELLM_INTEGRATION.md, "Warm sessions").
 
 The process itself is a :class:`~daemon.claude.child.Child` (own process group, our own
 pipes, line framing, TERM -> grace -> KILL), as a cold turn's is. What is warm-specific

@@ -494,6 +494,7 @@ class Connection(asyncio.Protocol):
                 policy="disconnect",
             )
             subscription = Subscription(self, self.services.bus, sub, since_seq)
+            self._track(subscription.pump)
             self.subscription = subscription
         subscription.subscriber.patterns.update(add=patterns)
         return subscription.subscriber

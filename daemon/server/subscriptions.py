@@ -55,7 +55,7 @@ class Subscription:
         # The last event seq handed to the transport: SUBSCRIBER_DROPPED's last_seq.
         self.sent_seq = upto if since_seq is None else min(since_seq, upto)
         bus.add(sub)
-        self._pump = asyncio.create_task(self._run(since_seq, upto), name=f"pump-{conn.id}")
+        self.pump = asyncio.create_task(self._run(since_seq, upto), name=f"pump-{conn.id}")
 
     async def _run(self, since_seq: int | None, upto: int) -> None:
         """Replay the history after ``since_seq`` up to ``upto``, then write live events as
@@ -170,5 +170,6 @@ class Subscription:
             self._drop_timer.cancel()
         # The pump waits on the subscriber's inbox, which nothing fills any more: end it,
         # or every subscribed connection would leave a pending task behind.
-        if self._pump is not asyncio.current_task():
-            self._pump.cancel()
+        # The connection tracks the task (Connection.pending_tasks): the shutdown awaits it.
+        if self.pump is not asyncio.current_task():
+            self.pump.cancel()

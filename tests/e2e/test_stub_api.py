@@ -170,16 +170,18 @@ def test_error_trigger_and_scripted_failures(stub_api: StubAPI) -> None:
     with pytest.raises(urllib.error.HTTPError) as caught:
         _post(stub_api, {"messages": [_user("x [[error:529]]")]})
     assert caught.value.code == 529
-    assert json.load(caught.value) == {
-        "type": "error",
-        "error": {"type": "overloaded_error", "message": "fake triggered 529"},
-    }
+    with caught.value:  # an HTTPError holds the response (and its socket) until closed
+        assert json.load(caught.value) == {
+            "type": "error",
+            "error": {"type": "overloaded_error", "message": "fake triggered 529"},
+        }
 
     stub_api.script_failure(503, 1, retry_after=2)
     with pytest.raises(urllib.error.HTTPError) as caught:
         _post(stub_api, {"messages": [_user("hi")]})
-    assert caught.value.code == 503
-    assert caught.value.headers["retry-after"] == "2"
+    with caught.value:
+        assert caught.value.code == 503
+        assert caught.value.headers["retry-after"] == "2"
     with _post(stub_api, {"messages": [_user("hi")]}) as r:
         assert r.status == 200
 
@@ -229,10 +231,13 @@ def test_command_line_prints_port_and_logs(tmp_path: Path) -> None:
         request = urllib.request.Request(api_url, data=b'{"messages":[]}', method="POST")
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=10)
-        assert caught.value.code == 500
+        with caught.value:
+            assert caught.value.code == 500
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()
     (entry,) = [json.loads(x) for x in log.read_text().splitlines()]
     assert entry["status"] == 500
     assert "scripted failure" in entry["note"]
