@@ -216,10 +216,6 @@ class Child:
     def returncode(self) -> int | None:
         return self.proc.returncode
 
-    @property
-    def stdin_open(self) -> bool:
-        return self._stdin is not None and not self._stdin.is_closing()
-
     def stderr_tail(self) -> bytes:
         return bytes(self._stderr)
 
@@ -320,10 +316,9 @@ class Child:
                 return
         if self.returncode is None:
             self.signal(signal.SIGTERM)
-            if await self.wait(term_grace_s):
-                return
-        self.kill()
-        await self.wait(_REAP_TIMEOUT_S)
+            if not await self.wait(term_grace_s):
+                self.kill()
+                await self.wait(_REAP_TIMEOUT_S)
 
     async def aclose(self, *, orphan_grace_s: float) -> None:
         """After the exit: give the pipes ``orphan_grace_s`` to reach EOF (SIGKILL the group
