@@ -26,7 +26,6 @@ import logging
 import os
 import sys
 import threading
-from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -34,7 +33,7 @@ import structlog
 
 from daemon.app import Daemon, flag_overrides
 from daemon.settings import Settings
-from tests.helpers import FAKE_CLAUDE, DaemonProcess, wait_for
+from tests.helpers import DaemonProcess, wait_for
 
 _SINK: contextvars.ContextVar[IO[bytes] | None] = contextvars.ContextVar(
     "ksi_test_log_sink", default=None
@@ -79,16 +78,8 @@ def _configure_logging() -> None:
 class InProcessDaemon(DaemonProcess):
     """A daemon run in this process; same paths, requests and log access as DaemonProcess."""
 
-    def __init__(
-        self,
-        base: Path | None = None,
-        *,
-        args: list[str] | None = None,
-        env: dict[str, str] | None = None,
-        claude_bin: Path | None = FAKE_CLAUDE,
-        preload: bool = False,
-    ) -> None:
-        super().__init__(base, args=args, env=env, claude_bin=claude_bin, preload=preload)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # DaemonProcess's parameters
+        super().__init__(*args, **kwargs)
         self.log_file = self.base / "daemon.log"
         self.daemon: Daemon | None = None
         self.exit_code: int | None = None

@@ -22,7 +22,7 @@ Cold turns (:func:`daemon.claude.runner.run_process`) and warm CLIs
   grace -> SIGKILL; :meth:`Child.aclose` then sweeps the group with SIGKILL, stops
   reading pipes that orphans hold, and reaps.
 * Nothing here starts a child twice: a paid turn is never re-run by a supervisor (why
-  simpervisor is not used: LITELLM_INTEGRATION.md, "Card libraries").
+  simpervisor is not used: LITELLM_INTEGRATION.md, "Card libraries not used").
 """
 
 from __future__ import annotations
