@@ -15,7 +15,8 @@ instead of pretending.
 Logs: each daemon's structlog lines go to its own file (``daemon.log`` in its base
 directory), so ``stderr()`` and ``log_events()`` read what the subprocess's stderr would
 hold. The route is a context variable set in the daemon's thread; asyncio copies it into
-every task and ``to_thread`` call of that daemon.
+every task and ``to_thread`` call of that daemon. Log level and format are the process's
+(INFO, JSON lines): tests of ``--log-level``/``--log-format`` use DaemonProcess.
 """
 
 from __future__ import annotations
