@@ -70,8 +70,11 @@ class LineSplitter:
     def take(self, chunk: bytes, room: int | None = None) -> list[Line]:
         """The lines that ``chunk`` completes, a refused one as its :class:`Refused`.
 
-        ``room``: how many bytes the unfinished last line may still grow by; past it the
-        line is refused (``BUFFERS_FULL``) and skipped to its end.
+        ``room``: how many bytes the unfinished last line may still grow by, the bytes that
+        complete it included; past it the line is refused (``BUFFERS_FULL``) and skipped to
+        its end. (Whether its end comes in the same read as the bytes past the room must not
+        decide: that depends on how fast the reader is.) A line that starts and ends within
+        one chunk is never held and needs no room.
         """
         out: list[Line] = []
         start = 0
@@ -86,11 +89,15 @@ class LineSplitter:
         end = self._end
         nl = chunk.find(b"\n", start)
         if nl >= 0 and self._pending:
-            self._pending += chunk[start : nl + end]
-            line = bytes(self._pending)
-            self._pending.clear()
-            too_long = limit is not None and len(line) - end > limit
-            out.append(Refused.TOO_LONG if too_long else line)
+            if room is not None and nl - start > room:
+                out.append(Refused.BUFFERS_FULL)
+                self._pending.clear()
+            else:
+                self._pending += chunk[start : nl + end]
+                line = bytes(self._pending)
+                self._pending.clear()
+                too_long = limit is not None and len(line) - end > limit
+                out.append(Refused.TOO_LONG if too_long else line)
             start = nl + 1
             nl = chunk.find(b"\n", start)
         while nl >= 0:

@@ -30,7 +30,14 @@ from daemon.server import Server
 from daemon.server.subscriptions import DROP_GRACE_S
 from daemon.settings import Settings
 from daemon.state.db import Store
-from tests.helpers import FAKE_CLAUDE, DaemonProcess, raw_exchange, short_tmpdir, wait_for
+from tests.helpers import (
+    FAKE_CLAUDE,
+    DaemonProcess,
+    eventually,
+    raw_exchange,
+    short_tmpdir,
+    wait_for,
+)
 from tests.inproc import InProcessDaemon
 from tests.wire import Wire, persistent
 
@@ -390,12 +397,19 @@ def _finish(s: socket.socket) -> dict[str, Any]:
 def test_incomplete_lines_of_all_connections_share_a_byte_budget(d: DaemonProcess) -> None:
     """Each connection may hold up to max_line_bytes of an incomplete line, but all of them
     together at most max_pending_input_bytes: the line that would pass it is refused."""
+
+    def buffered() -> int:
+        counts: dict[str, int] = d.result("HEALTH_CHECK")["counts"]
+        return counts["input_buffered_bytes"]
+
+    # The budget is all this test's: no earlier test's connection still holds a line part.
+    wait_for(lambda: buffered() == 0)
     first = _partial(d, 400_000)
     second = _partial(d, 400_000)
     try:
         # sendall() returned, so the bytes are queued at the daemon's end; it reads them
         # over a few loop turns (256 KiB a turn from each ready socket).
-        wait_for(lambda: d.result("HEALTH_CHECK")["counts"]["input_buffered_bytes"] >= 800_000)
+        wait_for(lambda: buffered() >= 800_000)
         third = _partial(d, 400_000)  # 1.2 MB > 1 MiB
         try:
             assert error_code(_finish(third)) == "INPUT_BUFFERS_FULL"
@@ -495,10 +509,10 @@ async def test_a_dropped_subscriber_that_reads_late_still_gets_the_notice_and_re
     pub = await persistent(d.socket)
     try:
         seqs = await _publish(pub, "LATE", 1000, pad=1500)  # 1.5 MB, far over the queue
-        wait_for(lambda: d.result("HEALTH_CHECK")["counts"]["subscribers"] == 0)
+        await eventually(lambda: d.result("HEALTH_CHECK")["counts"]["subscribers"] == 0)
         # Longer than the old grace (2 s) without reading: the old daemon aborted here.
         assert DROP_GRACE_S > 2.5
-        time.sleep(2.5)
+        await asyncio.sleep(2.5)
         got = await asyncio.to_thread(_read_to_eof, stalled)
         notice = got[-1]
         assert notice["event"] == "SUBSCRIBER_DROPPED", got[-3:]

@@ -67,6 +67,12 @@ def test_the_room_refuses_a_growing_line_as_buffers_full() -> None:
     assert s.take(b"dd\ne\n", room=0) == [Refused.BUFFERS_FULL, b"e\n"]
     # Complete lines need no room: only the unfinished tail is held.
     assert s.take(b"fff\n", room=0) == [b"fff\n"]
+    # A held line that would pass its room is refused whether or not its end comes in the
+    # same chunk (a slow reader gets both in one read, a fast one in two).
+    assert s.take(b"gg", room=2) == []
+    assert s.take(b"hhh\ni\n", room=2) == [Refused.BUFFERS_FULL, b"i\n"]
+    assert s.take(b"jj", room=2) == []
+    assert s.take(b"kk\n", room=2) == [b"jjkk\n"]
 
 
 def test_finish_answers_a_refused_last_line_and_discard_drops_it() -> None:

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from daemon.client import AsyncClient
-from tests.helpers import DaemonProcess, pid_alive, short_tmpdir, spawn, wait_for
+from tests.helpers import DaemonProcess, eventually, pid_alive, short_tmpdir, spawn, wait_for
 
 
 def fake_invocations(d: DaemonProcess) -> list[dict[str, Any]]:
@@ -202,7 +202,7 @@ async def test_cancel_running_and_queued_processes(make_daemon: Any) -> None:
         started = await c.next_event(timeout=20)
         assert started["event"] == "PROCESS_STARTED"
         assert started["data"]["process_id"] == running["process_id"]
-        wait_for(lambda: grandchild.exists() and grandchild.read_text().strip())
+        await eventually(lambda: grandchild.exists() and grandchild.read_text().strip())
         procs = (await c.call("GET_PROCESSES"))["processes"]
         by_id = {p["process_id"]: p for p in procs}
         assert by_id[queued["process_id"]]["status"] == "queued"

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from daemon.client import AsyncClient
-from tests.helpers import DaemonProcess, pid_alive, wait_for
+from tests.helpers import DaemonProcess, eventually, pid_alive
 from tests.inproc import InProcessDaemon
 
 
@@ -118,11 +118,11 @@ async def test_warm_conversation_flags_kill_cancel_and_shutdown(make_daemon: Any
         r4, st4 = await s.turn(prompt="four", session_id=sid, model="opus")
         assert r4["text"] == "echo: four (turn 4)"
         assert st4["pid"] != pid
-        wait_for(lambda: not pid_alive(pid))
+        await eventually(lambda: not pid_alive(pid))
 
         # Killed while idle: the next turn resumes in a new process, nothing is lost.
         os.kill(st4["pid"], signal.SIGKILL)
-        wait_for(lambda: not pid_alive(st4["pid"]))
+        await eventually(lambda: not pid_alive(st4["pid"]))
         r5, st5 = await s.turn(prompt="five", session_id=sid, model="opus")
         assert r5["text"] == "echo: five (turn 5)"
         assert st5["pid"] != st4["pid"]
@@ -212,11 +212,11 @@ async def test_lru_cap_then_idle_expiry_then_resume(make_daemon: Any) -> None:
     try:
         first = [await s.turn(prompt=f"s{i}") for i in range(3)]
         pids = [st["pid"] for _, st in first]
-        wait_for(lambda: not pid_alive(pids[0]), timeout=3)  # the oldest of three was ended
+        await eventually(lambda: not pid_alive(pids[0]), timeout=3)  # the oldest of three was ended
         assert pid_alive(pids[1])
         assert pid_alive(pids[2])
         assert d.result("HEALTH_CHECK")["warm"]["warm_sessions"] == 2
-        wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=8)  # idle expiry
+        await eventually(lambda: not any(pid_alive(p) for p in pids), timeout=8)  # idle expiry
         assert d.result("HEALTH_CHECK")["warm"]["warm_sessions"] == 0
         sid = first[1][0]["session_id"]
         assert d.result("GET_SESSION", {"session_id": sid})["session"].get("warm") is None
@@ -230,7 +230,9 @@ async def test_lru_cap_then_idle_expiry_then_resume(make_daemon: Any) -> None:
 
 async def test_pool_hands_out_its_process_and_refills(make_daemon: Any) -> None:
     d = make_daemon(KSI_WARM_DEFAULT="true", KSI_WARM_POOL_SIZE="1")
-    health = wait_for(lambda: (h := d.result("HEALTH_CHECK")["warm"])["pool_ready"] == 1 and h)
+    health = await eventually(
+        lambda: (h := d.result("HEALTH_CHECK")["warm"])["pool_ready"] == 1 and h
+    )
     (pool_pid,) = health["pool_pids"]
     (pooled,) = d.result("GET_PROCESSES")["warm"]
     assert pooled["pid"] == pool_pid
@@ -249,7 +251,9 @@ async def test_pool_hands_out_its_process_and_refills(make_daemon: Any) -> None:
         assert done["session_id"] == pooled["session_id"]
         assert done["text"] == "echo: hello (turn 1)"
         assert (d.log_dir / f"{pooled['session_id']}.jsonl").exists()
-        refill = wait_for(lambda: (h := d.result("HEALTH_CHECK")["warm"])["pool_ready"] == 1 and h)
+        refill = await eventually(
+            lambda: (h := d.result("HEALTH_CHECK")["warm"])["pool_ready"] == 1 and h
+        )
         assert refill["pool_pids"] != [pool_pid]
         assert refill["session_pids"] == [pool_pid]
         # A cwd other than the default does not match the pool.

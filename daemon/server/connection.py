@@ -117,16 +117,7 @@ class Connection(asyncio.Protocol):
             return
         server = self.server
         splitter = self._splitter
-        refused = splitter.skipping
         lines = splitter.take(data, server.max_pending_input - server.pending_input)
-        if splitter.skipping is Refused.BUFFERS_FULL and refused is None:
-            # Over the global budget: the line that would grow past it is refused.
-            log.warning(
-                "request.rejected",
-                conn=self.id,
-                code=ErrorCode.INPUT_BUFFERS_FULL,
-                pending_bytes=server.pending_input,
-            )
         if splitter.incomplete:
             loop = asyncio.get_running_loop()
             self._last_input = loop.time()
@@ -388,7 +379,14 @@ class Connection(asyncio.Protocol):
                 code=ErrorCode.LINE_TOO_LONG,
                 details={"limit_bytes": limit},
             )
+        # Over the global budget: the line that would have grown past it was refused.
         limit = self.server.max_pending_input
+        log.warning(
+            "request.rejected",
+            conn=self.id,
+            code=ErrorCode.INPUT_BUFFERS_FULL,
+            pending_bytes=self.server.pending_input,
+        )
         return ProtocolError(
             f"request refused: incomplete requests of all connections hold over {limit} "
             "bytes; retry",

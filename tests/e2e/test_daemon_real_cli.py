@@ -16,7 +16,7 @@ import pytest
 from daemon.claude.engine import ClaudeEngine, EngineConfig
 from daemon.client import AsyncClient
 from devtools.stub_api import StubAPI
-from tests.helpers import DaemonProcess, pid_alive, wait_for
+from tests.helpers import DaemonProcess, eventually, pid_alive, wait_for
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ async def test_timeout_and_cancel_kill_the_real_cli(real_daemon: DaemonProcess) 
         assert pid_alive(pid)
         cancelled = await c.call("CANCEL_PROCESS", {"process_id": job["process_id"]})
         assert cancelled["status"] == "cancelled"
-    wait_for(lambda: not pid_alive(pid), timeout=5)
+    await eventually(lambda: not pid_alive(pid), timeout=5)
 
 
 def test_tool_round_trip_with_allowed_tools(real_daemon: DaemonProcess, stub_api: StubAPI) -> None:

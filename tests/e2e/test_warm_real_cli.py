@@ -17,7 +17,7 @@ import pytest
 from daemon.client import AsyncClient
 from devtools.stub_api import StubAPI
 from tests.e2e.test_daemon_real_cli import model_calls, user_texts
-from tests.helpers import DaemonProcess, pid_alive, wait_for
+from tests.helpers import DaemonProcess, eventually, pid_alive, wait_for
 
 
 @pytest.fixture
@@ -47,7 +47,9 @@ async def test_pool_then_warm_conversation_on_one_process(
     warm_daemon: DaemonProcess, stub_api: StubAPI
 ) -> None:
     d = warm_daemon
-    health = wait_for(lambda: (h := d.result("HEALTH_CHECK")["warm"])["pool_ready"] == 1 and h)
+    health = await eventually(
+        lambda: (h := d.result("HEALTH_CHECK")["warm"])["pool_ready"] == 1 and h
+    )
     (pool_pid,) = health["pool_pids"]
     async with AsyncClient.connect(d.socket) as c:
         await c.subscribe(["PROCESS_STARTED"])
@@ -75,7 +77,9 @@ async def test_pool_then_warm_conversation_on_one_process(
     assert session["warm"]["pid"] == pool_pid
     assert session["warm"]["rss_mb"] > 50  # the real CLI is ~150-210 MB resident
     assert session["total_cost_usd"] == pytest.approx(results[-1]["raw"]["total_cost_usd"])
-    refill = wait_for(lambda: (h := d.result("HEALTH_CHECK")["warm"])["pool_ready"] == 1 and h)
+    refill = await eventually(
+        lambda: (h := d.result("HEALTH_CHECK")["warm"])["pool_ready"] == 1 and h
+    )
     stop_and_check(d, [pool_pid, *refill["pool_pids"]])
 
 
@@ -93,7 +97,7 @@ async def test_cancel_mid_turn_uses_the_interrupt(
             "SPAWN", {"prompt": "slow [[sleep:20]]", "session_id": sid, "mode": "async"}
         )
         assert await started_pid(c, job) == pid
-        wait_for(lambda: any("sleep 20" in r["note"] for r in model_calls(stub_api)), 15)
+        await eventually(lambda: any("sleep 20" in r["note"] for r in model_calls(stub_api)), 15)
         t0 = time.monotonic()
         cancelled = await c.call("CANCEL_PROCESS", {"process_id": job["result"]["process_id"]})
         assert cancelled["status"] == "cancelled"
