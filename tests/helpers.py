@@ -27,27 +27,28 @@ def short_tmpdir(prefix: str = "ksi") -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))
 
 
+def _poll(pred: Callable[[], Any], deadline: float, timeout: float) -> Any:
+    """One look at ``pred``: its value, falsy while there is time left, else TimeoutError."""
+    value = pred()
+    if not value and time.monotonic() > deadline:
+        raise TimeoutError(f"condition not met within {timeout}s")
+    return value
+
+
 def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
+    while not (value := _poll(pred, deadline, timeout)):
         time.sleep(interval)
+    return value
 
 
 async def eventually(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """:func:`wait_for` for async tests: the test's loop keeps running between polls."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
+    # Polled: the condition lives in a daemon (a thread or a process), with no event to await.
+    while not (value := _poll(pred, deadline, timeout)):  # noqa: ASYNC110
         await asyncio.sleep(interval)
+    return value
 
 
 def pid_alive(pid: int) -> bool:
@@ -133,8 +134,7 @@ class DaemonProcess:
 
     def start(self, timeout: float = 15.0) -> DaemonProcess:
         cmd = [sys.executable, str(ROOT / "daemon.py"), *self.flags()]
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()  # a restart: the earlier run's pipe
+        self._close_stdout()  # a restart: the earlier run's pipe
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 cmd,
@@ -147,9 +147,15 @@ class DaemonProcess:
         wait_for(self._healthy, timeout)
         return self
 
-    def _healthy(self) -> bool:
+    def ended(self) -> str | None:
+        """Why the daemon is no longer running, if it ended (None while it runs)."""
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.stderr()}")
+            return f"daemon exited with {self.proc.returncode}"
+        return None
+
+    def _healthy(self) -> bool:
+        if (why := self.ended()) is not None:
+            raise RuntimeError(f"{why}:\n{self.stderr()}")
         try:
             return self.call("HEALTH_CHECK")["status"] == "success"
         except OSError:
@@ -202,6 +208,10 @@ class DaemonProcess:
             self.proc.wait()
             raise
 
+    def _close_stdout(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
@@ -215,8 +225,7 @@ class DaemonProcess:
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self._close_stdout()
         if self.owns_base:
             shutil.rmtree(self.base, ignore_errors=True)
 

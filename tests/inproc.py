@@ -25,6 +25,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import signal
 import sys
 import threading
 from typing import IO, Any
@@ -131,13 +132,10 @@ class InProcessDaemon(DaemonProcess):
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _healthy(self) -> bool:
+    def ended(self) -> str | None:
         if self._thread is not None and not self._thread.is_alive():
-            raise RuntimeError(f"daemon ended ({self.exit_code}, {self.error!r}):\n{self.stderr()}")
-        try:
-            return self.call("HEALTH_CHECK")["status"] == "success"
-        except OSError:
-            return False
+            return f"daemon ended ({self.exit_code}, {self.error!r})"
+        return None
 
     @property
     def pid(self) -> int:
@@ -148,26 +146,20 @@ class InProcessDaemon(DaemonProcess):
     def serving_pid(self) -> int:
         return os.getpid()
 
-    def stop(self, sig: int = 15, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Graceful stop (SIGTERM's path); returns the exit code."""
-        if sig != 15:
+        if sig != signal.SIGTERM:
             raise ValueError("an in-process daemon can only be stopped gracefully")
-        thread = self._thread
-        if thread is None:
+        if self._thread is None:
             return 0
-        if thread.is_alive():
+        if self._thread.is_alive():
             assert self._loop is not None
             assert self.daemon is not None
             # In the daemon's context, so that what it logs goes to its log.
             self._loop.call_soon_threadsafe(
                 self.daemon.request_shutdown, "SIGTERM", context=self._context
             )
-            thread.join(timeout)
-            if thread.is_alive():
-                raise TimeoutError(f"in-process daemon did not stop within {timeout}s")
-        if self.error is not None:
-            raise self.error
-        return self.exit_code or 0
+        return self.wait(timeout)
 
     def wait(self, timeout: float) -> int:
         assert self._thread is not None

@@ -352,8 +352,12 @@ class Connection(asyncio.Protocol):
                 self._track(asyncio.create_task(self._run_detached(req)))
                 return _Served.DETACHED
             self.ctx.request = req
+            if spec is not None and not spec.immediate:
+                return req  # it waits: the serving task dispatches it
+            # An immediate handler, or an unknown command (its error needs no waiting).
             reply = registry.dispatch_now(self.ctx, req)
-            return req if reply is None else reply
+            assert reply is not None
+            return reply
         except Exception:  # a bug must cost this line an error reply, nothing more
             log.exception("request.crashed", conn=self.id)
             return encode_error(req, DaemonError(_INTERNAL))
@@ -363,8 +367,7 @@ class Connection(asyncio.Protocol):
         outcome = self._serve_now(line)
         if not isinstance(outcome, Request):
             return outcome
-        try:
-            self.ctx.request = outcome
+        try:  # _serve_now has set ctx.request
             return await self.services.registry.dispatch(self.ctx, outcome)
         except Exception:  # dispatch never raises; if it ever does, the line still gets a reply
             log.exception("request.crashed", conn=self.id)
