@@ -219,7 +219,7 @@ class Daemon:
             "status": "shutting_down"
             if self.stopping
             else "healthy"
-            if storage["writable"]
+            if storage["writable"] and turns["claude"]["auth"]["status"] == "ok"
             else "degraded",
             "version": __version__,
             "pid": os.getpid(),

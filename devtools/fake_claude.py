@@ -47,7 +47,8 @@ Usage: claude -p [options] [prompt]   (fake Claude Code CLI for tests)
 Prompt markers (anywhere in the prompt, several may combine):
   [[sleep:S]]        sleep S seconds before answering (interruptible in warm mode)
   [[hang:S]]         sleep S seconds without reading stdin (warm mode: interrupts go unanswered)
-  [[error:N]]        API error N (400/401/429/5xx) or [[error:connect]]; exit 1
+  [[error:N]]        API error N (400/401/429/5xx), [[error:connect]] or [[error:login]]
+                     (no credentials: "Not logged in", as the real CLI without a key); exit 1
   [[flaky:N:PATH:K]] API error N for the first K runs with this marker (counted in PATH)
   [[max-turns]]      error_max_turns result; exit 1
   [[crash:N]]        traceback on stderr, nothing on stdout, exit N
@@ -562,6 +563,9 @@ def api_error_text(code: str) -> tuple[int | None, str, str]:
     """(api_error_status, result text, stream "error" tag) for an ``[[error:code]]`` marker."""
     if code == "connect":
         return None, "API Error: Unable to connect to API (ConnectionRefused)", "server_error"
+    if code == "login":
+        # Measured with 2.1.197 and no ANTHROPIC_API_KEY: no API call, status null.
+        return None, "Not logged in · Please run /login", "authentication_failed"
     status = int(code) if code.isdigit() else 500
     if status == 401:
         return status, "Failed to authenticate. API Error: 401 fake error", "authentication_failed"

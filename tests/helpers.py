@@ -104,6 +104,8 @@ class DaemonProcess:
         # What this daemon's environment sets over the test process's own.
         self.env_overrides = {
             "CLAUDE_CONFIG_DIR": str(self.config_dir),
+            # The fake CLI ignores it; HEALTH_CHECK reports a CLI without credentials.
+            "ANTHROPIC_API_KEY": "fake-key",
             "FAKE_CLAUDE_LOG": str(self.fake_log),
             "KSI_LITELLM_PRELOAD": "true" if preload else "false",
             # Transient API errors are retried (3 times, from 1 s by default): tests of

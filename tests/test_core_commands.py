@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -12,8 +13,9 @@ import orjson
 import pytest
 
 import daemon as daemon_pkg
+from daemon.claude.auth import CREDENTIAL_ENV
 from daemon.commands import build_registry
-from tests.helpers import DaemonProcess, pid_alive, raw_exchange, wait_for
+from tests.helpers import DaemonProcess, pid_alive, raw_exchange, spawn, wait_for
 from tests.wire import Wire, persistent
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -113,9 +115,51 @@ def test_health_check(d: DaemonProcess, schemas: Schemas) -> None:
     assert h["counts"]["connections"] >= 1  # this one
     assert h["litellm"]["status"] == "not_loaded"  # the fixture does not preload it
     assert h["claude"]["found"] is True
+    assert h["claude"]["auth"] == {"status": "ok", "source": "ANTHROPIC_API_KEY"}
     later = ok(d, schemas, "HEALTH_CHECK")
     assert later["uptime_s"] >= h["uptime_s"]
     assert later["started_at"] == h["started_at"]
+
+
+NO_CREDENTIALS = dict.fromkeys(CREDENTIAL_ENV, "")  # set empty over the test process's
+
+
+def test_health_says_degraded_without_credentials(make_daemon: Any) -> None:
+    d = make_daemon(env=NO_CREDENTIALS)
+    h = d.call("HEALTH_CHECK")["result"]
+    assert h["status"] == "degraded"
+    assert h["claude"]["auth"]["status"] == "missing"
+    assert "ANTHROPIC_API_KEY" in h["claude"]["auth"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "source"),
+    [
+        ("settings.json", '{"apiKeyHelper": "pass show claude"}', "apiKeyHelper in"),
+        ("settings.json", '{"env": {"ANTHROPIC_API_KEY": "k"}}', "ANTHROPIC_API_KEY in"),
+        (".credentials.json", "{}", ".credentials.json (claude /login)"),
+    ],
+)
+def test_health_finds_a_login_in_the_config_dir(
+    make_daemon: Any, tmp_path: Path, name: str, content: str, source: str
+) -> None:
+    (tmp_path / name).write_text(content)
+    d = make_daemon(env={**NO_CREDENTIALS, "CLAUDE_CONFIG_DIR": str(tmp_path)})
+    h = d.call("HEALTH_CHECK")["result"]
+    assert (h["status"], h["claude"]["auth"]["status"]) == ("healthy", "ok")
+    assert source in h["claude"]["auth"]["source"]
+
+
+def test_refused_credentials_degrade_health_until_a_turn_succeeds(make_daemon: Any) -> None:
+    d = make_daemon()
+    assert spawn(d, prompt="[[error:401]] bad key")["error"]["code"] == "AUTH_FAILED"
+    h = d.call("HEALTH_CHECK")["result"]
+    assert h["status"] == "degraded"
+    assert h["claude"]["auth"]["status"] == "failed"
+    assert "401" in h["claude"]["auth"]["message"]
+    assert spawn(d, prompt="key fixed")["status"] == "success"
+    h = d.call("HEALTH_CHECK")["result"]
+    assert (h["status"], h["claude"]["auth"]["status"]) == ("healthy", "ok")
 
 
 def test_health_counts_follow_state(d: DaemonProcess, schemas: Schemas) -> None:

@@ -230,6 +230,7 @@ async def test_argv_flags_reach_the_cli(engine: ClaudeEngine, env: Env) -> None:
         ("[[error:529]]", ErrorCode.API_ERROR, 529, 1),
         ("[[error:400]]", ErrorCode.API_ERROR, 400, 1),
         ("[[error:connect]]", ErrorCode.API_ERROR, None, 1),
+        ("[[error:login]]", ErrorCode.AUTH_FAILED, None, 1),
         ("[[max-turns]]", ErrorCode.MAX_TURNS, None, 1),
         ("[[crash:3]]", ErrorCode.CLI_CRASHED, None, 3),
         ("[[bad-json]]", ErrorCode.INVALID_OUTPUT, None, 0),

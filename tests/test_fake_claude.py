@@ -371,6 +371,7 @@ API_ERRORS = [
         for code in (500, 529)
     ],
     ("connect", None, "API Error: Unable to connect to API (ConnectionRefused)"),
+    ("login", None, "Not logged in · Please run /login"),
 ]
 
 

@@ -120,6 +120,7 @@ def test_session_keeps_its_cwd(make_daemon: Any) -> None:
     ("prompt", "code", "status"),
     [
         ("[[error:401]]", "AUTH_FAILED", 401),
+        ("[[error:login]]", "AUTH_FAILED", None),
         ("[[error:429]]", "RATE_LIMITED", 429),
         ("[[error:500]]", "API_ERROR", 500),
         ("[[error:529]]", "API_ERROR", 529),

@@ -92,7 +92,7 @@ class ClaudeEngine:
         self._cold = ColdBackend()
         self._warm = WarmBackend(config, self._pool_spec)
         self._holds = SessionHolds()
-        self._transcripts = Transcripts(self._env())
+        self._transcripts = Transcripts(self.cli_env())
         self._running: dict[int, str] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -242,7 +242,8 @@ class ClaudeEngine:
         warm = opts.warm if opts.warm is not None else self.config.warm_default
         return self._warm if warm and self.config.warm_max > 0 else self._cold
 
-    def _env(self) -> dict[str, str]:
+    def cli_env(self) -> dict[str, str]:
+        """The environment every CLI child gets."""
         env = {k: v for k, v in os.environ.items() if k != "CLAUDECODE"}
         env.update(self.config.extra_env)
         return env
@@ -256,7 +257,7 @@ class ClaudeEngine:
             model=model or self.config.default_model,
             opts=opts,
             cwd=cwd,
-            env=self._env(),
+            env=self.cli_env(),
         )
 
     def _pool_spec(self) -> ProcSpec | None:
@@ -341,7 +342,7 @@ class ClaudeEngine:
                 f"in {self.config.project_root}, or pass --claude-bin / set KSI_CLAUDE_BIN.",
                 session_id=session_id,
             )
-        env = self._env()
+        env = self.cli_env()
         timeout = opts.timeout_s if opts.timeout_s is not None else self.config.default_timeout_s
 
         pids: list[int] = []

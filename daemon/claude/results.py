@@ -26,6 +26,9 @@ from daemon.claude.errors import ClaudeCLIError, ErrorCode
 
 _EXCERPT_BYTES = 2048
 _MODEL_SUFFIX = re.compile(r"\[[^\]]*\]$")
+# How the CLI words a credentials problem: a 401/403 from the API, or no credentials at all
+# ("Not logged in · Please run /login", api_error_status null: the CLI never called the API).
+_AUTH_SIGNS = ("Failed to authenticate", "Not logged in")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +201,7 @@ def classify_result(
                 raw={"stdout_excerpt": stdout_sample},
                 **evidence,
             )
-        if "Failed to authenticate" in stderr_tail:
+        if any(sign in stderr_tail for sign in _AUTH_SIGNS):
             raise ClaudeCLIError(ErrorCode.AUTH_FAILED, _last_line(stderr_tail), **evidence)
         detail = _last_line(stderr_tail)
         message = f"CLI {_exit_description(exit_code)}" + (f": {detail}" if detail else "")
@@ -222,7 +225,7 @@ def classify_result(
         )
     if is_error or subtype != "success":
         message = str(text or error_text or f"CLI reported failure (subtype {subtype!r})")
-        if status in (401, 403) or "Failed to authenticate" in message:
+        if status in (401, 403) or any(sign in message for sign in _AUTH_SIGNS):
             code = ErrorCode.AUTH_FAILED
         elif status == 429:
             code = ErrorCode.RATE_LIMITED

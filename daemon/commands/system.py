@@ -13,7 +13,8 @@ from daemon.errors import InvalidParameters
 
 class HealthResult(Result):
     status: Literal["healthy", "degraded", "starting", "shutting_down"] = Field(
-        description="degraded: the state database refuses writes (see storage)"
+        description="degraded: the state database refuses writes (see storage), or the CLI "
+        "has no working credentials (see claude.auth)"
     )
     version: str
     pid: int
@@ -22,7 +23,10 @@ class HealthResult(Result):
     socket: str
     counts: dict[str, int]
     litellm: dict[str, Any] = Field(description="status: not_loaded | loading | ready | failed")
-    claude: dict[str, Any] = Field(description="which CLI binary and version the daemon uses")
+    claude: dict[str, Any] = Field(
+        description="which CLI binary and version the daemon uses; auth.status: ok | missing "
+        "(no credentials where the CLI looks) | failed (the last turn was refused for them)"
+    )
     warm: dict[str, Any] = Field(default_factory=dict)
     storage: dict[str, Any] = Field(
         default_factory=dict, description="writable, failure, queued_bytes, lost_writes"

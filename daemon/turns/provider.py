@@ -72,7 +72,15 @@ class ProviderLoader:
             provider = mod.ClaudeCLIProvider(self._engine)
             mod.register(provider)
             if self._settings.warm_up_litellm:
-                await mod.warm_up(provider)
+                # Not cancelled half-way (a shutdown during start-up): LiteLLM builds the
+                # provider's coroutine in an executor thread, and a cancel that lands
+                # there leaves it never awaited. The warm-up takes ~150 ms.
+                warm = asyncio.ensure_future(mod.warm_up(provider))
+                try:
+                    await asyncio.shield(warm)
+                except asyncio.CancelledError:
+                    await asyncio.wait([warm])
+                    raise
             import litellm
 
             self._acompletion = litellm.acompletion

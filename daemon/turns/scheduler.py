@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from daemon.claude.auth import AuthWatch
 from daemon.claude.chat import cli_model
 from daemon.claude.engine import CURRENT_ENGINE, ClaudeEngine
 from daemon.claude.errors import TurnRejected
@@ -68,6 +69,7 @@ class TurnScheduler:
         self.recorder = TurnRecorder(state, bus, self.turnlog)
         self.engine: ClaudeEngine = build_engine(settings, state)
         self.provider = ProviderLoader(settings, self.engine)
+        self.auth = AuthWatch(self.engine.cli_env())
         self.slots = Slots(settings.max_concurrency)
         self.backoff = Backoff()
         self.turns: dict[str, Turn] = {}  # live turns (queued or running)
@@ -113,7 +115,7 @@ class TurnScheduler:
             "running": self.slots.running,
             "queued": self.slots.queued,
             "litellm": self.provider.status(),
-            "claude": claude,
+            "claude": {**claude, "auth": self.auth.status()},
             "warm": engine.warm_status(),
         }
 
@@ -355,6 +357,10 @@ class TurnScheduler:
             await asyncio.sleep(delay)
 
     async def _finish(self, turn: Turn, outcome: Outcome) -> None:
+        if isinstance(outcome, TurnFailed):
+            self.auth.turn_ended(outcome.code, outcome.message)
+        else:
+            self.auth.turn_ended(None)
         try:
             await self.recorder.finished(turn, outcome)
             self.turns.pop(turn.info.process_id, None)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from daemon.claude.auth import CREDENTIAL_ENV
 from daemon.claude.engine import ClaudeEngine, EngineConfig
 from daemon.client import AsyncClient
 from devtools.stub_api import StubAPI
@@ -115,6 +116,19 @@ def test_api_errors_become_typed_codes(real_daemon: DaemonProcess, status: int, 
     assert reply["error"]["code"] == code
     assert reply["error"]["details"]["api_error_status"] == status
     assert reply["error"]["details"]["exit_code"] == 1
+
+
+def test_no_credentials_is_auth_failed_and_unhealthy(
+    start_real_daemon: Callable[..., DaemonProcess], stub_api: StubAPI
+) -> None:
+    d = start_real_daemon(**dict.fromkeys(CREDENTIAL_ENV, ""))
+    health = d.call("HEALTH_CHECK")["result"]
+    assert (health["status"], health["claude"]["auth"]["status"]) == ("degraded", "missing")
+    reply = spawn(d, prompt="hello")
+    assert reply["error"]["code"] == "AUTH_FAILED", reply
+    assert "Not logged in" in reply["error"]["message"]
+    assert model_calls(stub_api) == []  # the CLI knew without asking the API
+    assert d.call("HEALTH_CHECK")["result"]["claude"]["auth"]["status"] == "failed"
 
 
 def test_unknown_session_is_session_not_found(real_daemon: DaemonProcess) -> None:
