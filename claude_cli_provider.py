@@ -44,12 +44,13 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 os.environ.setdefault("LITELLM_LOG", "ERROR")
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,6 +65,7 @@ from litellm.exceptions import (
     ServiceUnavailableError,
     Timeout,
 )
+from litellm.integrations.custom_logger import CustomLogger
 from litellm.llms.custom_llm import CustomLLM
 from litellm.types.utils import Choices, GenericStreamingChunk, Message, ModelResponse, Usage
 from openai import OpenAIError
@@ -77,6 +79,7 @@ from daemon.claude import (
     ErrorCode,
     TurnResult,
 )
+from daemon.claude.auth import credential_source
 from daemon.claude.chat import (
     cli_model,
     event_text,
@@ -86,9 +89,12 @@ from daemon.claude.chat import (
     usage_numbers,
 )
 from daemon.claude.errors import claude_error_of as claude_error_of  # public re-export
+from daemon.claude.policy import OPEN, PROXY_DEFAULT, Policy
+from daemon.claude.replays import Replays, request_key
 
 PROVIDER = "claude-cli"
 _WARMUP_KWARG = "ksi_warmup"
+_HEALTH_TAG = "litellm-internal-health-check"  # litellm.constants, 1.106.2
 _T = TypeVar("_T")
 
 
@@ -100,6 +106,7 @@ class _ClaudeErrorMixin:
 
     ksi_code: ErrorCode = ErrorCode.INTERNAL_ERROR
     claude_error: ClaudeCLIError | None = None
+    headers: Any  # Timeout and RateLimitError declare it; a proxy sends it with the error
 
 
 class ClaudeBadRequestError(_ClaudeErrorMixin, BadRequestError):
@@ -172,6 +179,7 @@ def _make_error(
     exc = cls(**kwargs)
     exc.ksi_code = ksi_code
     exc.claude_error = claude_error
+    exc.headers = dict(_RETRY_OFF)
     assert isinstance(exc, Exception)
     return exc
 
@@ -194,7 +202,7 @@ def ksi_code_of(exc: BaseException) -> ErrorCode | None:
     return None
 
 
-@contextmanager
+@contextlib.contextmanager
 def _litellm_errors(model: str) -> Iterator[None]:
     """Only LiteLLM exception subclasses leave the provider (CancelledError aside)."""
     try:
@@ -215,19 +223,41 @@ def _litellm_errors(model: str) -> Iterator[None]:
 # -- requests and responses ---------------------------------------------------
 
 
+_RETRY_OFF = {"x-should-retry": "false"}
+"""On every error: the openai SDK (and others that honour it) then does not resend the HTTP
+request, which would run another paid turn."""
+
+
 def _parse_request(
-    messages: list[Any], params: Mapping[str, Any], model: str
+    messages: list[Any], params: Mapping[str, Any], model: str, policy: Policy
 ) -> tuple[str, ClaudeOptions]:
     try:
         prompt, system = prompt_from_messages(messages)
-        return prompt, options_from_kwarg(params.get("claude"), system)
-    except ValueError as exc:  # includes pydantic.ValidationError
+        raw = params.get("claude")
+        if policy is OPEN or raw is None or isinstance(raw, ClaudeOptions):
+            return prompt, options_from_kwarg(raw, system)  # in-process callers: as given
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"claude= must be a dict, got {type(raw).__name__}")
+        return prompt, policy.options_for(raw, system)
+    except ValueError as exc:  # includes pydantic.ValidationError and PolicyViolation
         raise _make_error(
             ClaudeBadRequestError, f"invalid request: {exc}", model, ksi_code=ErrorCode.BAD_REQUEST
         ) from exc
 
 
-def build_response(turn: TurnResult, requested_model: str) -> ModelResponse:
+def _is_health_probe(kwargs: Mapping[str, Any]) -> bool:
+    """The proxy's model health check (``/health``, background checks) tags its calls."""
+    params = kwargs.get("litellm_params") or {}
+    for name in ("litellm_metadata", "metadata"):
+        tags = (params.get(name) or {}).get("tags") or ()
+        if _HEALTH_TAG in tags:
+            return True
+    return False
+
+
+def build_response(
+    turn: TurnResult, requested_model: str, *, internals: bool = True
+) -> ModelResponse:
     """ModelResponse for a finished turn (text, usage, session id and cost attached)."""
     prompt, completion, cache_read, cache_creation = usage_numbers(turn.usage)
     response = ModelResponse(
@@ -241,7 +271,7 @@ def build_response(turn: TurnResult, requested_model: str) -> ModelResponse:
                 message=Message(
                     role="assistant",
                     content=turn.text,
-                    provider_specific_fields=provider_fields(turn),
+                    provider_specific_fields=provider_fields(turn, internals),
                 ),
             )
         ],
@@ -260,32 +290,40 @@ def build_response(turn: TurnResult, requested_model: str) -> ModelResponse:
     return response
 
 
-def _chunk(text: str) -> GenericStreamingChunk:
-    return GenericStreamingChunk(
+def _chunk(text: str, fields: dict[str, Any] | None = None) -> GenericStreamingChunk:
+    chunk = GenericStreamingChunk(
         text=text, is_finished=False, finish_reason="", usage=None, index=0, tool_use=None
     )
+    if fields:
+        chunk["provider_specific_fields"] = fields
+    return chunk
 
 
-def _final_chunk(turn: TurnResult) -> GenericStreamingChunk:
+def _final_chunk(turn: TurnResult, internals: bool) -> GenericStreamingChunk:
     prompt, completion, _, _ = usage_numbers(turn.usage)
+    # "cost" is how a streamed response reports its price: LiteLLM assembles the logged
+    # response from the chunks and takes usage.cost as the provider's (else: no price).
+    usage: Any = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "cost": turn.cost_usd,
+    }
     return GenericStreamingChunk(
         text="",
         is_finished=True,
         finish_reason="stop",
-        usage={
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
+        usage=usage,
         index=0,
         tool_use=None,
-        provider_specific_fields=provider_fields(turn),
+        provider_specific_fields=provider_fields(turn, internals),
     )
 
 
-def _warmup_response(model: str) -> ModelResponse:
+def _answer(model: str, text: str) -> ModelResponse:
+    """A response that ran no turn (warm-up, health probe): free."""
     response = ModelResponse(model=f"{PROVIDER}/{model}")
-    response.choices[0].message.content = "warm"
+    response.choices[0].message.content = text
     response._hidden_params["response_cost"] = 0.0
     return response
 
@@ -317,19 +355,26 @@ def _run_coro_sync(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
 
 
 class ClaudeCLIProvider(CustomLLM):
-    """LiteLLM CustomLLM running Claude Code CLI turns via a ClaudeEngine."""
+    """LiteLLM CustomLLM running Claude Code CLI turns via a ClaudeEngine.
 
-    def __init__(self, engine: ClaudeEngine | None = None) -> None:
+    ``policy``: the operator's limits on ``claude={...}`` (:mod:`daemon.claude.policy`);
+    unset, ``$KSI_PROVIDER_POLICY`` if set, else ``default_policy``. The engine (which finds
+    the CLI) and the policy are made at the first call, so a proxy config's
+    ``environment_variables`` apply to them.
+    """
+
+    def __init__(
+        self,
+        engine: ClaudeEngine | None = None,
+        *,
+        policy: Policy | None = None,
+        default_policy: Policy = OPEN,
+    ) -> None:
         super().__init__()
-        if engine is None:
-            engine = ClaudeEngine(
-                EngineConfig(
-                    claude_bin=os.environ.get("KSI_CLAUDE_BIN") or os.environ.get("CLAUDE_BIN"),
-                    project_root=Path(__file__).resolve().parent,
-                    default_cwd=Path(os.getcwd()),
-                )
-            )
         self._engine = engine
+        self._policy = policy
+        self._default_policy = default_policy
+        self._replays = Replays()
 
     @property
     def engine(self) -> ClaudeEngine:
@@ -338,7 +383,60 @@ class ClaudeCLIProvider(CustomLLM):
         LiteLLM keeps one provider per process (``custom_provider_map``); a process that runs
         several engines (daemons under test, in one process) says which one a call is for.
         """
-        return CURRENT_ENGINE.get() or self._engine
+        current = CURRENT_ENGINE.get()
+        if current is not None:
+            return current
+        if self._engine is None:
+            self._engine = ClaudeEngine(
+                EngineConfig(
+                    claude_bin=os.environ.get("KSI_CLAUDE_BIN") or os.environ.get("CLAUDE_BIN"),
+                    project_root=Path(__file__).resolve().parent,
+                    default_cwd=Path(os.getcwd()),
+                )
+            )
+        return self._engine
+
+    @property
+    def policy(self) -> Policy:
+        if self._policy is None:
+            self._policy = Policy.from_env(self._default_policy)
+        return self._policy
+
+    def _health(self, model: str) -> ModelResponse:
+        """The proxy's health probe, answered without a paid turn: is there a CLI, and
+        credentials where it looks? (Whether the key is valid only a turn can tell.)"""
+        engine = self.engine
+        if engine.binary is None:
+            raise _make_error(
+                ClaudeUnavailableError,
+                "no claude CLI found",
+                model,
+                ksi_code=ErrorCode.CLAUDE_NOT_FOUND,
+            )
+        if credential_source(engine.cli_env()) is None:
+            raise _make_error(
+                ClaudeAuthenticationError,
+                "the claude CLI has no credentials (Not logged in)",
+                model,
+                ksi_code=ErrorCode.AUTH_FAILED,
+            )
+        return _answer(model, "ok")
+
+    async def _turn(
+        self, kwargs: Mapping[str, Any], prompt: str, model: str, opts: ClaudeOptions
+    ) -> TurnResult:
+        """One turn per request key: a retry gets the first attempt's outcome."""
+        key = request_key(kwargs)
+        future, first = self._replays.claim(key)
+        if not first:
+            return await Replays.outcome(future)
+        try:
+            turn = await self.engine.run_turn(prompt, model=cli_model(model), opts=opts)
+        except BaseException as exc:
+            future.set_exception(_settled(exc))
+            raise
+        future.set_result(turn)
+        return turn
 
     # LiteLLM passes every argument by keyword (main._complete_custom_providers);
     # only ``optional_params`` matters here, where ``claude={...}`` arrives.
@@ -347,11 +445,14 @@ class ClaudeCLIProvider(CustomLLM):
     ) -> ModelResponse:
         params: Mapping[str, Any] = kwargs.get("optional_params") or {}
         if params.get(_WARMUP_KWARG):
-            return _warmup_response(model)
+            return _answer(model, "warm")
         with _litellm_errors(model):
-            prompt, opts = _parse_request(messages, params, model)
-            turn = await self.engine.run_turn(prompt, model=cli_model(model), opts=opts)
-            return build_response(turn, model)
+            if _is_health_probe(kwargs):
+                return self._health(model)
+            policy = self.policy
+            prompt, opts = _parse_request(messages, params, model, policy)
+            turn = await self._turn(kwargs, prompt, model, opts)
+            return build_response(turn, model, internals=policy.expose_internals)
 
     # The base class declares a coroutine, but LiteLLM iterates the result with
     # `async for`: it must be an async generator (a coroutine fails, litellm#28475).
@@ -363,27 +464,54 @@ class ClaudeCLIProvider(CustomLLM):
             yield _chunk("warm")
             yield {**_chunk(""), "is_finished": True, "finish_reason": "stop"}
             return
-        stream = None
+        with _litellm_errors(model):
+            policy = self.policy
+            prompt, opts = _parse_request(messages, params, model, policy)
+            key = request_key(kwargs)
+            future, first = self._replays.claim(key)
+            if first:
+                chunks = self._stream(prompt, model, opts, future, policy.expose_internals)
+            else:
+                chunks = _replayed(await Replays.outcome(future), policy.expose_internals)
+            # aclosing: closing this generator must close the inner one at once (it kills
+            # the CLI), not when the garbage collector gets to it.
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
+
+    async def _stream(
+        self,
+        prompt: str,
+        model: str,
+        opts: ClaudeOptions,
+        future: Future[TurnResult],
+        internals: bool,
+    ) -> AsyncGenerator[GenericStreamingChunk]:
+        stream = self.engine.stream_turn(prompt, model=cli_model(model), opts=opts)
+        # The session id rides on the first text chunk, not on a chunk of its own: the
+        # first chunk commits a proxy's HTTP 200, and a 401/429 from the CLI comes before
+        # any text, so it must still be able to become the response's status.
+        session: dict[str, Any] | None = None
         try:
-            with _litellm_errors(model):
-                prompt, opts = _parse_request(messages, params, model)
-                stream = self.engine.stream_turn(prompt, model=cli_model(model), opts=opts)
-                async for event in stream:
-                    if event.get("type") == "system" and event.get("subtype") == "init":
-                        # Tells the consumer the session id before the model answers.
-                        sid = {"claude_session_id": stream.session_id}
-                        yield {**_chunk(""), "provider_specific_fields": sid}
-                        continue
-                    text = event_text(event, opts.include_partial_messages)
-                    if text:
-                        yield _chunk(text)
-                if stream.result is None:  # the engine raises on failure; defensive only
-                    raise ClaudeCLIError(ErrorCode.INVALID_OUTPUT, "stream ended without result")
-                yield _final_chunk(stream.result)
+            async for event in stream:
+                if event.get("type") == "system" and event.get("subtype") == "init":
+                    session = {"claude_session_id": stream.session_id}
+                    continue
+                text = event_text(event, opts.include_partial_messages)
+                if text:
+                    yield _chunk(text, session)
+                    session = None
+            if stream.result is None:  # the engine raises on failure; defensive only
+                raise ClaudeCLIError(ErrorCode.INVALID_OUTPUT, "stream ended without result")
+            future.set_result(stream.result)
+            yield _final_chunk(stream.result, internals)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(_settled(exc))
+            raise
         finally:
-            if stream is not None:
-                # Runs on aclose() too: kills the CLI's process group if still running.
-                await stream.aclose()
+            # Runs on aclose() too: kills the CLI's process group if still running.
+            await stream.aclose()
 
     def completion(self, *args: Any, **kwargs: Any) -> ModelResponse:
         """Sync wrapper for ``litellm.completion``."""
@@ -417,6 +545,23 @@ class ClaudeCLIProvider(CustomLLM):
             loop.close()
 
 
+def _settled(exc: BaseException) -> BaseException:
+    """What a later attempt of the same request raises: the error itself, or for a turn
+    cancelled half-way (its caller gave up; the CLI was stopped) a CANCELLED error, so a
+    retry neither re-runs it nor waits forever."""
+    if isinstance(exc, Exception):
+        return exc
+    return ClaudeCLIError(
+        ErrorCode.CANCELLED, "the first attempt of this request was cancelled; not re-run"
+    )
+
+
+async def _replayed(turn: TurnResult, internals: bool) -> AsyncGenerator[GenericStreamingChunk]:
+    """A finished turn as a stream again (a retried streaming request)."""
+    yield _chunk(turn.text, {"claude_session_id": turn.session_id})
+    yield _final_chunk(turn, internals)
+
+
 # -- module-level helpers -----------------------------------------------------
 
 
@@ -425,7 +570,7 @@ def register(provider: ClaudeCLIProvider | None = None) -> ClaudeCLIProvider:
 
     LiteLLM uses the *last* entry of a duplicated name, so stale ones are removed.
     """
-    provider = provider or ClaudeCLIProvider()
+    provider = provider or handler
     others = [e for e in litellm.custom_provider_map if e.get("provider") != PROVIDER]
     litellm.custom_provider_map = [*others, {"provider": PROVIDER, "custom_handler": provider}]
     return provider
@@ -473,3 +618,40 @@ async def warm_up(provider: ClaudeCLIProvider | None = None) -> None:
             pass
     finally:
         await stream.aclose()
+
+
+handler = ClaudeCLIProvider()
+"""The provider for in-process LiteLLM use (``register()`` installs it): no limits beyond
+``$KSI_PROVIDER_POLICY``."""
+
+proxy_handler = ClaudeCLIProvider(default_policy=PROXY_DEFAULT)
+"""The provider for a LiteLLM proxy's ``custom_handler`` (the proxy needs an instance):
+``$KSI_PROVIDER_POLICY``, else :data:`~daemon.claude.policy.PROXY_DEFAULT` (no tools, no
+client cwd, no CLI internals in responses)."""
+
+
+class ProxyHooks(CustomLogger):
+    """LiteLLM proxy hooks for claude-cli deployments (``litellm_settings.callbacks``).
+
+    A streamed request that fails before its first chunk (a 429 from the CLI, say) reaches
+    the proxy wrapped in LiteLLM's ``MidStreamFallbackError``, whose headers are its own: the
+    provider's ``x-should-retry: false`` is lost and the openai SDK resends the request,
+    which runs the turn again. The proxy's response-headers hook puts it back.
+    """
+
+    async def async_post_call_response_headers_hook(
+        self,
+        data: dict[str, Any],
+        user_api_key_dict: Any,
+        response: object,
+        request_headers: dict[str, str] | None = None,
+        litellm_call_info: dict[str, object] | None = None,
+    ) -> dict[str, str] | None:
+        # On every claude-cli response: a stream's headers are fixed before its first
+        # chunk, so before anyone knows whether it fails (a success ignores the header).
+        ours = (litellm_call_info or {}).get("custom_llm_provider") == PROVIDER
+        return dict(_RETRY_OFF) if ours else None
+
+
+proxy_hooks = ProxyHooks()
+"""For a proxy config: ``litellm_settings: {callbacks: ["claude_cli_provider.proxy_hooks"]}``."""

@@ -46,6 +46,7 @@ Usage: claude -p [options] [prompt]   (fake Claude Code CLI for tests)
 
 Prompt markers (anywhere in the prompt, several may combine):
   [[sleep:S]]        sleep S seconds before answering (interruptible in warm mode)
+  [[pause:S]]        say "working on it" (an assistant text message), then sleep S seconds
   [[hang:S]]         sleep S seconds without reading stdin (warm mode: interrupts go unanswered)
   [[error:N]]        API error N (400/401/429/5xx), [[error:connect]] or [[error:login]]
                      (no credentials: "Not logged in", as the real CLI without a key); exit 1
@@ -66,7 +67,7 @@ Environment:
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _TRIGGER_RE = re.compile(
-    r"\[\[(sleep|hang|error|max-turns|crash|bad-json|huge|stderr|ignore-sigterm|grandchild"
+    r"\[\[(sleep|pause|hang|error|max-turns|crash|bad-json|huge|stderr|ignore-sigterm|grandchild"
     r"|pidfile|tool|flaky)(?::(.*?))?\]\]"
 )
 # Tool lists are "comma or space separated", but a rule like "Bash(git *)" contains a space.
@@ -780,6 +781,9 @@ class Fake:
         if "hang" in triggers:
             time.sleep(number(triggers["hang"]))  # a stuck CLI: stdin is not read meanwhile
         try:
+            if "pause" in triggers:
+                self.model_message([{"type": "text", "text": "working on it"}], 3000, 4)
+                self.wait(number(triggers["pause"]))
             if "sleep" in triggers:
                 self.wait(number(triggers["sleep"]))
         except Interrupted:

@@ -190,9 +190,10 @@ async def test_streaming_partial_deltas(provider: SpyProvider) -> None:
 async def test_stream_aclose_kills_the_cli(provider: SpyProvider, env: Env) -> None:
     pid_file = env.tmp / "pid"
     stream = await litellm.acompletion(
-        model=MODEL, messages=user(f"[[pidfile:{pid_file}]] [[sleep:5]]"), stream=True
+        model=MODEL, messages=user(f"[[pidfile:{pid_file}]] [[pause:5]]"), stream=True
     )
-    first = await anext(stream)  # the early chunk carrying the session id
+    first = await anext(stream)  # the first text, carrying the session id
+    assert first.choices[0].delta.content == "working on it"
     assert getattr(first, "claude_session_id", None)
     pid = int(await wait_for_file(pid_file))
     t0 = time.monotonic()

@@ -54,6 +54,8 @@ def build_argv(
     argv += ["--resume" if resume else "--session-id", session_id]
     if not opts.enable_tools:
         argv += ["--tools", ""]
+    elif opts.tools is not None:
+        argv += ["--tools", ",".join(opts.tools)]
     if opts.allowed_tools:
         argv += _opt("--allowedTools", ",".join(opts.allowed_tools))
     if opts.disallowed_tools:

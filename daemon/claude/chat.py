@@ -92,13 +92,17 @@ def usage_numbers(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
     return prompt, int(usage.get("output_tokens") or 0), cache_read, cache_creation
 
 
-def provider_fields(turn: TurnResult) -> dict[str, Any]:
-    """What a response carries about the turn beyond its text."""
-    return {
+def provider_fields(turn: TurnResult, internals: bool = True) -> dict[str, Any]:
+    """What a response carries about the turn beyond its text; ``internals`` adds
+    ``claude_result`` (the CLI's JSON, pid, stderr tail: for the operator, not for the
+    clients of a proxy)."""
+    fields: dict[str, Any] = {
         "claude_session_id": turn.session_id,
         "claude_cost_usd": turn.cost_usd,
-        "claude_result": turn.to_dict(),
     }
+    if internals:
+        fields["claude_result"] = turn.to_dict()
+    return fields
 
 
 def event_text(event: Mapping[str, Any], partial: bool) -> str:

@@ -66,6 +66,11 @@ class TurnOptions(BaseModel):
     )
     enable_tools: bool = True
     """False -> ``--tools ""`` (no tools at all)."""
+    tools: list[str] | None = Field(
+        default=None,
+        description='the built-in tools the turn has (--tools), e.g. ["Read", "Grep"]; '
+        "null: the CLI's default set",
+    )
     allowed_tools: list[str] | None = None
     disallowed_tools: list[str] | None = None
     max_turns: int | None = Field(default=None, ge=1, le=MAX_TURNS)
@@ -89,7 +94,7 @@ class TurnOptions(BaseModel):
         return os.path.normpath(value)
 
     @field_validator(
-        "cwd", "allowed_tools", "disallowed_tools", "append_system_prompt", mode="before"
+        "cwd", "tools", "allowed_tools", "disallowed_tools", "append_system_prompt", mode="before"
     )
     @classmethod
     def _check_nul(cls, value: object) -> object:
@@ -99,7 +104,7 @@ class TurnOptions(BaseModel):
             raise ValueError("must not contain a NUL character")
         return value
 
-    @field_validator("allowed_tools", "disallowed_tools")
+    @field_validator("tools", "allowed_tools", "disallowed_tools")
     @classmethod
     def _check_tools(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and any(not name.strip() for name in value):

@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from daemon.claude.engine import ClaudeEngine
+from daemon.claude.policy import OPEN
 from daemon.errors import ErrorCode, Unavailable
 from daemon.settings import Settings
 
@@ -69,7 +70,8 @@ class ProviderLoader:
             # The import is ~2 s of CPU; a thread keeps the socket answering meanwhile.
             mod = await asyncio.to_thread(importlib.import_module, "claude_cli_provider")
             mod.quiet_litellm()
-            provider = mod.ClaudeCLIProvider(self._engine)
+            # The daemon validates SPAWN itself; a provider policy is for LiteLLM's own users.
+            provider = mod.ClaudeCLIProvider(self._engine, policy=OPEN)
             mod.register(provider)
             if self._settings.warm_up_litellm:
                 # Not cancelled half-way (a shutdown during start-up): LiteLLM builds the
