@@ -1,12 +1,14 @@
 """One frozen settings object, built once at start-up and handed down.
 
 Precedence: command-line flag > ``KSI_*`` environment variable > default. Relative paths
-are resolved against the project root (the directory holding ``daemon.py``), so the
-daemon behaves the same whatever directory it was started from.
+are resolved against the project root (the checkout holding ``daemon.py``; for an installed
+package, ``~/.local/state/ksi``), so the daemon behaves the same whatever directory it was
+started from.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,7 +17,19 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from daemon.claude import defaults
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+def _project_root() -> Path:
+    """The checkout (the directory holding ``daemon.py``) when run from one; installed as a
+    package (``pip install .``), a per-user state directory instead of site-packages:
+    ``$XDG_STATE_HOME/ksi``, by default ``~/.local/state/ksi``."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "daemon.py").is_file():
+        return checkout
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "ksi"
+
+
+PROJECT_ROOT = _project_root()
 
 MiB = 1024 * 1024
 

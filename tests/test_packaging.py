@@ -1,0 +1,30 @@
+"""pyproject.toml's package metadata agrees with what the checkout runs with."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import daemon
+from daemon.app import main as daemon_main
+from daemon.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_dependencies_are_requirements_txt() -> None:
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    pins = sorted(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    assert sorted(project()["dependencies"]) == pins
+
+
+def test_version_and_console_scripts() -> None:
+    meta = project()
+    assert meta["version"] == daemon.__version__
+    assert meta["scripts"] == {"ksi-daemon": "daemon.app:main", "ksi": "daemon.cli:main"}
+    assert callable(daemon_main)
+    assert callable(cli_main)
