@@ -181,12 +181,12 @@ def test_sync_client_without_a_daemon() -> None:
 
 
 def test_cli_send_health_check(d: DaemonProcess) -> None:
-    proc = cli(d, "send", "HEALTH_CHECK")
+    proc = cli(d, "send", "HEALTH_CHECK", "--json")
     assert proc.returncode == 0, proc.stderr
     reply = orjson.loads(proc.stdout)
     assert reply["status"] == "success"
     assert reply["result"]["pid"] == d.serving_pid
-    lower = cli(d, "send", "health_check")  # command names are case-insensitive here
+    lower = cli(d, "send", "health_check", "--json")  # command names are case-insensitive here
     assert lower.returncode == 0
     assert orjson.loads(lower.stdout)["command"] == "HEALTH_CHECK"
 
@@ -200,21 +200,23 @@ def test_cli_send_parameters_as_json(d: DaemonProcess) -> None:
     assert d.result("GET_SHARED", {"key": "s"})["value"] == "hello world"
     assert cli(d, "send", "SET_SHARED", "key=l", 'value=["a", null, {"b": true}]').returncode == 0
     assert d.result("GET_SHARED", {"key": "l"})["value"] == ["a", None, {"b": True}]
-    assert cli(d, "send", "SET_SHARED", "--json", '{"key": "j", "value": null}').returncode == 0
+    assert cli(d, "send", "SET_SHARED", '{"key": "j", "value": null}').returncode == 0
     assert d.result("GET_SHARED", {"key": "j"}) == {
         "key": "j",
         "value": None,
         "found": True,
         "updated_at": d.result("GET_SHARED", {"key": "j"})["updated_at"],
     }
-    proc = cli(d, "send", "GET_SHARED", "key=x")
+    proc = cli(d, "send", "GET_SHARED", "key=x", "--json")
     assert orjson.loads(proc.stdout)["result"]["value"] == 1
 
 
 def test_cli_send_errors(d: DaemonProcess) -> None:
-    proc = cli(d, "send", "UNREGISTER_AGENT", "agent_id=ghost")
+    proc = cli(d, "send", "UNREGISTER_AGENT", "agent_id=ghost", "--json")
     assert proc.returncode == 1
     assert orjson.loads(proc.stdout)["error"]["code"] == "AGENT_NOT_FOUND"
+    human = cli(d, "send", "UNREGISTER_AGENT", "agent_id=ghost")
+    assert human.stdout.startswith("error AGENT_NOT_FOUND: ")
     proc = cli(d, "send", "SET_SHARED", "novalue")
     assert proc.returncode != 0
     assert "key=value" in proc.stderr
@@ -223,8 +225,26 @@ def test_cli_send_errors(d: DaemonProcess) -> None:
     assert proc.stderr.startswith("error:")
 
 
+def test_cli_prints_a_summary_for_people(d: DaemonProcess) -> None:
+    health = cli(d, "send", "HEALTH_CHECK")
+    assert health.returncode == 0, health.stderr
+    first = health.stdout.splitlines()[0]
+    assert first.startswith("healthy · ksi ")
+    assert f"pid {d.serving_pid}" in first
+    assert "credentials ok" in health.stdout
+    turn = cli(d, "send", "SPAWN", "prompt=Say hi", f"cwd={d.work}")
+    assert turn.returncode == 0, turn.stderr
+    lines = turn.stdout.splitlines()
+    assert lines[0] == "echo: Say hi (turn 1)"
+    assert lines[1].startswith("-- session ")
+    assert "$0." in lines[1]
+    assert len(lines) == 2  # not the CLI's raw JSON
+    shared = cli(d, "send", "GET_SHARED", "key=nothing")
+    assert orjson.loads(shared.stdout)["found"] is False  # the result, without the envelope
+
+
 def test_cli_uses_ksi_socket(d: DaemonProcess) -> None:
-    proc = cli(None, "send", "HEALTH_CHECK", env={"KSI_SOCKET": str(d.socket)})
+    proc = cli(None, "send", "HEALTH_CHECK", "--json", env={"KSI_SOCKET": str(d.socket)})
     assert proc.returncode == 0, proc.stderr
     assert orjson.loads(proc.stdout)["result"]["socket"] == str(d.socket)
 
@@ -270,6 +290,9 @@ def test_cli_subscribe_streams_events(d: DaemonProcess) -> None:
         assert set(first) == {"event", "data", "seq", "timestamp"}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 130
+        assert proc.stderr is not None
+        confirm = proc.stderr.read().decode()
+        assert confirm.startswith("subscribed to CUSTOM_* OTHER_EXACT; waiting for events")
     finally:
         if proc.poll() is None:
             proc.kill()
