@@ -115,7 +115,9 @@ class Daemon:
                     startup_ms=round((time.time() - self.started_at) * 1000, 1),
                 )
                 self.turns.start(tasks)
+                _notify_systemd(f"READY=1\nSTATUS=serving on {self.server.path}")
                 await self._shutdown.wait()
+                _notify_systemd("STOPPING=1")
                 await self._teardown()
         finally:
             self._release_pidfile()
@@ -243,6 +245,15 @@ class Daemon:
             "storage": storage,
             "orphans_ended": self.orphans_ended,
         }
+
+
+def _notify_systemd(state: str) -> None:
+    """Tell systemd (a ``Type=notify`` unit, deploy/systemd/) how the daemon is doing; it
+    then starts dependants only once the socket answers. Nothing without ``NOTIFY_SOCKET``."""
+    if os.environ.get("NOTIFY_SOCKET"):
+        import sdnotify  # only under systemd
+
+        sdnotify.SystemdNotifier().notify(state)
 
 
 @contextlib.asynccontextmanager

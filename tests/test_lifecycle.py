@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -564,3 +565,20 @@ def test_children_are_awaited_without_a_thread_each() -> None:
         check=True,
     ).stdout.split()
     assert out == ["True", "1", "0"]
+
+
+def test_systemd_readiness_and_stopping_notifications(make_daemon: Any) -> None:
+    """Under a Type=notify unit: READY=1 once the socket answers, STOPPING=1 on SIGTERM."""
+    where = short_tmpdir()  # AF_UNIX paths are short
+    addr = str(where / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(addr)
+        notify.settimeout(20)
+        d = make_daemon(env={"NOTIFY_SOCKET": addr}, process=True)
+        ready = notify.recv(4096).decode()
+        assert ready.startswith("READY=1\n")
+        assert f"serving on {d.socket}" in ready
+        assert d.call("HEALTH_CHECK")["status"] == "success"  # ready meant answering
+        d.stop()
+        assert notify.recv(4096).decode() == "STOPPING=1"
+    shutil.rmtree(where)

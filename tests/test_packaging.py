@@ -18,7 +18,9 @@ def project() -> dict:
 
 def test_dependencies_are_requirements_txt() -> None:
     lines = (ROOT / "requirements.txt").read_text().splitlines()
-    pins = sorted(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    pins = sorted(
+        line.split("#")[0].strip() for line in lines if line.strip() and not line.startswith("#")
+    )
     assert sorted(project()["dependencies"]) == pins
 
 
