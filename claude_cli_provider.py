@@ -21,17 +21,24 @@ Calling convention::
   ``claude.session_id`` (``--resume``). ``system`` messages become
   ``append_system_prompt`` unless that option is given explicitly.
 * Failures raise the ``Claude*Error`` classes below (LiteLLM exception
-  subclasses with ``.ksi_code`` and ``.claude_error``). While streaming,
-  LiteLLM wraps 429/5xx errors in ``MidStreamFallbackError``; use
-  :func:`claude_error_of` to get at ours. Never set ``num_retries``: a retry
-  re-runs a paid, non-idempotent CLI turn.
-* Streaming yields, in order: one empty chunk as soon as the CLI starts whose
-  ``claude_session_id`` attribute names the session; text chunks (whole
-  assistant text blocks, or deltas with ``include_partial_messages``); an
-  empty chunk carrying ``claude_session_id``, ``claude_cost_usd`` and
-  ``claude_result``; the ``finish_reason="stop"`` chunk.
+  subclasses with ``.ksi_code``, ``.claude_error`` and ``headers`` saying
+  ``x-should-retry: false``). While streaming, LiteLLM wraps 429/5xx errors in
+  ``MidStreamFallbackError``; use :func:`claude_error_of` to get at ours.
+* A retried request (a Router's retries, a resend with the same
+  ``Idempotency-Key``) gets its first attempt's outcome: one paid turn per
+  request (``daemon/claude/replays.py``).
+* Streaming yields, in order: text chunks (whole assistant text blocks, or
+  deltas with ``include_partial_messages``; the first carries
+  ``claude_session_id``); an empty chunk carrying ``claude_session_id``,
+  ``claude_cost_usd`` (and ``claude_result`` if the policy exposes internals)
+  with the cost also in ``usage.cost``; the ``finish_reason="stop"`` chunk.
+  Nothing comes before the first text, so a failing turn fails first.
 * Streams must be closed: ``break`` does not stop the provider generator, only
   ``await stream.aclose()`` does (then the CLI's process group is killed).
+* Instances: :data:`handler` for in-process use (``register()``),
+  :data:`proxy_handler` for a LiteLLM proxy's ``custom_handler`` (an operator
+  policy applies, :mod:`daemon.claude.policy`), :data:`proxy_hooks` for its
+  ``callbacks``. A proxy health probe runs no turn.
 """
 
 from __future__ import annotations

@@ -186,10 +186,11 @@ def test_openai_sdk_through_the_shipped_proxy_config(
     assert fields(chunks[0].choices[0].delta)["claude_session_id"]
 
     for status, error, streamed in [
-        (429, openai.RateLimitError, False),
-        (401, openai.AuthenticationError, False),  # not a cooldown 429 after the 429
         (429, openai.RateLimitError, True),
+        (401, openai.AuthenticationError, False),  # not the router's cooldown 429
+        (429, openai.RateLimitError, False),
         (529, openai.InternalServerError, False),
+        (401, openai.AuthenticationError, True),
     ]:
         prompt = f"[[error:{status}]] streamed={streamed}"
         # Streamed too, the status arrives as the HTTP status: create() raises it.
