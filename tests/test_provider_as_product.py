@@ -127,7 +127,7 @@ def test_request_keys_are_scoped_by_the_callers_api_key() -> None:
         return {
             "litellm_params": {
                 "litellm_trace_id": trace,
-                "metadata": {"user_api_key_hash": owner},
+                "metadata": {"user_api_key_hash": owner, "model_group": "claude"},
             }
         }
 
@@ -135,6 +135,8 @@ def test_request_keys_are_scoped_by_the_callers_api_key() -> None:
     assert request_key(kw("alice")) != request_key(kw("bob"))
     assert request_key(kw("alice", "t2")) != request_key(kw("alice"))
     assert request_key({}) is None
+    # A plain call (no Router, no header) keeps nothing: its trace id is new every time.
+    assert request_key({"litellm_params": {"litellm_trace_id": "t1", "metadata": {}}}) is None
 
 
 async def test_replays_expire_and_stay_bounded() -> None:

@@ -30,30 +30,33 @@ def request_key(kwargs: Mapping[str, Any]) -> str | None:
     """What identifies one request across its retries, from the provider's kwargs.
 
     A client's ``Idempotency-Key`` header (through the proxy) also covers the client's own
-    resends; else ``litellm_trace_id``, which the Router keeps for all attempts of one call
-    (and sets per call otherwise). Scoped by the proxy's API key, so one client cannot
-    name another's request.
+    resends; else, for a Router's call, ``litellm_trace_id``, which the Router keeps for all
+    attempts of one call. A plain ``litellm.acompletion`` gets a new trace id per call, so
+    it has no key and nothing is kept for it (the daemon's own calls are such). Scoped by
+    the proxy's API key, so one client cannot name another's request.
     """
     params = kwargs.get("litellm_params") or {}
     request = params.get("proxy_server_request") or {}
     headers = request.get("headers") if isinstance(request, Mapping) else None
+    metadata = params.get("metadata") or {}
+    if not isinstance(metadata, Mapping):
+        metadata = {}
     key: str | None = None
     if isinstance(headers, Mapping):
         lowered = {str(k).lower(): v for k, v in headers.items()}
         key = next((f"h:{lowered[h]}" for h in _HEADERS if lowered.get(h)), None)
-    if key is None and params.get("litellm_trace_id"):
+    if key is None and metadata.get("model_group") and params.get("litellm_trace_id"):
         key = f"t:{params['litellm_trace_id']}"
     if key is None:
         return None
-    metadata = params.get("metadata") or {}
-    owner = metadata.get("user_api_key_hash") if isinstance(metadata, Mapping) else None
+    owner = metadata.get("user_api_key_hash")
     return f"{owner or ''}|{key}"
 
 
 class Replays:
     """Outcomes of recent requests by key, kept ``ttl_s`` and at most ``size`` of them."""
 
-    def __init__(self, ttl_s: float = 600.0, size: int = 2048) -> None:
+    def __init__(self, ttl_s: float = 600.0, size: int = 512) -> None:
         self._ttl_s = ttl_s
         self._size = size
         self._lock = threading.Lock()
