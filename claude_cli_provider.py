@@ -90,7 +90,6 @@ from daemon.claude.auth import credential_source
 from daemon.claude.chat import (
     cli_model,
     event_text,
-    options_from_kwarg,
     prompt_from_messages,
     provider_fields,
     usage_numbers,
@@ -240,12 +239,7 @@ def _parse_request(
 ) -> tuple[str, ClaudeOptions]:
     try:
         prompt, system = prompt_from_messages(messages)
-        raw = params.get("claude")
-        if policy is OPEN or raw is None or isinstance(raw, ClaudeOptions):
-            return prompt, options_from_kwarg(raw, system)  # in-process callers: as given
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"claude= must be a dict, got {type(raw).__name__}")
-        return prompt, policy.options_for(raw, system)
+        return prompt, policy.options_for(params.get("claude"), system)
     except ValueError as exc:  # includes pydantic.ValidationError and PolicyViolation
         raise _make_error(
             ClaudeBadRequestError, f"invalid request: {exc}", model, ksi_code=ErrorCode.BAD_REQUEST

@@ -166,6 +166,10 @@ async def test_proxy_default_refuses_tools_and_cwd_from_a_client(install: Any, e
     resp = await litellm.acompletion(model=MODEL, messages=user("hi"), claude={"max_turns": 2})
     argv = env.invocations()[-1]["argv"]
     assert argv[argv.index("--tools") + 1] == ""  # no tools at all
+    # A request with no claude={...} at all is held to the same ceiling.
+    await litellm.acompletion(model=MODEL, messages=user("no options"))
+    argv = env.invocations()[-1]["argv"]
+    assert argv[argv.index("--tools") + 1] == ""
     fields = resp.choices[0].message.provider_specific_fields
     assert set(fields) == {"claude_session_id", "claude_cost_usd"}  # no claude_result
 
@@ -185,8 +189,12 @@ async def test_fixed_options_cwd_root_and_tools_ceiling(
     )
     install(policy=policy)
 
-    async def ask(**claude: Any) -> Any:
-        return await litellm.acompletion(model=MODEL, messages=user("go"), claude=claude)
+    async def ask(claude: dict[str, Any] | None = None, **options: Any) -> Any:
+        if claude is None and not options:
+            return await litellm.acompletion(model=MODEL, messages=user("go"))
+        return await litellm.acompletion(
+            model=MODEL, messages=user("go"), claude={**(claude or {}), **options}
+        )
 
     await ask(cwd=str(root / "a"), tools=["Read"])
     argv = env.invocations()[-1]["argv"]
@@ -195,16 +203,17 @@ async def test_fixed_options_cwd_root_and_tools_ceiling(
     await ask(cwd=str(root / "a"))
     argv = env.invocations()[-1]["argv"]
     assert argv[argv.index("--tools") + 1] == "Read,Grep"  # the ceiling is the default
-    refusals: list[tuple[dict[str, Any], str]] = [
+    refusals: list[tuple[dict[str, Any] | None, str]] = [
         ({"cwd": str(root / "a"), "tools": ["Bash"]}, "beyond this policy"),
         ({"cwd": str(tmp_path / "outside")}, "outside"),
         ({"cwd": str(root / "escape")}, "outside"),
         ({"cwd": str(root / "a"), "max_turns": 50}, "not allowed"),
         ({}, "needs an explicit cwd"),
+        (None, "needs an explicit cwd"),  # no claude={...} at all
     ]
     for claude, needle in refusals:
         with pytest.raises(ccp.ClaudeBadRequestError, match=needle):
-            await ask(**claude)
+            await ask(claude)
     assert len(env.invocations()) == 2
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from daemon.claude.chat import options_from_kwarg
 from daemon.claude.options import ClaudeOptions
 
 POLICY_ENV = "KSI_PROVIDER_POLICY"
@@ -86,8 +87,27 @@ class Policy(BaseModel):
         source = os.environ.get(POLICY_ENV)
         return cls.load(source) if source else default
 
-    def options_for(self, requested: Mapping[str, Any], system: str | None) -> ClaudeOptions:
-        """The request's options within this policy (``requested``: its ``claude={...}``)."""
+    @property
+    def limits_nothing(self) -> bool:
+        return (
+            self.client_options is None
+            and not self.options
+            and self.cwd_root is None
+            and self.tools is None
+        )
+
+    def options_for(self, requested: Any, system: str | None) -> ClaudeOptions:
+        """A request's ``claude={...}`` (None when it gave none) as options within this
+        policy; a :class:`ClaudeOptions` object (in-process callers) counts the fields it
+        sets. Invalid input raises ``ValueError``, as :func:`options_from_kwarg` does."""
+        if self.limits_nothing:
+            return options_from_kwarg(requested, system)  # validated once, as given
+        if requested is None:
+            requested = {}
+        if isinstance(requested, ClaudeOptions):
+            requested = {name: getattr(requested, name) for name in requested.model_fields_set}
+        elif not isinstance(requested, Mapping):
+            raise ValueError(f"claude= must be a dict, got {type(requested).__name__}")
         if self.client_options is not None:
             refused = sorted(set(requested) - self.client_options)
             if refused:
@@ -98,10 +118,7 @@ class Policy(BaseModel):
         fixed = sorted(set(requested) & set(self.options))
         if fixed:
             raise PolicyViolation(f"claude options {fixed} are set by the operator")
-        data = {**requested, **self.options}
-        if system and data.get("append_system_prompt") is None:
-            data["append_system_prompt"] = system
-        opts = ClaudeOptions.model_validate(data)
+        opts = options_from_kwarg({**requested, **self.options}, system)
         self._check_cwd(opts.cwd)
         return self._cap_tools(opts)
 
