@@ -61,11 +61,14 @@ class Env:
         params.update(overrides)
         return ClaudeEngine(EngineConfig(**params))
 
-    def invocations(self) -> list[dict[str, Any]]:
+    def entries(self) -> list[dict[str, Any]]:
+        """Everything the fake CLI logged (FAKE_CLAUDE_LOG)."""
         if not self.log.exists():
             return []
-        lines = [json.loads(line) for line in self.log.read_text().splitlines()]
-        return [entry for entry in lines if "argv" in entry]
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def invocations(self) -> list[dict[str, Any]]:
+        return [entry for entry in self.entries() if "argv" in entry]
 
 
 @pytest.fixture(name="env")

@@ -54,12 +54,7 @@ async def _install(env: Env) -> AsyncIterator[Callable[..., ccp.ClaudeCLIProvide
 
 def prompts_run(env: Env) -> list[str]:
     """The prompt of every turn the fake CLI ran."""
-    import json
-
-    if not env.log.exists():
-        return []
-    entries = [json.loads(line) for line in env.log.read_text().splitlines()]
-    return [e["turn_prompt"] for e in entries if "turn_prompt" in e]
+    return [e["turn_prompt"] for e in env.entries() if "turn_prompt" in e]
 
 
 def router(**settings: Any) -> Any:  # Router, whose overloads want typed messages
