@@ -18,8 +18,12 @@ from typing import Any
 
 import orjson
 
+from daemon.claude.auth import CREDENTIAL_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_CLAUDE = ROOT / "devtools" / "fake_claude.py"
+# Set over the test process's environment: a CLI (and a daemon) with no credentials at all.
+NO_CREDENTIALS = dict.fromkeys(CREDENTIAL_ENV, "")
 
 
 def short_tmpdir(prefix: str = "ksi") -> Path:

@@ -13,9 +13,8 @@ import orjson
 import pytest
 
 import daemon as daemon_pkg
-from daemon.claude.auth import CREDENTIAL_ENV
 from daemon.commands import build_registry
-from tests.helpers import DaemonProcess, pid_alive, raw_exchange, spawn, wait_for
+from tests.helpers import NO_CREDENTIALS, DaemonProcess, pid_alive, raw_exchange, spawn, wait_for
 from tests.wire import Wire, persistent
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -119,9 +118,6 @@ def test_health_check(d: DaemonProcess, schemas: Schemas) -> None:
     later = ok(d, schemas, "HEALTH_CHECK")
     assert later["uptime_s"] >= h["uptime_s"]
     assert later["started_at"] == h["started_at"]
-
-
-NO_CREDENTIALS = dict.fromkeys(CREDENTIAL_ENV, "")  # set empty over the test process's
 
 
 def test_health_says_degraded_without_credentials(make_daemon: Any) -> None:

@@ -16,9 +16,9 @@ from litellm.integrations.custom_logger import CustomLogger
 from litellm.router import Router
 
 import claude_cli_provider as ccp
-from daemon.claude.auth import CREDENTIAL_ENV
 from daemon.claude.policy import OPEN, PROXY_DEFAULT, Policy, PolicyViolation
 from daemon.claude.replays import Replays, request_key
+from tests.helpers import NO_CREDENTIALS
 from tests.test_engine import Env
 
 MODEL = "claude-cli/sonnet"
@@ -285,7 +285,7 @@ async def test_a_failing_stream_yields_nothing_before_its_error(install: Any) ->
 
 @pytest.mark.parametrize("key", ["sk-fake", ""])
 async def test_health_probe_runs_no_turn(env: Env, key: str) -> None:
-    cli_env = {**dict.fromkeys(CREDENTIAL_ENV, ""), "ANTHROPIC_API_KEY": key}
+    cli_env = {**NO_CREDENTIALS, "ANTHROPIC_API_KEY": key}
     engine = env.engine(extra_env={"CLAUDE_CONFIG_DIR": str(env.config), **cli_env})
     provider = ccp.ClaudeCLIProvider(engine)
     probe = {"litellm_params": {"litellm_metadata": {"tags": ["litellm-internal-health-check"]}}}

@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 
-from daemon.claude.auth import CREDENTIAL_ENV
 from daemon.claude.engine import ClaudeEngine, EngineConfig
 from daemon.client import AsyncClient
 from devtools.stub_api import StubAPI
-from tests.helpers import DaemonProcess, eventually, pid_alive, wait_for
+from tests.helpers import NO_CREDENTIALS, DaemonProcess, eventually, pid_alive, wait_for
 
 
 @pytest.fixture
@@ -121,7 +120,7 @@ def test_api_errors_become_typed_codes(real_daemon: DaemonProcess, status: int, 
 def test_no_credentials_is_auth_failed_and_unhealthy(
     start_real_daemon: Callable[..., DaemonProcess], stub_api: StubAPI
 ) -> None:
-    d = start_real_daemon(**dict.fromkeys(CREDENTIAL_ENV, ""))
+    d = start_real_daemon(**NO_CREDENTIALS)
     health = d.call("HEALTH_CHECK")["result"]
     assert (health["status"], health["claude"]["auth"]["status"]) == ("degraded", "missing")
     reply = spawn(d, prompt="hello")

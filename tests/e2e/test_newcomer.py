@@ -7,16 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemon.claude.auth import CREDENTIAL_ENV
 from daemon.client import SyncClient
 from tests.e2e.conftest import PROJECT_ROOT
-from tests.helpers import wait_for
+from tests.helpers import NO_CREDENTIALS, wait_for
 
 
 def test_run_stub_answers_the_readme_commands(real_claude_bin: Path, tmp_path: Path) -> None:
     sock = tmp_path / "d.sock"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KSI_")}
-    env.update(dict.fromkeys(CREDENTIAL_ENV, ""))  # a newcomer has none
+    env.update(NO_CREDENTIALS)  # a newcomer has none
     env["KSI_CLAUDE_BIN"] = str(real_claude_bin)
     flags = [
         "--socket",
