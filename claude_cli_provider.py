@@ -55,11 +55,20 @@ import contextlib
 import logging
 import threading
 import time
+import types
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+    Mapping,
+)
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import litellm
 from litellm.exceptions import (
@@ -439,9 +448,19 @@ class ClaudeCLIProvider(CustomLLM):
         future.set_result(turn)
         return turn
 
+    # LiteLLM 1.106.2 calls this in a worker thread (litellm.acompletion runs `completion`
+    # in an executor) and awaits what it returns back on the loop. A cancel that lands
+    # while the thread runs (a SPAWN cancelled as it starts) drops that value unawaited,
+    # and a native coroutine then warns "never awaited" from the garbage collector. So the
+    # turn's coroutine is only created once LiteLLM awaits: see _when_awaited.
+    def acompletion(
+        self, model: str, messages: list[Any], *args: Any, **kwargs: Any
+    ) -> Coroutine[Any, Any, ModelResponse]:
+        return _when_awaited(lambda: self._acompletion(model, messages, *args, **kwargs))
+
     # LiteLLM passes every argument by keyword (main._complete_custom_providers);
     # only ``optional_params`` matters here, where ``claude={...}`` arrives.
-    async def acompletion(
+    async def _acompletion(
         self, model: str, messages: list[Any], *args: Any, **kwargs: Any
     ) -> ModelResponse:
         params: Mapping[str, Any] = kwargs.get("optional_params") or {}
@@ -544,6 +563,18 @@ class ClaudeCLIProvider(CustomLLM):
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
             loop.close()
+
+
+@types.coroutine
+def _lazy(make: Callable[[], Coroutine[Any, Any, _T]]) -> Generator[Any, Any, _T]:
+    return (yield from make().__await__())
+
+
+def _when_awaited(make: Callable[[], Coroutine[Any, Any, _T]]) -> Coroutine[Any, Any, _T]:
+    """A coroutine (``asyncio.iscoroutine`` says so, as LiteLLM checks) that creates
+    ``make()``'s only when awaited. Dropped unawaited, it is an unstarted generator, which
+    goes silently, and nothing of the turn ever started."""
+    return cast(Coroutine[Any, Any, _T], _lazy(make))
 
 
 def _settled(exc: BaseException) -> BaseException:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import sys
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -375,3 +378,26 @@ def test_default_engine_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KSI_CLAUDE_BIN", str(FAKE))
     provider = ccp.ClaudeCLIProvider()
     assert provider.engine.describe()["claude_bin"] == str(FAKE)
+
+
+def test_an_awaitable_that_litellm_drops_leaves_nothing_behind(env: Env, quiet: None) -> None:
+    """litellm.acompletion builds the provider's awaitable in a worker thread and awaits it
+    back on the loop; a cancel in between (a SPAWN cancelled as it starts) drops it. Dropped,
+    it must not warn "coroutine ... was never awaited" (an error under this suite's warning
+    filter, which made cancel tests flaky) and must not have started a turn."""
+    provider = ccp.ClaudeCLIProvider(env.engine())
+    unraisable: list[Any] = []
+    saved_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pending = provider.acompletion(MODEL, user("hi"), optional_params={})
+            assert asyncio.iscoroutine(pending)  # what LiteLLM checks before awaiting it
+            del pending
+            gc.collect()
+    finally:
+        sys.unraisablehook = saved_hook
+    assert [str(w.message) for w in caught] == []
+    assert unraisable == []
+    assert env.invocations() == []
