@@ -60,6 +60,7 @@ Prompt markers (anywhere in the prompt, several may combine):
   [[grandchild:PATH]] start `sleep 300` in our process group, write its pid to PATH
   [[pidfile:PATH]]   write our pid to PATH
   [[tool:NAME:ARG]]  simulate a tool round trip (num_turns 2)
+  [[say:TEXT]]       with [[tool:...]]: the model says TEXT before its tool call
 Environment:
   FAKE_CLAUDE_START_DELAY=S    sleep S seconds at start (the real CLI takes ~0.3 s)
   FAKE_CLAUDE_LOG=PATH         append JSON lines describing each invocation and turn
@@ -68,7 +69,7 @@ Environment:
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _TRIGGER_RE = re.compile(
     r"\[\[(sleep|pause|hang|error|max-turns|crash|bad-json|huge|stderr|ignore-sigterm|grandchild"
-    r"|pidfile|tool|flaky)(?::(.*?))?\]\]"
+    r"|pidfile|tool|flaky|say)(?::(.*?))?\]\]"
 )
 # Tool lists are "comma or space separated", but a rule like "Bash(git *)" contains a space.
 _TOOL_ENTRY_RE = re.compile(r"[^,\s(]+(?:\([^)]*\))?")
@@ -735,15 +736,18 @@ class Fake:
         return subtype == "interrupt"
 
     def serve_warm(self) -> int:
-        """Warm mode: one user message per stdin line until stdin closes (then exit 0)."""
+        """Warm mode: one user message per stdin line until stdin closes. The exit code is
+        then the last turn's, as a one-shot run of it would end (measured with 2.1.197:
+        an API error result, then stdin closed -> exit 1; a later good turn -> exit 0)."""
         assert self.reader is not None
+        code = 0
         while True:
             if self.deferred:
                 msg: JsonObj | None = self.deferred.pop(0)
             else:
                 line = self.reader.next_line()
                 if line is None:
-                    return 0
+                    return code
                 msg = self.parse_line(line)
             if msg is None:
                 continue
@@ -751,7 +755,7 @@ class Fake:
             if kind == "control_request":
                 self.control(msg)  # an interrupt while idle only gets its success response
             elif kind == "user":
-                self.run_turn(message_text(msg))
+                code = self.run_turn(message_text(msg))
             # other line types (keep_alive, ...) are ignored, as the real CLI does
 
     # ---- one turn
@@ -796,7 +800,7 @@ class Fake:
         if "max-turns" in triggers:
             return self.max_turns(t0)
         if "tool" in triggers:
-            return self.tool_turn(t0, triggers["tool"])
+            return self.tool_turn(t0, triggers["tool"], triggers.get("say"))
         if "huge" in triggers:
             reply = "x" * int(number(triggers["huge"]))
         else:
@@ -1068,17 +1072,18 @@ class Fake:
         )
         return 1
 
-    def tool_call(self, name: str, arg: str, in_tok: int) -> tuple[JsonObj, str, JsonObj | None]:
-        """Emit the tool_use and tool_result lines; returns (input, result text, denial)."""
+    def tool_call(
+        self, name: str, arg: str, in_tok: int, say: str | None = None
+    ) -> tuple[JsonObj, str, JsonObj | None]:
+        """Emit the tool_use (after a text block ``say``, if given) and tool_result lines;
+        returns (input, result text, denial)."""
         tool_id = "toolu_" + os.urandom(12).hex()
         tool_input: JsonObj = (
             {"command": arg, "description": "fake tool call"} if name == "Bash" else {"input": arg}
         )
-        self.model_message(
-            [{"type": "tool_use", "id": tool_id, "name": name, "input": tool_input}],
-            in_tok,
-            max(1, len(dumps(tool_input)) // 4),
-        )
+        blocks: list[JsonObj] = [{"type": "text", "text": say}] if say else []
+        blocks.append({"type": "tool_use", "id": tool_id, "name": name, "input": tool_input})
+        self.model_message(blocks, in_tok, max(1, len(dumps(tool_input)) // 4))
         denial: JsonObj | None = None
         if self.tool_allowed(name):
             content = arg
@@ -1119,10 +1124,10 @@ class Fake:
         )
         return tool_input, content, denial
 
-    def tool_turn(self, t0: float, spec: str) -> int:
+    def tool_turn(self, t0: float, spec: str, say: str | None = None) -> int:
         name, _, arg = spec.partition(":")
         in_tok = self.session.history_chars() // 4 + 3000
-        tool_input, content, denial = self.tool_call(name or "Bash", arg, in_tok)
+        tool_input, content, denial = self.tool_call(name or "Bash", arg, in_tok, say)
         out1 = max(1, len(dumps(tool_input)) // 4)
         max_turns = self.max_turns_value()
         if max_turns is not None and max_turns < 2:

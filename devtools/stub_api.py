@@ -10,7 +10,8 @@ Anthropic. Answers are deterministic so tests can assert on them:
   ``tool result: <first 200 characters of the result>``.
 * Prompt triggers in the last user text: ``[[error:N]]`` (HTTP N with an Anthropic error body),
   ``[[sleep:S]]`` (delay before answering), ``[[bash:CMD]]`` (a Bash tool_use, only when the
-  request offers a tool named Bash), ``[[tool:NAME:JSON]]`` (a tool_use of NAME with that input).
+  request offers a tool named Bash), ``[[tool:NAME:JSON]]`` (a tool_use of NAME with that input);
+  with either, ``[[say:TEXT]]`` puts a text block TEXT before the tool_use, as models do.
 * Scripted failures for the whole server: the next K message requests fail with status N,
   optionally with a ``retry-after`` header.
 * ``HEAD /`` (the CLI's preconnect probe) answers 200; ``GET /v1/models`` and
@@ -94,6 +95,7 @@ REDACTED_HEADERS = frozenset({"x-api-key", "authorization"})
 _ERROR_RE = re.compile(r"\[\[error:(\d{3})\]\]")
 _SLEEP_RE = re.compile(r"\[\[sleep:(\d+(?:\.\d+)?)\]\]")
 _BASH_RE = re.compile(r"\[\[bash:(.*?)\]\]", re.DOTALL)
+_SAY_RE = re.compile(r"\[\[say:(.*?)\]\]", re.DOTALL)
 _TOOL_START_RE = re.compile(r"\[\[tool:([A-Za-z0-9_.\-]+):")
 
 
@@ -186,6 +188,7 @@ class Plan:
         self.sleep_s = 0.0
         self.text = ""
         self.tool: tuple[str, dict[str, Any]] | None = None
+        self.say = ""  # text before the tool_use
         self.notes: list[str] = []
 
 
@@ -229,6 +232,8 @@ def plan_reply(body: dict[str, Any]) -> Plan:
         plan.error_message = f"fake triggered {plan.status}"
         plan.notes.append(f"trigger error {plan.status}")
         return plan
+    if say := _SAY_RE.search(user_text):
+        plan.say = say.group(1)
     if bash := _BASH_RE.search(user_text):
         if "Bash" in _offered_tools(body):
             plan.tool = ("Bash", {"command": bash.group(1)})
@@ -251,10 +256,11 @@ def build_message(body: dict[str, Any], raw: bytes, plan: Plan) -> dict[str, Any
     content: list[dict[str, Any]]
     if plan.tool is not None:
         name, tool_input = plan.tool
-        content = [
+        content = [{"type": "text", "text": plan.say}] if plan.say else []
+        content.append(
             {"type": "tool_use", "id": f"toolu_{request_hash}", "name": name, "input": tool_input}
-        ]
-        output_text = json.dumps(tool_input)
+        )
+        output_text = plan.say + json.dumps(tool_input)
         stop_reason = "tool_use"
     else:
         content = [{"type": "text", "text": plan.text}]

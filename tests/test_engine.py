@@ -30,7 +30,7 @@ from daemon.claude import (
 )
 from daemon.claude.argv import build_argv
 from daemon.claude.locate import claude_version, locate_claude
-from daemon.claude.results import parse_result
+from daemon.claude.results import StdoutLines, TurnResult, classify_result
 from tests.test_runner import assert_gone, wait_for_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,26 +434,24 @@ def test_options_dump_skips_on_start() -> None:
 
 
 def test_build_argv_first_turn_and_resume() -> None:
-    opts = ClaudeOptions()
-    first = build_argv(
-        "claude", model=None, opts=opts, session_id=SID, resume=False, output_format="json"
-    )
-    assert first == ["claude", "-p", "--output-format", "json", "--session-id", SID]
+    stream_json = [
+        "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
+    ]  # fmt: skip
+    first = build_argv("claude", model=None, opts=ClaudeOptions(), session_id=SID, resume=False)
+    assert first == ["claude", *stream_json, "--session-id", SID]
     again = build_argv(
         "claude",
         model="-odd",
         opts=ClaudeOptions(include_partial_messages=True),
         session_id=SID,
         resume=True,
-        output_format="stream-json",
     )
     assert again == [
-        "claude", "-p", "--output-format", "stream-json", "--verbose",
-        "--include-partial-messages", "--model=-odd", "--resume", SID,
+        "claude", *stream_json, "--include-partial-messages", "--model=-odd", "--resume", SID,
     ]  # fmt: skip
 
 
-def _result(**fields: Any) -> bytes:
+def _result(**fields: Any) -> dict[str, Any]:
     base = {
         "type": "result",
         "subtype": "success",
@@ -464,26 +462,31 @@ def _result(**fields: Any) -> bytes:
         "usage": {"input_tokens": 1},
     }
     base.update(fields)
-    return json.dumps(base).encode()
+    return base
 
 
-def test_parse_result_variants() -> None:
+def _classify(obj: dict[str, Any] | None, exit_code: int | None, **kw: Any) -> TurnResult:
+    return classify_result(obj, exit_code=exit_code, stderr_tail="", session_id=SID, pid=None, **kw)
+
+
+def test_classify_result_variants() -> None:
     usage = {"claude-opus-4-8[1m]": {"costUSD": 1.0}, "claude-haiku-4-5": {"costUSD": 0.1}}
-    turn = parse_result(_result(modelUsage=usage), 0, b"", requested_model="opus")
+    turn = _classify(_result(modelUsage=usage), 0, requested_model="opus")
     assert turn.model == "claude-opus-4-8"
     assert turn.cost_usd == 0.5
-    verbose = json.dumps([{"type": "system"}, json.loads(_result(result="arr"))]).encode()
-    assert parse_result(verbose, 0, "").text == "arr"
-    assert parse_result(_result(), 0, "", requested_model="sonnet").model == "sonnet"
+    assert _classify(_result(), 0, requested_model="sonnet").model == "sonnet"
     with pytest.raises(ClaudeCLIError) as info:
-        parse_result(_result(), 1, "")
+        _classify(_result(), 1, requested_model=None)
     assert info.value.code is ErrorCode.CLI_CRASHED
     with pytest.raises(ClaudeCLIError) as info:
-        parse_result(b"", -9, "")
+        _classify(None, -9, requested_model=None)
     assert info.value.code is ErrorCode.CLI_CRASHED
     assert "SIGKILL" in info.value.message
+    lines = StdoutLines()
+    for _ in range(100):
+        lines.parse(b"x" * 1000)
     with pytest.raises(ClaudeCLIError) as info:
-        parse_result(b"x" * 100_000, 0, "")
+        _classify(None, 0, requested_model=None, stdout_sample=lines.excerpt())
     assert info.value.code is ErrorCode.INVALID_OUTPUT
     assert info.value.raw is not None
     assert len(info.value.raw["stdout_excerpt"]) < 5000

@@ -9,11 +9,18 @@ CLI's option parser cannot mistake them for flags either.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from daemon.claude.options import ClaudeOptions
 
-OutputFormat = Literal["json", "stream-json"]
+# Every turn, cold or warm, speaks stream-json both ways (daemon/claude/backends.py); the
+# CLI refuses stream-json output in print mode without --verbose.
+_STREAM_JSON = [
+    "-p",
+    "--input-format",
+    "stream-json",
+    "--output-format",
+    "stream-json",
+    "--verbose",
+]
 
 
 def _opt(flag: str, value: str) -> list[str]:
@@ -29,26 +36,16 @@ def build_argv(
     opts: ClaudeOptions,
     session_id: str,
     resume: bool,
-    output_format: OutputFormat,
-    stream_input: bool = False,
 ) -> list[str]:
-    """Return the full argv (binary first) for one print-mode turn.
+    """Return the full argv (binary first) for a print-mode CLI that reads its turns as
+    JSON lines on stdin and answers in stream-json.
 
     ``resume`` selects ``--resume <id>`` (later turns) over ``--session-id
     <id>`` (first turn; the id is then known even if the run dies).
-    ``stream_input`` adds ``--input-format stream-json``: the long-lived warm
-    mode, where each turn arrives as one JSON line on stdin (needs
-    ``output_format="stream-json"``).
     """
-    argv = [claude_bin, "-p"]
-    if stream_input:
-        argv += ["--input-format", "stream-json"]
-    argv += ["--output-format", output_format]
-    if output_format == "stream-json":
-        # The CLI refuses stream-json in print mode without --verbose.
-        argv.append("--verbose")
-        if opts.include_partial_messages:
-            argv.append("--include-partial-messages")
+    argv = [claude_bin, *_STREAM_JSON]
+    if opts.include_partial_messages:
+        argv.append("--include-partial-messages")
     if model:
         argv += _opt("--model", model)
     argv += ["--resume" if resume else "--session-id", session_id]

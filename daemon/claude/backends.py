@@ -3,8 +3,14 @@
 A backend receives a fully resolved :class:`TurnRequest` (binary, session id,
 cwd, env, timeout) from :class:`~daemon.claude.engine.ClaudeEngine`, which
 keeps the locking and session bookkeeping. :class:`ColdBackend` starts one
-``claude -p`` process per turn; a warm backend (one long-lived stream-json CLI
-per session) implements the same :class:`TurnBackend` protocol.
+``claude -p`` process per turn; a warm backend (one long-lived CLI per session,
+daemon/claude/warm.py) implements the same :class:`TurnBackend` protocol.
+
+Both speak stream-json both ways (``--input-format stream-json --output-format
+stream-json --verbose``): the prompt is one user line on stdin, and stdin stays open until
+the turn's ``result`` line (a cold CLI then exits 0). So every turn is read by the same
+:class:`TurnLines` and reports the same progress (daemon/claude/progress.py), and the CLI
+can ask its parent questions mid-turn (control requests) whichever backend runs it.
 """
 
 from __future__ import annotations
@@ -12,16 +18,20 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from daemon.claude.argv import build_argv
 from daemon.claude.errors import ClaudeCLIError, ErrorCode
 from daemon.claude.options import ClaudeOptions
-from daemon.claude.results import StdoutLines, TurnResult, classify_result, parse_result
+from daemon.claude.progress import ProgressMapper, notify
+from daemon.claude.results import StdoutLines, TurnResult, classify_result
 from daemon.claude.runner import OutputLimitError, RunResult, run_process
+from daemon.claude.warm_process import user_message
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +56,38 @@ class StreamState:
 
     def __init__(self) -> None:
         self.result: TurnResult | None = None
+
+
+def user_line(prompt: str) -> bytes:
+    """The prompt as the one stdin line of a stream-json turn."""
+    return orjson.dumps(user_message(prompt), option=orjson.OPT_APPEND_NEWLINE)
+
+
+class TurnLines:
+    """One turn's stdout, line by line, as both backends read it: JSON objects are parsed
+    (anything else is kept, bounded, for the error of a turn that ends without a result),
+    answers to our own control requests are skipped, and every other line is passed to
+    the turn's ``on_progress`` listener as progress items before the caller sees it."""
+
+    def __init__(self, opts: ClaudeOptions) -> None:
+        self.stdout = StdoutLines()
+        self.result: dict[str, Any] | None = None
+        self._mapper = ProgressMapper(partial=opts.include_partial_messages)
+        self._on_progress = opts.on_progress
+
+    def take(self, line: bytes) -> dict[str, Any] | None:
+        """The line's object if the turn's caller should see it, else None."""
+        obj = self.stdout.parse(line)
+        if obj is None:
+            return None
+        kind = obj.get("type")
+        if kind == "control_response":
+            return None  # answers to our own control requests, not turn output
+        if kind == "result":
+            self.result = obj
+        else:
+            notify(self._on_progress, self._mapper, obj)
+        return obj
 
 
 class TurnBackend(Protocol):
@@ -103,39 +145,18 @@ def _timeout_error(req: TurnRequest, run: RunResult) -> ClaudeCLIError:
 
 
 class ColdBackend:
-    """One fresh ``claude -p`` process per turn."""
+    """One fresh ``claude -p`` process per turn, in stream-json mode (see the module
+    docstring): the result line closes its stdin, and it exits."""
 
     mode: Literal["cold", "warm"] = "cold"
 
     async def run_json(self, req: TurnRequest) -> TurnResult:
-        argv = build_argv(
-            req.claude_bin,
-            model=req.model,
-            opts=req.opts,
-            session_id=req.session_id,
-            resume=req.resume,
-            output_format="json",
-        )
-        with spawn_errors(req):
-            run = await run_process(
-                argv,
-                stdin_data=req.prompt.encode(),
-                cwd=req.cwd,
-                env=req.env,
-                timeout_s=req.timeout_s,
-                term_grace_s=req.term_grace_s,
-                on_start=lambda pid: req.on_start(pid, argv),
-            )
-        if run.timed_out:
-            raise _timeout_error(req, run)
-        return parse_result(
-            run.stdout,
-            run.returncode,
-            run.stderr_tail,
-            requested_model=req.model,
-            session_id=req.session_id,
-            pid=run.pid,
-        )
+        state = StreamState()
+        async with aclosing(self.stream(req, state)) as lines:
+            async for _ in lines:
+                pass
+        assert state.result is not None
+        return state.result
 
     async def stream(
         self, req: TurnRequest, state: StreamState
@@ -146,13 +167,14 @@ class ColdBackend:
             opts=req.opts,
             session_id=req.session_id,
             resume=req.resume,
-            output_format="stream-json",
         )
         lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+        answered = asyncio.Event()  # the result line is in: close stdin, the CLI exits
         task = asyncio.create_task(
             run_process(
                 argv,
-                stdin_data=req.prompt.encode(),
+                stdin_data=user_line(req.prompt),
+                stdin_open_until=answered,
                 cwd=req.cwd,
                 env=req.env,
                 timeout_s=req.timeout_s,
@@ -163,14 +185,13 @@ class ColdBackend:
             )
         )
         task.add_done_callback(lambda _: lines.put_nowait(None))
-        result_obj: dict[str, Any] | None = None
-        stdout = StdoutLines()
+        turn = TurnLines(req.opts)
         try:
             while (line := await lines.get()) is not None:
-                if (obj := stdout.parse(line)) is None:
+                if (obj := turn.take(line)) is None:
                     continue
-                if obj.get("type") == "result":
-                    result_obj = obj
+                if turn.result is not None:
+                    answered.set()
                 yield obj
             with spawn_errors(req):
                 run = await task
@@ -183,13 +204,13 @@ class ColdBackend:
         if run.timed_out:
             raise _timeout_error(req, run)
         state.result = classify_result(
-            result_obj,
+            turn.result,
             exit_code=run.returncode,
             stderr_tail=run.stderr_tail.decode("utf-8", "replace"),
             requested_model=req.model,
             session_id=req.session_id,
             pid=run.pid,
-            stdout_sample=stdout.excerpt() if result_obj is None else "",
+            stdout_sample=turn.stdout.excerpt() if turn.result is None else "",
         )
 
     async def aclose(self) -> None:

@@ -103,7 +103,7 @@ class ClaudeEngine:
     async def run_turn(
         self, prompt: str, *, model: str | None = None, opts: ClaudeOptions | None = None
     ) -> TurnResult:
-        """Run one turn with ``--output-format json``; raise ClaudeCLIError on failure."""
+        """Run one turn to its result; raise ClaudeCLIError on failure."""
         opts = opts or ClaudeOptions()
         session_id, resume = self._session_for(opts, model)
         backend = self._backend_for(opts)

@@ -4,7 +4,7 @@ Callers put every Claude-CLI option into one dict so nothing collides with the
 names LiteLLM interprets itself (``tools``, ``user``, ``timeout``,
 ``session_id``, ``num_retries`` ...). :class:`ClaudeOptions` validates it.
 
-``on_start`` is a plain callable riding inside the same dict. That works
+``on_start`` and ``on_progress`` are plain callables riding inside the same dict. That works
 because LiteLLM 1.106.2 hands unknown kwargs to the provider in
 ``optional_params`` *by reference* (verified in ``tests/test_provider.py``:
 the provider receives the identical function object, for ``acompletion`` with
@@ -132,6 +132,10 @@ class ClaudeOptions(TurnOptions):
     for a warm turn with default flags the id of a pre-warmed pool process."""
     include_partial_messages: bool = False
     on_start: Callable[[StartInfo], None] | None = Field(default=None, exclude=True, repr=False)
+    on_progress: Callable[[dict[str, Any]], None] | None = Field(
+        default=None, exclude=True, repr=False
+    )
+    """Called with each progress item of the turn as it happens (daemon/claude/progress.py)."""
 
     @field_validator("session_id", "new_session_id")
     @classmethod

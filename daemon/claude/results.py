@@ -105,39 +105,6 @@ def stdout_excerpt(stdout: bytes) -> str:
     return f"{head}\n...[{len(stdout) - 2 * _EXCERPT_BYTES} bytes omitted]...\n{tail}"
 
 
-def _as_result(obj: object) -> dict[str, Any] | None:
-    if isinstance(obj, dict) and obj.get("type") == "result":
-        return obj
-    return None
-
-
-def extract_result_object(stdout: bytes) -> dict[str, Any] | None:
-    """Find the ``type == "result"`` object in json, json+verbose or JSONL output."""
-    text = stdout.strip()
-    if not text:
-        return None
-    try:
-        parsed = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if (found := _as_result(parsed)) is not None:
-        return found
-    if isinstance(parsed, list):
-        # --verbose turns json output into an array of every message.
-        for item in reversed(parsed):
-            if (found := _as_result(item)) is not None:
-                return found
-        return None
-    for line in reversed(text.splitlines()):
-        try:
-            found = _as_result(orjson.loads(line))
-        except orjson.JSONDecodeError:
-            continue
-        if found is not None:
-            return found
-    return None
-
-
 def _reported_model(raw: dict[str, Any], requested: str | None) -> str | None:
     usage = raw.get("modelUsage")
     if isinstance(usage, dict) and usage:
@@ -256,28 +223,4 @@ def classify_result(
         pid=pid,
         exit_code=exit_code,
         stderr_tail=stderr_tail,
-    )
-
-
-def parse_result(
-    stdout: bytes,
-    exit_code: int | None,
-    stderr_tail: str | bytes,
-    *,
-    requested_model: str | None = None,
-    session_id: str = "",
-    pid: int | None = None,
-) -> TurnResult:
-    """Parse ``--output-format json`` stdout; raise ClaudeCLIError on any failure."""
-    if isinstance(stderr_tail, bytes):
-        stderr_tail = stderr_tail.decode("utf-8", "replace")
-    obj = extract_result_object(stdout)
-    return classify_result(
-        obj,
-        exit_code=exit_code,
-        stderr_tail=stderr_tail,
-        requested_model=requested_model,
-        session_id=session_id,
-        pid=pid,
-        stdout_sample=stdout_excerpt(stdout) if obj is None else "",
     )

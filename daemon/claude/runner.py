@@ -4,8 +4,9 @@ The process rules (own process group, our own pipes, line framing, TERM -> grace
 the group sweep and the reaping) are :class:`~daemon.claude.child.Child`'s; this module
 adds what a one-shot run needs on top:
 
-* stdin is written by a task and then closed (the CLI otherwise waits 3 s for input),
-  while stdout and stderr are read, so full pipes both ways cannot deadlock;
+* stdin is written by a task while stdout and stderr are read, so full pipes both ways
+  cannot deadlock; it is closed once written, or (a stream-json turn, which must be able to
+  answer the CLI's control requests) when the caller says so;
 * a timeout or a cancellation escalates SIGTERM -> ``term_grace_s`` -> SIGKILL, and a
   second cancellation during that grace SIGKILLs at once;
 * pipes still open ``orphan_grace_s`` after the exit mean orphans, and the group gets
@@ -54,10 +55,12 @@ class OutputLimitError(Exception):
         self.limit = limit
 
 
-async def _feed(child: Child, data: bytes) -> None:
+async def _feed(child: Child, data: bytes, hold: asyncio.Event | None) -> None:
     # A child that exits without reading its input is not our failure: write() says False.
     if data:
         await child.write(data)
+    if hold is not None:
+        await hold.wait()
     child.close_stdin()
 
 
@@ -71,6 +74,7 @@ async def run_process(
     term_grace_s: float = 3.0,
     orphan_grace_s: float = 1.0,
     on_start: Callable[[int], None] | None = None,
+    stdin_open_until: asyncio.Event | None = None,
     on_stdout_line: Callable[[bytes], None] | None = None,
     stderr_tail_bytes: int = DEFAULT_STDERR_TAIL,
     max_stdout_bytes: int = DEFAULT_MAX_STDOUT,
@@ -83,7 +87,8 @@ async def run_process(
     ``on_start``/``on_stdout_line`` raised, and ``CancelledError`` when
     cancelled. In every case the process group is dead before it returns.
     ``collect_stdout=False`` keeps stdout out of memory when lines are consumed
-    through ``on_stdout_line``.
+    through ``on_stdout_line``. ``stdin_open_until``: stdin stays open after
+    ``stdin_data`` until this event is set (else it is closed at once).
     """
     started = time.monotonic()
     child = await Child.start(
@@ -100,7 +105,7 @@ async def run_process(
     try:
         if on_start is not None:
             on_start(child.pid)
-        feeder = asyncio.create_task(_feed(child, stdin_data))
+        feeder = asyncio.create_task(_feed(child, stdin_data, stdin_open_until))
         if not await child.wait(timeout_s):
             timed_out = True
             await child.terminate(close_grace_s=None, term_grace_s=term_grace_s)

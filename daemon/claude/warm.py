@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
-from daemon.claude.backends import StreamState, TurnRequest, spawn_errors
+from daemon.claude.backends import StreamState, TurnLines, TurnRequest, spawn_errors
 from daemon.claude.errors import ClaudeCLIError, ErrorCode
-from daemon.claude.results import StdoutLines, TurnResult, classify_result, json_line
+from daemon.claude.results import TurnResult, classify_result, json_line
 from daemon.claude.warm_pool import WarmPool
 from daemon.claude.warm_process import ProcSpec, WarmProcess, user_message
 
@@ -140,8 +140,7 @@ class WarmBackend:
             req.on_start(proc.pid, proc.argv)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + req.timeout_s
-            result_obj: dict[str, Any] | None = None
-            stdout = StdoutLines()
+            turn = TurnLines(req.opts)
             while True:
                 try:
                     # A timeout around this await only (never around a yield), and not
@@ -153,21 +152,17 @@ class WarmBackend:
                     raise await self._timed_out(proc, req) from None
                 if line is None:
                     break
-                if (obj := stdout.parse(line)) is None:
+                if (obj := turn.take(line)) is None:
                     continue
-                kind = obj.get("type")
-                if kind == "control_response":
-                    continue  # answers to our own control requests, not turn output
-                if kind == "result":
-                    result_obj = obj
+                if turn.result is not None:
                     settled = True
                     yield obj
                     break
                 yield obj
-            if result_obj is None:
+            if turn.result is None:
                 settled = True
-                raise await self._died(proc, req, stdout.excerpt())
-            state.result = self._classify(proc, req, result_obj)
+                raise await self._died(proc, req, turn.stdout.excerpt())
+            state.result = self._classify(proc, req, turn.result)
         except BaseException:
             if not settled:
                 # Cancelled (CANCEL_PROCESS) or closed (stream aclose) mid-turn.

@@ -60,8 +60,6 @@ class ProcSpec:
             opts=self.opts,
             session_id=session_id,
             resume=resume,
-            output_format="stream-json",
-            stream_input=True,
         )
 
     @property
