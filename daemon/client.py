@@ -8,6 +8,11 @@ and :class:`SyncClient` (blocking, one connection per call, like ``nc -U``).
         async for event in c.events():
             ...
 
+        turn = await c.spawn_stream("list the files", cwd="/src")
+        async for event in turn:          # PROCESS_PROGRESS events, as they happen
+            print(event["data"]["kind"])
+        print(turn.result()["text"])      # the SPAWN's result (or CommandError)
+
 A failed command raises :class:`CommandError` with the daemon's ``code``.
 """
 
@@ -16,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import select
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -54,6 +60,44 @@ def _result(reply: dict[str, Any]) -> Any:
     return reply.get("result")
 
 
+class TurnProgress:
+    """A sync SPAWN with ``stream: true``: iterate it for the turn's PROCESS_PROGRESS events
+    (each as the daemon pushed it: ``event``, ``data``, ``seq``, ...) until its reply has
+    come; then :meth:`result` gives the SPAWN's result (or raises :class:`CommandError`)."""
+
+    def __init__(self, lines: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self._lines = lines
+        self.reply: dict[str, Any] | None = None
+
+    def __aiter__(self) -> TurnProgress:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self.reply is not None:
+            raise StopAsyncIteration
+        msg = await self._lines.get()
+        if msg is None:
+            self._lines.put_nowait(None)
+            raise ConnectionClosed("daemon closed the connection before the reply")
+        if "event" in msg:
+            return msg
+        self.reply = msg
+        raise StopAsyncIteration
+
+    async def wait(self) -> dict[str, Any]:
+        """Read (and drop) the remaining events; returns the reply envelope."""
+        async for _ in self:
+            pass
+        assert self.reply is not None
+        return self.reply
+
+    def result(self) -> Any:
+        """The SPAWN's result once iteration has ended; raises CommandError if it failed."""
+        if self.reply is None:
+            raise RuntimeError("iterate the progress (or await wait()) first")
+        return _result(self.reply)
+
+
 class AsyncClient:
     """A persistent connection: calls are pipelined and matched to replies by ``id``."""
 
@@ -62,6 +106,8 @@ class AsyncClient:
         self._writer = writer
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # Requests whose streamed events and reply go to their own queue (spawn_stream).
+        self._streams: dict[int, asyncio.Queue[dict[str, Any] | None]] = {}
         self._events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._reader_task = asyncio.create_task(self._read_loop())
         self.closed = False
@@ -120,6 +166,23 @@ class AsyncClient:
         finally:
             self._pending.pop(rid, None)
 
+    async def spawn_stream(self, prompt: str, **parameters: Any) -> TurnProgress:
+        """Start a sync SPAWN with ``stream: true``; iterate the result for its progress."""
+        if self.closed:
+            raise ConnectionClosed("connection is closed")
+        rid = next(self._ids)
+        lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._streams[rid] = lines
+        params = {**parameters, "prompt": prompt, "mode": "sync", "stream": True}
+        self._writer.write(
+            orjson.dumps(
+                {"command": "SPAWN", "parameters": params, "id": rid},
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+        )
+        await self._writer.drain()
+        return TurnProgress(lines)
+
     async def subscribe(self, event_types: list[str], agent_id: str | None = None) -> Any:
         params: dict[str, Any] = {"event_types": event_types}
         if agent_id:
@@ -147,6 +210,12 @@ class AsyncClient:
                 if not line:
                     break
                 msg = orjson.loads(line)
+                stream = self._streams.get(msg.get("id")) if "id" in msg else None
+                if stream is not None:
+                    stream.put_nowait(msg)
+                    if "event" not in msg:  # the reply ends the stream
+                        del self._streams[msg["id"]]
+                    continue
                 if "event" in msg:
                     self._events.put_nowait(msg)
                     continue
@@ -161,6 +230,8 @@ class AsyncClient:
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(ConnectionClosed("daemon closed the connection"))
+            for stream in self._streams.values():
+                stream.put_nowait(None)
 
     async def close(self) -> None:
         self.closed = True
@@ -194,6 +265,45 @@ class SyncClient:
     def __init__(self, path: str | Path | None = None, timeout: float | None = 660.0) -> None:
         self.path = str(path or default_socket())
         self.timeout = timeout
+
+    def stream(
+        self,
+        command: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        idle: float | None = None,
+    ) -> Iterator[dict[str, Any] | None]:
+        """Send one command and yield every line the daemon writes back until it closes the
+        connection: a SPAWN with ``stream: true`` writes its progress events, then the
+        reply. With ``idle``, None is yielded after every ``idle`` seconds without a line
+        (a caller's chance to show it is still waiting)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(self.timeout)
+            s.connect(self.path)
+            s.sendall(
+                orjson.dumps(
+                    {"command": command, "parameters": parameters or {}},
+                    option=orjson.OPT_APPEND_NEWLINE,
+                )
+            )
+            partial: list[bytes] = []  # the unfinished line's chunks (joined once complete)
+            while True:
+                if idle is not None and not select.select([s], [], [], idle)[0]:
+                    yield None
+                    continue
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                if b"\n" not in chunk:
+                    partial.append(chunk)
+                    continue
+                *lines, rest = b"".join([*partial, chunk]).split(b"\n")
+                partial = [rest] if rest else []
+                for line in lines:
+                    if line.strip():
+                        yield orjson.loads(line)
+        if partial and (last := b"".join(partial)).strip():
+            yield orjson.loads(last)
 
     def request(self, command: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

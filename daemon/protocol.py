@@ -227,3 +227,14 @@ def encode_event(event_type: str, data: Any, seq: int, timestamp: str) -> bytes:
         {"event": event_type, "data": data, "seq": seq, "timestamp": timestamp},
         option=orjson.OPT_APPEND_NEWLINE,
     )
+
+
+def with_echo(wire: bytes, req: Request) -> bytes:
+    """An encoded event line with the ``id`` (and ``request_id``) of the request it answers
+    to spliced in: a sync SPAWN's streamed progress, told apart from subscribed events on
+    the same connection. ``wire`` is a line :func:`encode_event` wrote (``...}\n``)."""
+    echo: dict[str, Any] = {}
+    _add_echo(echo, req.id, req.has_id, req.request_id)
+    if not echo:
+        return wire
+    return wire[:-2] + b"," + orjson.dumps(echo)[1:] + b"\n"

@@ -311,9 +311,13 @@ def test_transient_api_errors_are_retried_and_the_model_sees_the_prompt_once(
     # failed attempts' copies of the prompt in the transcript would answer "(turn 3)".
     assert r["text"] == f"echo: {prompt} (turn 1)"
     assert prompts_run(d).count(prompt) == 3
-    retries = progress(d, r["process_id"])
-    assert [e["kind"] for e in retries] == ["api_retry", "api_retry"]
-    assert [e["index"] for e in retries] == [0, 1]
+    events = progress(d, r["process_id"])
+    # Each attempt is visible as it runs; the daemon's retries between them too.
+    attempt = ["started", "status"]  # the CLI's init line, then its API error message
+    assert [e["kind"] for e in events] == [*attempt, "api_retry"] * 2 + ["started", "text"]
+    assert [e["index"] for e in events] == list(range(len(events)))
+    retries = [e for e in events if e["kind"] == "api_retry"]
+    assert [e["source"] for e in retries] == ["daemon", "daemon"]
     assert [e["attempt"] for e in retries] == [1, 2]
     assert {e["status"] for e in retries} == {529}
     assert all(e["delay_s"] > 0 for e in retries)

@@ -278,7 +278,7 @@ async def test_client_request_id_is_idempotent(make_daemon: Any) -> None:
 async def test_async_spawn_announces_started_and_complete(make_daemon: Any) -> None:
     d = make_daemon()
     async with AsyncClient.connect(d.socket, agent_id="watcher") as c:
-        await c.subscribe(["PROCESS_*"])
+        await c.subscribe(["PROCESS_STARTED", "PROCESS_COMPLETE"])
         reply = await c.call("SPAWN", {"prompt": "later", "mode": "async", "cwd": str(d.work)})
         assert reply["status"] in ("queued", "running")
         assert "text" not in reply
@@ -464,7 +464,7 @@ async def test_a_sessions_turn_is_announced_complete_before_the_next_starts(
     d = make_daemon()
     sid = spawn(d, prompt="first")["result"]["session_id"]
     async with AsyncClient.connect(d.socket) as c:
-        await c.subscribe(["PROCESS_*"])
+        await c.subscribe(["PROCESS_STARTED", "PROCESS_COMPLETE"])
         ids = [
             (
                 await c.call(

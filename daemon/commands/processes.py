@@ -9,7 +9,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from daemon.claude.options import TurnOptions
 from daemon.commands.registry import Context, NoParams, Params, Registry, Result
-from daemon.errors import ErrorCode, NotFound
+from daemon.errors import ErrorCode, InvalidParameters, NotFound
 from daemon.state.records import SessionRecord, TurnRecord
 from daemon.turns.outcome import SpawnResult
 from daemon.turns.turn import SpawnRequest
@@ -38,6 +38,11 @@ class SpawnParams(Params, TurnOptions):
         min_length=1,
         max_length=256,
         description="the same id within the idempotency window returns the same process",
+    )
+    stream: bool = Field(
+        default=False,
+        description="sync only: write the turn's PROCESS_PROGRESS events on this connection "
+        "(each with this request's id) before the reply",
     )
 
     @field_validator("prompt")
@@ -137,6 +142,16 @@ def register(r: Registry) -> None:
         answers with the turn's text, session_id, cost and usage; ``async`` answers at once
         with a process_id and later publishes PROCESS_COMPLETE."""
         services = ctx.services
+        stream = None
+        if p.stream:
+            if p.mode != "sync":
+                raise InvalidParameters(
+                    "stream: true is for a sync SPAWN; an async turn's progress is on the "
+                    "bus (SUBSCRIBE to PROCESS_PROGRESS)"
+                )
+            if ctx.conn is None or ctx.request is None:
+                raise InvalidParameters("stream: true needs a socket connection to write to")
+            stream = ctx.conn.stream_progress(ctx.request)
         agent_id = p.agent_id or (ctx.conn.agent_id if ctx.conn else None)
         req = SpawnRequest(
             prompt=p.prompt,
@@ -147,7 +162,10 @@ def register(r: Registry) -> None:
             client_request_id=p.client_request_id,
             options=TurnOptions.of(p),  # the SPAWN's own fields, validated with it
         )
-        return await services.turns.submit(req)
+        result = await services.turns.submit(req, watch=stream)
+        if stream is not None and stream.missed:
+            result = result.model_copy(update={"progress_missed": stream.missed})
+        return result
 
     @r.command("GET_PROCESSES", params=NoParams, result=ProcessesResult)
     def get_processes(ctx: Context, p: NoParams) -> ProcessesResult:

@@ -48,7 +48,7 @@ from daemon.errors import DaemonError, ErrorCode, InvalidParameters, ProtocolErr
 from daemon.events.subscriber import Subscriber
 from daemon.framing import Line, LineSplitter, Refused
 from daemon.protocol import Request, encode_error, parse_request
-from daemon.server.subscriptions import FLUSH_BYTES, Subscription
+from daemon.server.subscriptions import FLUSH_BYTES, ProgressStream, Subscription
 
 if TYPE_CHECKING:
     from daemon.server.listener import Refusal, Server
@@ -449,6 +449,11 @@ class Connection(asyncio.Protocol):
             self._drain_waiters.append(fut)
             await fut
 
+    def unsent_bytes(self) -> int:
+        """Output queued here or in the transport that the peer has not taken yet."""
+        held = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self._out_bytes + held
+
     def flush(self) -> None:
         """Hand the queued output to the transport in one write."""
         if self._flush_handle is not None:
@@ -499,6 +504,11 @@ class Connection(asyncio.Protocol):
             self.subscription = subscription
         subscription.subscriber.patterns.update(add=patterns)
         return subscription.subscriber
+
+    def stream_progress(self, req: Request) -> ProgressStream:
+        """Where a sync SPAWN with ``stream: true`` writes its progress: this connection,
+        bounded like a subscriber's backlog."""
+        return ProgressStream(self, req, self.server.settings.subscriber_queue_bytes)
 
     def unsubscribe(self, patterns: list[str] | None) -> list[str]:
         sub = self.subscriber

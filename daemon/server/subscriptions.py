@@ -1,4 +1,5 @@
-"""A connection's event subscription: replay, the event pump, dropping a slow subscriber.
+"""A connection's event subscription: replay, the event pump, dropping a slow subscriber;
+and a sync SPAWN's progress streamed on its own connection (:class:`ProgressStream`).
 
 Events are written in chunks of at most ``FLUSH_BYTES``, each only once the peer has taken
 the previous one, so a slow peer holds at most about two chunks in the transport. A
@@ -20,7 +21,7 @@ import structlog
 
 from daemon.events.bus import EventBus
 from daemon.events.subscriber import Event, StoredEvent, Subscriber
-from daemon.protocol import encode_event, utc_now_iso
+from daemon.protocol import Request, encode_event, utc_now_iso, with_echo
 
 if TYPE_CHECKING:
     from daemon.server.connection import Connection
@@ -173,3 +174,34 @@ class Subscription:
         # The connection tracks the task (Connection.pending_tasks): the shutdown awaits it.
         if self.pump is not asyncio.current_task():
             self.pump.cancel()
+
+
+class ProgressStream:
+    """The PROCESS_PROGRESS events of one sync SPAWN with ``stream: true``, written on the
+    connection that sent it, ahead of its reply (the scheduler calls this as each event is
+    published, daemon/turns/recorder.py). Each line is the event as subscribers get it, plus
+    the request's ``id``.
+
+    They are queued in the connection's output, in order and before the reply, so a client
+    never sees the reply before the progress it follows. That output is bounded: once the
+    peer leaves more than ``limit_bytes`` unread, streaming stops for this turn (a
+    subscriber would be dropped at that point) and ``missed`` counts what was not written;
+    the reply reports it, and GET_EVENTS still has every event.
+    """
+
+    def __init__(self, conn: Connection, req: Request, limit_bytes: int) -> None:
+        self.conn = conn
+        self.req = req
+        self.limit_bytes = limit_bytes
+        self.missed = 0
+
+    def __call__(self, event: Event) -> None:
+        conn = self.conn
+        if conn.closed:
+            return
+        if self.missed or conn.unsent_bytes() > self.limit_bytes:
+            if not self.missed:
+                log.warning("connection.stream_stopped", conn=conn.id, seq=event.seq)
+            self.missed += 1
+            return
+        conn.queue(with_echo(event.wire, self.req))

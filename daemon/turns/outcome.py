@@ -47,6 +47,11 @@ class SpawnResult(Result):
     warm: bool | None = None
     log_path: str | None = None
     raw: dict[str, Any] | None = Field(default=None, description="the CLI's full JSON result")
+    progress_missed: int | None = Field(
+        default=None,
+        description="stream: true only: progress events not written because the client "
+        "left too much unread (GET_EVENTS has them)",
+    )
 
 
 Outcome: TypeAlias = SpawnResult | TurnFailed

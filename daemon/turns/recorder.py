@@ -73,6 +73,22 @@ class TurnRecorder:
             },
         )
 
+    def progress(self, turn: Turn, item: dict[str, Any]) -> None:
+        """One step of the running turn (daemon/claude/progress.py) as PROCESS_PROGRESS: on
+        the bus, and on the connection of a sync SPAWN that asked for ``stream``."""
+        event = self.bus.publish(
+            "PROCESS_PROGRESS",
+            {
+                "process_id": turn.info.process_id,
+                "session_id": turn.session_id,
+                "agent_id": turn.request.agent_id,
+                "index": turn.next_index(),
+                **item,
+            },
+        )
+        for watch in turn.watchers:
+            watch(event)
+
     def retrying(
         self, turn: Turn, error: TurnFailed, attempt: int, max_retries: int, delay: float
     ) -> None:
@@ -85,14 +101,11 @@ class TurnRecorder:
             code=error.code,
             status=details.get("api_error_status"),
         )
-        self.bus.publish(
-            "PROCESS_PROGRESS",
+        self.progress(
+            turn,
             {
-                "process_id": turn.info.process_id,
-                "session_id": turn.session_id,
-                "agent_id": turn.request.agent_id,
-                "index": turn.next_index(),
                 "kind": "api_retry",
+                "source": "daemon",
                 "attempt": attempt,
                 "max_retries": max_retries,
                 "delay_s": round(delay, 3),

@@ -16,6 +16,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -36,6 +37,7 @@ from daemon.errors import (
     Unavailable,
 )
 from daemon.events.bus import EventBus
+from daemon.events.subscriber import Event
 from daemon.protocol import utc_now_iso
 from daemon.settings import Settings
 from daemon.state.db import Store
@@ -121,8 +123,12 @@ class TurnScheduler:
 
     # -- SPAWN ------------------------------------------------------------------------------
 
-    async def submit(self, req: SpawnRequest) -> SpawnResult:
-        """Run (sync) or enqueue (async) a turn; returns the SPAWN result."""
+    async def submit(
+        self, req: SpawnRequest, watch: Callable[[Event], None] | None = None
+    ) -> SpawnResult:
+        """Run (sync) or enqueue (async) a turn; returns the SPAWN result. ``watch`` is
+        told of each PROCESS_PROGRESS event of the turn from now on (for a replay of a
+        running turn: of the rest of it)."""
         if not self.accepting:
             raise Unavailable("the daemon is shutting down", code=ErrorCode.SHUTTING_DOWN)
         # A turn whose records could not be kept must not run: it would be paid for and
@@ -130,15 +136,17 @@ class TurnScheduler:
         self.store.check_writable()
         existing = self._idempotent_hit(req.client_request_id)
         if existing is not None:
-            return await self._reply_for(existing, req.mode, replay=True)
+            return await self._reply_for(existing, req.mode, replay=True, watch=watch)
         planned = await self._plan(req)
         # Planning a resume reads the session's record, so a copy of this request may have
         # registered meanwhile (planning a new session, which may take a pooled CLI, never
         # waits). Nothing awaits from here to the registration.
         existing = self._idempotent_hit(req.client_request_id)
         if existing is not None:
-            return await self._reply_for(existing, req.mode, replay=True)
+            return await self._reply_for(existing, req.mode, replay=True, watch=watch)
         turn = self._new_turn(req, planned)
+        if watch is not None:
+            turn.watchers.append(watch)
         process_id = turn.info.process_id
         self._register(turn)
         await self.state.save_process(turn.info, wait=False)
@@ -229,8 +237,16 @@ class TurnScheduler:
             )
         state.pending = []
 
-    async def _reply_for(self, process_id: str, mode: str, replay: bool = False) -> SpawnResult:
+    async def _reply_for(
+        self,
+        process_id: str,
+        mode: str,
+        replay: bool = False,
+        watch: Callable[[Event], None] | None = None,
+    ) -> SpawnResult:
         turn = self.turns.get(process_id)
+        if turn is not None and watch is not None:
+            turn.watchers.append(watch)
         if mode == "async":
             info = turn.info if turn else self.state.processes.get(process_id)
             return SpawnResult(
@@ -326,7 +342,13 @@ class TurnScheduler:
             raise cli_failure(exc, turn.session_id) from None
         assert opts.cwd is not None
         turn.cwd = opts.cwd
-        opts = opts.model_copy(update={"on_start": lambda s: self.recorder.cli_started(turn, s)})
+        recorder = self.recorder
+        opts = opts.model_copy(
+            update={
+                "on_start": lambda start: recorder.cli_started(turn, start),
+                "on_progress": lambda item: recorder.progress(turn, item),
+            }
+        )
         attempt = 0
         while True:
             await self.backoff.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 
 from daemon.claude.options import ClaudeOptions, TurnOptions
 from daemon.errors import TurnFailed
+from daemon.events.subscriber import Event
 from daemon.state.records import TurnRecord
 from daemon.turns.outcome import Outcome, SpawnResult
 
@@ -48,6 +50,9 @@ class Turn:
     deferred: bool = False
     entered: bool = False  # its task has begun (a task cancelled before that never does)
     progress: int = 0  # PROCESS_PROGRESS events so far (their per-process index)
+    # Told of each PROCESS_PROGRESS event as it is published: the connections of sync
+    # SPAWNs with ``stream: true`` waiting for this turn.
+    watchers: list[Callable[[Event], None]] = field(default_factory=list)
 
     @property
     def resume(self) -> bool:
