@@ -352,7 +352,17 @@ def flag_overrides(argv: list[str] | None) -> dict[str, Any]:
         action=argparse.BooleanOptionalAction,
         help="SPAWN uses a warm CLI process unless told otherwise",
     )
-    ap.add_argument("--warm-pool-size", type=int, help="pre-warmed CLI processes to keep")
+    ap.add_argument(
+        "--warm-max",
+        type=int,
+        help="warm session CLIs at most, ~150 MiB each (default: what half the available "
+        "memory holds, 1-16; 0 turns warm mode off)",
+    )
+    ap.add_argument(
+        "--warm-pool-size",
+        type=int,
+        help="pre-warmed CLI processes to keep (default 1 when turns are warm by default)",
+    )
     args = ap.parse_args(argv)
     return {k: v for k, v in vars(args).items() if v is not None}
 

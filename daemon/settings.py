@@ -85,8 +85,10 @@ class Settings(BaseSettings):
     # Warm sessions (one long-lived CLI per active session) and the pre-warmed pool.
     warm_default: bool = defaults.WARM_DEFAULT
     warm_idle_s: float = Field(default=defaults.WARM_IDLE_S, gt=0)
-    warm_max: int = Field(default=defaults.WARM_MAX, ge=0)
-    warm_pool_size: int = Field(default=defaults.WARM_POOL_SIZE, ge=0)
+    # None: as many as the memory available at start holds (defaults.warm_max_for_memory).
+    warm_max: int | None = Field(default=None, ge=0)
+    # None: one pre-warmed CLI when turns are warm by default, none otherwise.
+    warm_pool_size: int | None = Field(default=None, ge=0)
 
     # Cognitive observers: "package.module:factory" or an entry point name in "ksi.observers".
     observers: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -108,6 +110,13 @@ class Settings(BaseSettings):
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.project_root / path)
+
+    @property
+    def pool_size(self) -> int:
+        """Pre-warmed CLIs to keep (see ``warm_pool_size``)."""
+        if self.warm_pool_size is not None:
+            return self.warm_pool_size
+        return 1 if self.warm_default else 0
 
     @property
     def socket_path(self) -> Path:

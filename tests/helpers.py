@@ -94,7 +94,11 @@ class DaemonProcess:
         env: dict[str, str] | None = None,
         claude_bin: Path | None = FAKE_CLAUDE,
         preload: bool = False,
+        defaults: bool = False,
     ) -> None:
+        """``defaults``: the daemon's own warm defaults (warm turns, a pre-warmed CLI). Else
+        turns are cold unless a test asks for warm ones: most tests here are about one CLI
+        run per turn, and a pool process would be one more CLI in every count."""
         self.base = base or short_tmpdir()
         self.owns_base = base is None
         self.socket = self.base / "s" / "d.sock"
@@ -116,6 +120,8 @@ class DaemonProcess:
             # error mapping need not wait for the production backoff.
             "KSI_API_RETRY_BASE_S": "0.01",
         }
+        if not defaults:
+            self.env_overrides["KSI_WARM_DEFAULT"] = "false"
         if claude_bin is not None:
             self.env_overrides["KSI_CLAUDE_BIN"] = str(claude_bin)
         self.env_overrides.update(env or {})

@@ -57,6 +57,9 @@ class Env:
             "default_timeout_s": 30.0,
             "term_grace_s": 1.0,
             "extra_env": {"CLAUDE_CONFIG_DIR": str(self.config), "FAKE_CLAUDE_LOG": str(self.log)},
+            # Cold unless a test asks for warm (opts.warm, or this override): these are tests
+            # of one CLI run per turn; the warm backend's are in tests/test_warm.py.
+            "warm_default": False,
         }
         params.update(overrides)
         return ClaudeEngine(EngineConfig(**params))

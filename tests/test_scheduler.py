@@ -29,6 +29,7 @@ class Harness:
     def __init__(self, tmp: Path, **settings: Any) -> None:
         self.tmp = tmp
         self.calls = tmp / "calls.jsonl"
+        settings.setdefault("warm_default", False)  # one CLI per turn, unless a test says
         self.settings = Settings(
             claude_bin=str(FAKE),
             state_dir=tmp / "state",

@@ -101,7 +101,10 @@ async def test_conversation_on_one_process_with_per_turn_cost(
     assert info["idle_s"] >= 0
     assert info["started_at"].endswith("Z")
     status = engine.warm_status()
-    assert (status["warm_sessions"], status["pool_ready"], status["max_warm"]) == (1, 0, 8)
+    assert (status["warm_sessions"], status["pool_ready"]) == (1, 0)
+    # Not configured: what the machine's memory holds, within bounds.
+    assert status["max_warm"] == engine.config.warm_max
+    assert 1 <= status["max_warm"] <= 16
     assert status["idle_timeout_s"] == 600.0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from daemon.claude.defaults import warm_max_for_memory
 from daemon.client import AsyncClient
 from tests.helpers import DaemonProcess, eventually, pid_alive
 from tests.inproc import InProcessDaemon
@@ -77,7 +78,7 @@ def shutdown_and_check(d: DaemonProcess, pids: list[int]) -> None:
 
 
 async def test_warm_conversation_flags_kill_cancel_and_shutdown(make_daemon: Any) -> None:
-    d = make_daemon(KSI_WARM_DEFAULT="true")
+    d = make_daemon(KSI_WARM_DEFAULT="true", KSI_WARM_POOL_SIZE="0")
     s, c = await connect(d)
     try:
         r1, st1 = await s.turn(prompt="one")
@@ -108,7 +109,8 @@ async def test_warm_conversation_flags_kill_cancel_and_shutdown(make_daemon: Any
         assert listed["warm"]["pid"] == pid
         health = d.result("HEALTH_CHECK")["warm"]
         assert (health["warm_sessions"], health["pool_ready"], health["pool_size"]) == (1, 0, 0)
-        assert (health["max_warm"], health["idle_timeout_s"]) == (8, 600.0)
+        assert 1 <= health["max_warm"] <= 16  # from the memory available at start
+        assert health["idle_timeout_s"] == 600.0
         procs = d.result("GET_PROCESSES")
         assert [w["pid"] for w in procs["warm"]] == [pid]
         assert procs["processes"][-1]["warm"] is True
@@ -263,3 +265,55 @@ async def test_pool_hands_out_its_process_and_refills(make_daemon: Any) -> None:
     finally:
         await c.close()
     shutdown_and_check(d, [pool_pid, *refill["pool_pids"], st["pid"]])
+
+
+# -- the defaults ------------------------------------------------------------------------
+
+
+def test_warm_cap_follows_the_memory_available() -> None:
+    mib = 1024 * 1024
+    assert warm_max_for_memory(0) == 1  # at least one, or warm mode would be off
+    assert warm_max_for_memory(1024 * mib) == 3  # half of 1 GiB at 150 MiB each
+    assert warm_max_for_memory(3000 * mib) == 10
+    assert warm_max_for_memory(1024 * 1024 * mib) == 16  # a sane ceiling
+    assert 1 <= warm_max_for_memory() <= 16  # this machine
+
+
+async def test_a_fresh_daemon_runs_turn_two_on_a_warm_process() -> None:
+    d = InProcessDaemon(preload=True, defaults=True)  # no warm flags or KSI_WARM_*
+    # Turns without a cwd run in the project root: the test's own directory here.
+    d.env_overrides["KSI_PROJECT_ROOT"] = str(d.work)
+    d.start()
+    try:
+        health = d.result("HEALTH_CHECK")["warm"]
+        assert health["pool_size"] == 1
+        assert 1 <= health["max_warm"] <= 16
+        await eventually(lambda: d.result("HEALTH_CHECK")["warm"]["pool_ready"] == 1)
+        pooled = next(w for w in d.result("GET_PROCESSES")["warm"] if w["pooled"])
+        s, c = await connect(d)
+        try:
+            r1, st1 = await s.turn(prompt="one")
+            r2, st2 = await s.turn(prompt="two", session_id=r1["session_id"])
+            r3, st3 = await s.turn(prompt="cold, on request", warm=False)
+        finally:
+            await c.close()
+        # Turn 1 took the pre-warmed CLI (its id is the session's), turn 2 ran on it.
+        assert r1["session_id"] == pooled["session_id"]
+        assert st1["pid"] == st2["pid"] == pooled["pid"]
+        assert (r1["warm"], r2["warm"], st2["warm"]) == (True, True, True)
+        assert r2["text"] == "echo: two (turn 2)"
+        session = d.result("GET_SESSION", {"session_id": r1["session_id"]})["session"]
+        assert session["warm"]["pid"] == st2["pid"]
+        assert session["warm"]["turns"] == 2
+        # warm: false is the opt-out: a CLI of its own, gone after the turn.
+        assert (r3["warm"], st3["warm"]) == (False, False)
+        await eventually(lambda: not pid_alive(st3["pid"]))
+    finally:
+        d.cleanup()
+
+
+def test_warm_off_means_no_pool_and_the_cap_is_configurable(make_daemon: Any) -> None:
+    off = make_daemon(KSI_WARM_DEFAULT="false")
+    assert off.result("HEALTH_CHECK")["warm"]["pool_size"] == 0
+    capped = make_daemon(KSI_WARM_MAX="3")
+    assert capped.result("HEALTH_CHECK")["warm"]["max_warm"] == 3

@@ -74,8 +74,9 @@ class EngineConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     warm_default: bool = defaults.WARM_DEFAULT
     warm_idle_s: float = defaults.WARM_IDLE_S
-    warm_max: int = defaults.WARM_MAX
-    """Cap on warm session processes (LRU eviction); 0 disables warm mode."""
+    warm_max: int = field(default_factory=defaults.warm_max_for_memory)
+    """Cap on warm session processes (LRU eviction); 0 disables warm mode. Default: what
+    the machine's available memory holds (:func:`~daemon.claude.defaults.warm_max_for_memory`)."""
     warm_pool_size: int = defaults.WARM_POOL_SIZE
     warm_interrupt_wait_s: float = defaults.WARM_INTERRUPT_WAIT_S
     warm_close_grace_s: float = defaults.WARM_CLOSE_GRACE_S

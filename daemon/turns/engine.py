@@ -32,6 +32,7 @@ def build_engine(settings: Settings, state: StateManager) -> ClaudeEngine:
     retries = settings.cli_max_retries
     if retries is not None and "CLAUDE_CODE_MAX_RETRIES" not in os.environ:
         extra_env["CLAUDE_CODE_MAX_RETRIES"] = str(retries)
+    warm_max = {} if settings.warm_max is None else {"warm_max": settings.warm_max}
     config = EngineConfig(
         claude_bin=settings.claude_bin,
         project_root=settings.project_root,
@@ -42,7 +43,7 @@ def build_engine(settings: Settings, state: StateManager) -> ClaudeEngine:
         extra_env=extra_env,
         warm_default=settings.warm_default,
         warm_idle_s=settings.warm_idle_s,
-        warm_max=settings.warm_max,
-        warm_pool_size=settings.warm_pool_size,
+        warm_pool_size=settings.pool_size,
+        **warm_max,
     )
     return ClaudeEngine(config, RecordedCwds(state))

@@ -237,3 +237,80 @@ def test_a_transient_failure_is_retried_and_the_model_sees_one_prompt(
         if e["data"]["kind"] == "api_retry"
     ]
     assert retries == [(529, 1), (529, 2), (429, 1)]
+
+
+TOOL_KINDS = ["started", "text", "tool_use", "tool_result", "text"]
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+async def test_a_tool_turn_streams_its_progress_with_the_real_cli(
+    real_daemon: DaemonProcess, warm: bool
+) -> None:
+    work = str(real_daemon.work)
+    async with (
+        AsyncClient.connect(real_daemon.socket) as watcher,
+        AsyncClient.connect(real_daemon.socket) as caller,
+    ):
+        await watcher.subscribe(["PROCESS_PROGRESS", "PROCESS_COMPLETE"])
+        turn = await caller.spawn_stream(
+            "[[say:Let me check.]] [[bash:echo hi]]", cwd=work, allowed_tools=["Bash"], warm=warm
+        )
+        streamed = [event async for event in turn]
+        result = turn.result()
+        seen: list[dict[str, Any]] = []
+        while not seen or seen[-1]["event"] != "PROCESS_COMPLETE":
+            seen.append(await watcher.next_event(timeout=30))
+    assert result["text"] == "tool result: hi"
+    assert result["warm"] is warm
+    progress = [e["data"] for e in streamed]
+    assert [p["kind"] for p in progress] == TOOL_KINDS
+    assert [p["index"] for p in progress] == list(range(len(TOOL_KINDS)))
+    started, said, use, tool_result, answer = progress
+    assert started["cwd"] == work
+    assert "Bash" in started["tools"]
+    assert said["text"] == "Let me check."
+    assert (use["name"], use["input"]["command"]) == ("Bash", "echo hi")
+    assert (tool_result["tool_use_id"], tool_result["content"]) == (use["tool_use_id"], "hi")
+    assert answer["text"] == result["text"]
+    # The subscriber saw the same events (without the request's id), then the completion.
+    assert [e["data"] for e in seen[:-1]] == progress
+    assert seen[-1]["data"]["process_id"] == result["process_id"]
+
+
+async def test_a_late_subscriber_and_a_cancel_mid_stream_with_the_real_cli(
+    real_daemon: DaemonProcess,
+) -> None:
+    work = str(real_daemon.work)
+    async with (
+        AsyncClient.connect(real_daemon.socket) as caller,
+        AsyncClient.connect(real_daemon.socket) as late,
+    ):
+        turn = await caller.spawn_stream(
+            "[[say:This takes a while.]] [[bash:sleep 30]]",
+            cwd=work,
+            allowed_tools=["Bash"],
+            warm=False,
+        )
+        early: list[dict[str, Any]] = []
+        async for event in turn:
+            early.append(event["data"])
+            if event["data"]["kind"] == "tool_use":  # the tool now runs for 30 s
+                break
+        process_id = early[0]["process_id"]
+        procs = real_daemon.result("GET_PROCESSES")["processes"]
+        pid = next(p["pid"] for p in procs if p["process_id"] == process_id)
+        await late.subscribe(["PROCESS_PROGRESS", "PROCESS_COMPLETE"])
+        cancelled = await late.call("CANCEL_PROCESS", {"process_id": process_id})
+        assert cancelled["status"] == "cancelled"
+        reply = await asyncio.wait_for(turn.wait(), 30)
+        rest: list[dict[str, Any]] = []
+        while not rest or rest[-1]["event"] != "PROCESS_COMPLETE":
+            rest.append(await late.next_event(timeout=30))
+    assert [p["kind"] for p in early] == ["started", "text", "tool_use"]
+    assert reply["error"]["code"] == "CANCELLED"
+    complete = rest[-1]["data"]
+    assert (complete["process_id"], complete["status"]) == (process_id, "cancelled")
+    # What the late subscriber got continues the turn's numbering: nothing missed, no repeat.
+    indices = [e["data"]["index"] for e in rest[:-1]]
+    assert indices == list(range(len(early), len(early) + len(indices)))
+    await eventually(lambda: not pid_alive(pid), timeout=5)  # the CLI and its tool are gone

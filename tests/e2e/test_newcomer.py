@@ -50,7 +50,25 @@ def test_run_stub_answers_the_readme_commands(real_claude_bin: Path, tmp_path: P
             cwd=PROJECT_ROOT,
         )
         assert turn.returncode == 0, turn.stdout + turn.stderr
-        assert turn.stdout.splitlines()[-1].startswith("-- session ")
+        footer = turn.stdout.splitlines()[-1]
+        assert footer.startswith("-- session ")
+        session_id = footer.split()[2]
+        # Turn 2, followed as it happens: warm by default, on the session's own CLI.
+        again = subprocess.run(
+            [*cli, "send", "SPAWN", "prompt=And again", f"session_id={session_id}", "--follow"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=PROJECT_ROOT,
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.splitlines()[0] == "echo: And again"
+        assert again.stdout.splitlines()[-1].startswith(f"-- session {session_id} ")
+        info = SyncClient(sock, timeout=30).call("GET_SESSION", {"session_id": session_id})
+        assert info["session"]["turns"] == 2
+        assert info["session"]["warm"]["turns"] == 2  # both turns on one warm CLI
+        assert [p["warm"] for p in info["processes"]] == [True, True]
         assert "stub Anthropic API on http://127.0.0.1:" in (tmp_path / "stderr").read_text()
     finally:
         proc.terminate()
