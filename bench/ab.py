@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from bench.core import ROOT, Row, Run, Stats, fmt, selected
-from bench.procs import DaemonHandle, instant_fake, start_daemon
+from bench.procs import COLD, DaemonHandle, instant_fake, start_daemon
 from bench.sockets import CONNECT, GS, HC, _pipelined, _sequential
 from bench.spawn import _check_spawn, ours_throughput, spawn_line
 from bench.suite import REGISTRY
@@ -106,7 +106,7 @@ def interleaved(base: Path, rounds: int, smoke: bool) -> None:
     units: dict[str, str] = {}
     try:
         fake = instant_fake(run)
-        env = {"KSI_MAX_CONCURRENCY": "4"}
+        env = {**COLD, "KSI_MAX_CONCURRENCY": "4"}
         daemons = {
             "before": start_daemon(run, claude_bin=fake, env=env, root=base),
             "after": start_daemon(run, claude_bin=fake, env=env, root=ROOT),

@@ -36,6 +36,11 @@ echo '{"type":"result","subtype":"success","is_error":false,"duration_ms":1,\
 """
 
 
+# The instant fake answers one turn and exits, as a cold `claude -p` does: daemons that run it
+# (P1, P3-P8) keep warm mode off, and measure the per-turn exec path their floors exec too.
+COLD = {"KSI_WARM_DEFAULT": "false"}
+
+
 def short_dir(prefix: str) -> Path:
     """A fresh directory under /tmp (AF_UNIX paths must stay under ~107 bytes)."""
     return Path(tempfile.mkdtemp(prefix=f"kb-{prefix}-", dir="/tmp"))
@@ -313,7 +318,8 @@ def fake_daemon(run: Run) -> DaemonHandle:
     """The run's shared daemon on the instant fake CLI (concurrency cap 4), SPAWN-ready."""
 
     def make() -> DaemonHandle:
-        return start_daemon(run, claude_bin=instant_fake(run), env={"KSI_MAX_CONCURRENCY": "4"})
+        env = {**COLD, "KSI_MAX_CONCURRENCY": "4"}
+        return start_daemon(run, claude_bin=instant_fake(run), env=env)
 
     handle: DaemonHandle = run.shared("fake_daemon", make)
     return handle

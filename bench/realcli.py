@@ -1,8 +1,10 @@
 """P2: one real Claude CLI turn through the daemon vs the same ``claude -p`` run bare.
 
 Both sides run the pinned CLI against the loopback stub API with the same environment,
-config dir, working directory, argv shape (``-p --output-format json --model sonnet
---session-id <new uuid>``) and prompt on stdin. Runs alternate (which side goes first
+config dir, working directory and prompt; the daemon's turn is a cold one (``warm: false``,
+no pool), which it runs in stream-json mode (the prompt as a JSON line on stdin, stdin
+closed at the result), the bare one is ``claude -p --output-format json --model sonnet
+--session-id <new uuid>`` with the prompt on stdin. Runs alternate (which side goes first
 alternates too) so that drift on a noisy machine cancels out. Skipped, with the reason,
 when the real CLI is not installed.
 """
@@ -31,14 +33,16 @@ def p2_real_cli(run: Run) -> list[Row]:
     reps, warm = run.reps(10, 2), 1
     stub = start_stub_api(run)
     d = start_daemon(
-        run, claude_bin=REAL_CLAUDE, env={**OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": stub.url}
+        run,
+        claude_bin=REAL_CLAUDE,
+        env={**OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": stub.url, "KSI_WARM_POOL_SIZE": "0"},
     )
     env = dict(d.env)  # the daemon's own environment: the CLI child sees exactly this
     conn = LineConn(d.socket, timeout=120)
     conn.request(request_line("CONNECT"))
 
     def ours(i: int) -> float:
-        line = spawn_line(d.work, f"bench p2 {i}")
+        line = spawn_line(d.work, f"bench p2 {i}", warm=False)
         t0 = time.perf_counter()
         reply = conn.request(line)
         dt = time.perf_counter() - t0

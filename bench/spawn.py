@@ -15,18 +15,19 @@ from __future__ import annotations
 import gc
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from bench.core import Row, Run, Stats, benchmark
-from bench.procs import DaemonHandle, fake_daemon, instant_fake, start_daemon, start_floor
+from bench.procs import COLD, DaemonHandle, fake_daemon, instant_fake, start_daemon, start_floor
 from bench.wire import LineConn, request_line
 
 COMPLETE = b'{"event":"PROCESS_COMPLETE"'
 
 
-def spawn_line(work: Path, prompt: str, mode: str = "sync") -> bytes:
-    return request_line("SPAWN", {"prompt": prompt, "mode": mode, "cwd": str(work)})
+def spawn_line(work: Path, prompt: str, mode: str = "sync", **params: Any) -> bytes:
+    return request_line("SPAWN", {"prompt": prompt, "mode": mode, "cwd": str(work), **params})
 
 
 def exec_floor(run: Run):  # -> ServerHandle
@@ -183,7 +184,7 @@ def floor_throughput(sock: Path, n: int, parallel: int) -> float:
 def p8_throughput(run: Run) -> list[Row]:
     n, rounds = run.reps(400, 40), run.reps(3, 1)
     d4 = fake_daemon(run)
-    d16 = start_daemon(run, claude_bin=instant_fake(run), env={"KSI_MAX_CONCURRENCY": "16"})
+    d16 = start_daemon(run, claude_bin=instant_fake(run), env={**COLD, "KSI_MAX_CONCURRENCY": "16"})
     floor, llm_floor = exec_floor(run), litellm_floor(run)
     # Warm-up: both daemons and the floors run the fake a few times first.
     ours_throughput(d4, 8, "warm")
@@ -267,7 +268,7 @@ def spawn_batch(conn: LineConn, work: Path, count: int, start: int) -> None:
 def p7_memory(run: Run) -> list[Row]:
     total, warm_up = run.reps(5000, 200), run.reps(500, 50)
     step = run.reps(500, 50)
-    d = start_daemon(run, claude_bin=instant_fake(run), env={"KSI_MAX_CONCURRENCY": "4"})
+    d = start_daemon(run, claude_bin=instant_fake(run), env={**COLD, "KSI_MAX_CONCURRENCY": "4"})
     conn = LineConn(d.socket)
     conn.call("SUBSCRIBE", {"event_types": ["PROCESS_COMPLETE"]})
     spawn_batch(conn, d.work, 5, 0)  # first turns: lazy imports and caches

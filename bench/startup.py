@@ -11,7 +11,7 @@ import subprocess
 import time
 
 from bench.core import VENV_PY, Row, Run, Stats, benchmark, fmt
-from bench.procs import base_env, instant_fake, start_daemon
+from bench.procs import COLD, base_env, instant_fake, start_daemon
 
 
 def _wall(code: str) -> float:
@@ -42,7 +42,7 @@ def p6_startup(run: Run) -> list[Row]:
         if i % 2:
             imp.append(_wall("import litellm"))
             bare.append(_wall("pass"))
-        d = start_daemon(run, claude_bin=fake, wait="none")
+        d = start_daemon(run, claude_bin=fake, env=COLD, wait="none")
         accept.append(d.wait_accepting(interval=0.001) - d.started_at)
         ready.append(d.wait_ready(interval=0.01) - d.started_at)
         d.stop()

@@ -46,7 +46,8 @@ BLEMEESD = ROOT / ".venv" / "bin" / "blemeesd"
 
 
 class Warm:
-    """The shared set-up: stub API, a daemon with a pool of 1, and its work directory."""
+    """The shared set-up: stub API, a daemon with the default warm settings (warm turns, a
+    pool of 1), and its work directory."""
 
     def __init__(self, run: Run) -> None:
         self.stub = start_stub_api(run)
@@ -55,8 +56,7 @@ class Warm:
         self.env = {
             **OFFLINE_CLI_ENV,
             "ANTHROPIC_BASE_URL": self.stub.url,
-            "KSI_WARM_POOL_SIZE": "1",
-            "KSI_PROJECT_ROOT": str(self.work),
+            "KSI_PROJECT_ROOT": str(self.work),  # warm by default, a pool of 1: no flags
         }
         self.d: DaemonHandle = start_daemon(run, claude_bin=REAL_CLAUDE, env=self.env)
         self.conn = LineConn(self.d.socket, timeout=120)
@@ -128,7 +128,7 @@ def w1_turn_two(run: Run) -> list[Row]:
         return skipped
     w = warm_setup(run)
     reps = run.reps(12, 2)
-    _, first = w.spawn("w1 warm 1", warm=True, model="sonnet")  # non-default: not the pool
+    _, first = w.spawn("w1 warm 1", model="sonnet")  # non-default model: not the pool
     w.warm_sid = first["session_id"]
     _, cold_first = w.spawn("w1 cold 1", warm=False)
     w.cold_sid = cold_first["session_id"]
@@ -137,7 +137,7 @@ def w1_turn_two(run: Run) -> list[Row]:
     cli_ms: list[float] = []  # the CLI's own duration_ms of the warm turns
 
     def warm_turn(i: int) -> None:
-        dt, result = w.spawn(f"w1 warm {i + 2}", warm=True, model="sonnet", session_id=w.warm_sid)
+        dt, result = w.spawn(f"w1 warm {i + 2}", model="sonnet", session_id=w.warm_sid)
         warm_ms.append(1000 * dt)
         cli_ms.append(float(result["raw"]["duration_ms"]))
 
@@ -182,7 +182,7 @@ def w2_pool_first_turn(run: Run) -> list[Row]:
     misses = 0
     for i in range(reps):
         pooled = w.aged_pool_process()
-        dt, result = w.spawn(f"w2 pool {i}", warm=True)
+        dt, result = w.spawn(f"w2 pool {i}")
         if result["session_id"] != pooled["session_id"]:
             misses += 1  # the pool process was not taken: not a pool figure
         else:
