@@ -239,3 +239,23 @@ def test_cli_follow_prints_the_turn_as_it_happens(make_daemon: Any) -> None:
     assert lines[4].startswith("-- session ")
     assert len(lines) == 5
     assert "waiting" not in proc.stderr  # no spinner when stderr is not a terminal
+
+
+async def test_a_replayed_stream_spawn_follows_the_running_turn(make_daemon: Any) -> None:
+    """The same client_request_id again (a client reconnecting mid-turn) runs nothing new:
+    its connection gets the rest of the running turn's progress, then the replayed reply."""
+    d = make_daemon()
+    params = {"cwd": str(d.work), "client_request_id": "job-1"}
+    async with AsyncClient.connect(d.socket) as first, AsyncClient.connect(d.socket) as again:
+        turn = await first.spawn_stream("[[pause:0.5]] slow", **params)
+        async for event in turn:
+            if event["data"]["kind"] == "text":
+                break
+        replay = await again.spawn_stream("[[pause:0.5]] slow", **params)
+        rest = [e["data"] async for e in replay]
+        await turn.wait()
+    assert replay.result()["replayed"] is True
+    assert replay.result()["process_id"] == event["data"]["process_id"]
+    assert [p["kind"] for p in rest] == ["text"]
+    assert rest[0]["index"] == event["data"]["index"] + 1
+    assert len([e for e in d.log_events() if e.get("event") == "turn.finished"]) == 1
