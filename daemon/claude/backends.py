@@ -8,7 +8,7 @@ daemon/claude/warm.py) implements the same :class:`TurnBackend` protocol.
 
 Both speak stream-json both ways (``--input-format stream-json --output-format
 stream-json --verbose``): the prompt is one user line on stdin, and stdin stays open until
-the turn's ``result`` line (a cold CLI then exits 0). So every turn is read by the same
+the turn's ``result`` line (a cold CLI then exits). So every turn is read by the same
 :class:`TurnLines` and reports the same progress (daemon/claude/progress.py), and the CLI
 can ask its parent questions mid-turn (control requests) whichever backend runs it.
 """
@@ -90,6 +90,15 @@ class TurnLines:
         return obj
 
 
+async def result_of(lines: AsyncGenerator[dict[str, Any], None], state: StreamState) -> TurnResult:
+    """Read a backend's stream of one turn to its end: the turn's result, or its error."""
+    async with aclosing(lines) as items:
+        async for _ in items:
+            pass
+    assert state.result is not None
+    return state.result
+
+
 class TurnBackend(Protocol):
     """Executes resolved turns; locking and session bookkeeping stay in the engine."""
 
@@ -152,11 +161,7 @@ class ColdBackend:
 
     async def run_json(self, req: TurnRequest) -> TurnResult:
         state = StreamState()
-        async with aclosing(self.stream(req, state)) as lines:
-            async for _ in lines:
-                pass
-        assert state.result is not None
-        return state.result
+        return await result_of(self.stream(req, state), state)
 
     async def stream(
         self, req: TurnRequest, state: StreamState

@@ -39,12 +39,11 @@ import functools
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
-from daemon.claude.backends import StreamState, TurnLines, TurnRequest, spawn_errors
+from daemon.claude.backends import StreamState, TurnLines, TurnRequest, result_of, spawn_errors
 from daemon.claude.errors import ClaudeCLIError, ErrorCode
 from daemon.claude.results import TurnResult, classify_result, json_line
 from daemon.claude.warm_pool import WarmPool
@@ -88,11 +87,7 @@ class WarmBackend:
 
     async def run_json(self, req: TurnRequest) -> TurnResult:
         state = StreamState()
-        async with aclosing(self._turn(req, state)) as lines:
-            async for _ in lines:
-                pass
-        assert state.result is not None
-        return state.result
+        return await result_of(self._turn(req, state), state)
 
     def stream(self, req: TurnRequest, state: StreamState) -> AsyncGenerator[dict[str, Any], None]:
         return self._turn(req, state)
