@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import selectors
 import signal
@@ -13,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from daemon.cli import Follower, progress_note
 from daemon.client import AsyncClient, CommandError, ConnectionClosed, SyncClient
 from tests.helpers import ROOT, DaemonProcess, short_tmpdir, wait_for
 from tests.inproc import InProcessDaemon
@@ -303,3 +305,42 @@ def test_cli_subscribe_streams_events(d: DaemonProcess) -> None:
         proc.stderr.close()
     # Its subscription ended with it.
     wait_for(lambda: d.result("HEALTH_CHECK")["counts"]["subscribers"] == base, 5)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_follow_shows_a_spinner_on_a_terminal_until_the_first_event() -> None:
+    out, err = io.StringIO(), _Terminal()
+    printer = Follower(out, err)
+    printer.idle()
+    printer.idle()
+    assert err.getvalue().count("waiting for the turn to start") == 2
+    assert err.getvalue().startswith("\r⠋ ")
+    printer.event({"kind": "started", "model": "claude-sonnet-5"})
+    assert err.getvalue().endswith("\r\x1b[K")  # cleared by the first event
+    printer.idle()  # the spinner is gone for good
+    printer.event({"kind": "text", "text": "Hel", "delta": True})
+    printer.event({"kind": "text", "text": "lo", "delta": True})
+    printer.event({"kind": "tool_use", "name": "Read", "input": {"file_path": "/x"}})
+    printer.event({"kind": "tool_result", "is_error": True, "content": "\n  no such file\n"})
+    printer.end()
+    assert err.getvalue().count("waiting") == 2
+    assert out.getvalue() == (
+        'Hello\n· Read {"file_path":"/x"}\n  ↳ error no such file\n'  # a note on its own line
+    )
+    assert printer.text_shown
+
+
+def test_progress_notes_stay_on_one_line() -> None:
+    long = {"kind": "tool_use", "name": "Bash", "input": {"command": "echo " + "x" * 500}}
+    note = progress_note(long)
+    assert note is not None
+    assert len(note) <= 120
+    assert note.endswith("…")
+    retry = {"kind": "api_retry", "attempt": 1, "max_retries": 3, "delay_s": 1.2, "status": 529}
+    assert progress_note(retry) == "· API retry 1/3 in 1.2 s (status 529)"
+    assert progress_note({"kind": "status", "status": "requesting"}) is None
+    assert progress_note({"kind": "started"}) is None
