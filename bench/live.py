@@ -22,9 +22,8 @@ from typing import IO, Any
 import orjson
 
 from bench.core import REAL_CLAUDE, Row, Run, Stats, benchmark, fmt
-from bench.procs import real_cli_missing, start_daemon, start_stub_api, stop_pid
+from bench.procs import cold_real_cli_daemon, real_cli_missing, stop_pid
 from bench.wire import LineConn, request_line
-from devtools.stub_api import OFFLINE_CLI_ENV
 
 P9 = "SPAWN stream: true -> first text event vs bare CLI's first assistant line"
 P9W = "same, a warm session's later turn vs a bare long-lived CLI"
@@ -90,12 +89,7 @@ def p9_first_text(run: Run) -> list[Row]:
         print(f"P9 skipped: {why}", flush=True)
         return [Row("P9", P9, "ms", None, goal=GOAL, skipped=why)]
     reps = run.reps(10, 2)
-    stub = start_stub_api(run)
-    d = start_daemon(
-        run,
-        claude_bin=REAL_CLAUDE,
-        env={**OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": stub.url, "KSI_WARM_POOL_SIZE": "0"},
-    )
+    d = cold_real_cli_daemon(run)
     env = dict(d.env)  # the daemon's own environment: its CLI children see exactly this
     conn = LineConn(d.socket, timeout=120)
     conn.call("CONNECT")

@@ -22,6 +22,7 @@ import orjson
 
 from bench.core import REAL_CLAUDE, ROOT, VENV_PY, Run
 from bench.wire import LineConn, request_line, wait_accepting
+from devtools.stub_api import OFFLINE_CLI_ENV
 
 HEALTH = request_line("HEALTH_CHECK")
 
@@ -312,6 +313,15 @@ def real_cli_missing() -> str | None:
     if not (REAL_CLAUDE.exists() and os.access(REAL_CLAUDE, os.X_OK)):
         return f"real Claude CLI not installed at {REAL_CLAUDE} (run `npm ci`)"
     return None
+
+
+def cold_real_cli_daemon(run: Run) -> DaemonHandle:
+    """A daemon on the real CLI against a fresh stub API, with no pre-warmed CLI: for
+    benchmarks that compare its cold turns with a bare CLI run in the same environment
+    (the handle's ``env`` is what the daemon's CLI children see)."""
+    stub = start_stub_api(run)
+    env = {**OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": stub.url, "KSI_WARM_POOL_SIZE": "0"}
+    return start_daemon(run, claude_bin=REAL_CLAUDE, env=env)
 
 
 def fake_daemon(run: Run) -> DaemonHandle:

@@ -16,10 +16,9 @@ import time
 import uuid
 
 from bench.core import REAL_CLAUDE, Row, Run, Stats, benchmark, fmt
-from bench.procs import real_cli_missing, start_daemon, start_stub_api
+from bench.procs import cold_real_cli_daemon, real_cli_missing
 from bench.spawn import spawn_line
 from bench.wire import LineConn, request_line
-from devtools.stub_api import OFFLINE_CLI_ENV
 
 WHAT = "real CLI turn via daemon vs bare claude -p"
 
@@ -31,12 +30,7 @@ def p2_real_cli(run: Run) -> list[Row]:
         print(f"P2 skipped: {why}", flush=True)
         return [Row("P2", WHAT, "s", None, goal="ratio <= 1.02", skipped=why)]
     reps, warm = run.reps(10, 2), 1
-    stub = start_stub_api(run)
-    d = start_daemon(
-        run,
-        claude_bin=REAL_CLAUDE,
-        env={**OFFLINE_CLI_ENV, "ANTHROPIC_BASE_URL": stub.url, "KSI_WARM_POOL_SIZE": "0"},
-    )
+    d = cold_real_cli_daemon(run)
     env = dict(d.env)  # the daemon's own environment: the CLI child sees exactly this
     conn = LineConn(d.socket, timeout=120)
     conn.request(request_line("CONNECT"))
