@@ -266,6 +266,23 @@ class SyncClient:
         self.path = str(path or default_socket())
         self.timeout = timeout
 
+    def _send(self, command: str, parameters: dict[str, Any] | None) -> socket.socket:
+        """Open a connection and write one command line on it; the caller closes it."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(self.timeout)
+            s.connect(self.path)
+            s.sendall(
+                orjson.dumps(
+                    {"command": command, "parameters": parameters or {}},
+                    option=orjson.OPT_APPEND_NEWLINE,
+                )
+            )
+        except BaseException:
+            s.close()
+            raise
+        return s
+
     def stream(
         self,
         command: str,
@@ -277,15 +294,7 @@ class SyncClient:
         connection: a SPAWN with ``stream: true`` writes its progress events, then the
         reply. With ``idle``, None is yielded after every ``idle`` seconds without a line
         (a caller's chance to show it is still waiting)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(self.timeout)
-            s.connect(self.path)
-            s.sendall(
-                orjson.dumps(
-                    {"command": command, "parameters": parameters or {}},
-                    option=orjson.OPT_APPEND_NEWLINE,
-                )
-            )
+        with self._send(command, parameters) as s:
             partial: list[bytes] = []  # the unfinished line's chunks (joined once complete)
             while True:
                 if idle is not None and not select.select([s], [], [], idle)[0]:
@@ -306,15 +315,7 @@ class SyncClient:
             yield orjson.loads(last)
 
     def request(self, command: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(self.timeout)
-            s.connect(self.path)
-            s.sendall(
-                orjson.dumps(
-                    {"command": command, "parameters": parameters or {}},
-                    option=orjson.OPT_APPEND_NEWLINE,
-                )
-            )
+        with self._send(command, parameters) as s:
             chunks = []
             while True:
                 chunk = s.recv(1 << 20)
