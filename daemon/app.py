@@ -100,6 +100,7 @@ class Daemon:
             found = find_orphans(owner_token(self.settings.state_path), self.state.orphans)
             self.orphans_ended = await end_orphans(found, self.settings.term_grace_s)
             await self.bus.load()
+            await self.turns.permissions.load()  # requests left pending: reported expired
             # The daemon's long-lived tasks (observer loops, LiteLLM's loading, the CLI's
             # version probe) live in this group: none outlives the daemon's run, and each is
             # cancelled and awaited by its owner's stop during the teardown.
@@ -242,6 +243,7 @@ class Daemon:
             "litellm": turns["litellm"],
             "claude": turns["claude"],
             "warm": turns["warm"],
+            "permissions": self.turns.permissions.stats(),
             "storage": storage,
             "orphans_ended": self.orphans_ended,
         }

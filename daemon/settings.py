@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     # None: one pre-warmed CLI when turns are warm by default, none otherwise.
     warm_pool_size: int | None = Field(default=None, ge=0)
 
+    # Permission relay (daemon/turns/permissions.py): a SPAWN's permissions,
+    # permission_timeout_s and permission_default when it does not say.
+    permissions: Literal["cli", "relay"] = "cli"
+    permission_timeout_s: float = Field(default=60.0, gt=0, le=7 * 24 * 3600)
+    permission_default: Literal["allow", "deny"] = "deny"
+
     # Cognitive observers: "package.module:factory" or an entry point name in "ksi.observers".
     observers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     observer_queue: int = Field(default=1000, ge=1)

@@ -59,7 +59,9 @@ Prompt markers (anywhere in the prompt, several may combine):
   [[ignore-sigterm]] ignore SIGTERM from now on
   [[grandchild:PATH]] start `sleep 300` in our process group, write its pid to PATH
   [[pidfile:PATH]]   write our pid to PATH
-  [[tool:NAME:ARG]]  simulate a tool round trip (num_turns 2)
+  [[tool:NAME:ARG]]  simulate a tool round trip (num_turns 2); with
+                     --permission-prompt-tool stdio, Bash/Write/Edit first ask the parent
+                     (a can_use_tool control request) and wait for its answer
   [[say:TEXT]]       with [[tool:...]]: the model says TEXT before its tool call
 Environment:
   FAKE_CLAUDE_START_DELAY=S    sleep S seconds at start (the real CLI takes ~0.3 s)
@@ -89,6 +91,11 @@ _DEFAULT_TOOLS = [
     "Skill", "TaskCreate", "TaskGet", "TaskList", "TaskOutput", "TaskStop", "TaskUpdate",
     "WebFetch", "WebSearch", "Workflow", "Write",
 ]
+# fmt: on
+# Tools the real CLI in -p mode does not run unasked: with --permission-prompt-tool stdio it
+# asks its parent first (../shared/reference/claude-cli.md §13).
+_ASKING_TOOLS = frozenset({"Bash", "Edit", "MultiEdit", "NotebookEdit", "Write"})
+# fmt: off
 _SKILLS = [
     "deep-research", "update-config", "verify", "debug", "code-review", "simplify", "batch",
     "fewer-permission-prompts", "loop", "claude-api", "run", "run-skill-generator",
@@ -132,6 +139,7 @@ _FLAGS: dict[str, tuple[str, str, str]] = {
     "--append-system-prompt": ("append_system_prompt", "value", "<prompt>"),
     "--system-prompt": ("system_prompt", "value", "<prompt>"),
     "--permission-mode": ("permission_mode", "value", "<mode>"),
+    "--permission-prompt-tool": ("permission_prompt_tool", "value", "<tool>"),
     "--include-partial-messages": ("include_partial", "bool", ""),
     "-v": ("version", "bool", ""),
     "--version": ("version", "bool", ""),
@@ -181,6 +189,7 @@ class Options:
         self.append_system_prompt: str | None = None
         self.system_prompt: str | None = None
         self.permission_mode = "default"
+        self.permission_prompt_tool: str | None = None
         self.include_partial = False
         self.version = False
         self.help = False
@@ -685,6 +694,72 @@ class Fake:
             return name in {tool_name(t) for t in opts.allowed_tools}
         return True
 
+    def asks_first(self, name: str) -> bool:
+        """With ``--permission-prompt-tool stdio`` the parent is asked before a tool that
+        changes things (or one --allowedTools leaves out) runs, as the real CLI does."""
+        opts = self.opts
+        if opts.permission_prompt_tool != "stdio" or opts.permission_mode == "bypassPermissions":
+            return False
+        if name in {tool_name(t) for t in opts.allowed_tools or []}:
+            return False
+        return name in _ASKING_TOOLS or bool(opts.allowed_tools)
+
+    def ask_permission(self, name: str, arg: str, tool_id: str, tool_input: JsonObj) -> JsonObj:
+        """The can_use_tool control request, and the parent's answer (its ``response``)."""
+        request_id = new_uuid()
+        write_fd(
+            1,
+            (
+                dumps(
+                    {
+                        "type": "control_request",
+                        "request_id": request_id,
+                        "request": {
+                            "subtype": "can_use_tool",
+                            "tool_name": name,
+                            "display_name": name,
+                            "input": tool_input,
+                            "description": f"fake {name} call",
+                            "tool_use_id": tool_id,
+                            "permission_suggestions": [
+                                {
+                                    "type": "addRules",
+                                    "rules": [{"toolName": name, "ruleContent": arg}],
+                                    "behavior": "allow",
+                                    "destination": "session",
+                                }
+                            ],
+                        },
+                    }
+                )
+                + "\n"
+            ).encode(),
+        )
+        log_event({"pid": os.getpid(), "permission_asked": name, "time": time.time()})
+        if self.reader is None:
+            return {"behavior": "deny", "message": "no stdin to ask on"}
+        while True:
+            while self.reader.lines:
+                msg = self.parse_line(self.reader.lines.pop(0))
+                if msg is None:
+                    continue
+                kind = msg.get("type")
+                if kind == "control_response":
+                    response = msg.get("response") or {}
+                    if response.get("request_id") == request_id:
+                        if response.get("subtype") != "success":
+                            return {"behavior": "deny", "message": str(response.get("error"))}
+                        answer = response.get("response")
+                        return answer if isinstance(answer, dict) else {"behavior": "deny"}
+                elif kind == "control_request":
+                    if self.control(msg):
+                        raise Interrupted
+                else:
+                    self.deferred.append(msg)
+            if self.reader.eof:
+                return {"behavior": "deny", "message": "stdin closed"}
+            self.reader.poll(None)
+
     # ---- waiting and warm-mode input
 
     def wait(self, seconds: float) -> None:
@@ -800,7 +875,11 @@ class Fake:
         if "max-turns" in triggers:
             return self.max_turns(t0)
         if "tool" in triggers:
-            return self.tool_turn(t0, triggers["tool"], triggers.get("say"))
+            try:
+                return self.tool_turn(t0, triggers["tool"], triggers.get("say"))
+            except Interrupted:  # while it waited for a permission answer
+                self.interrupted(t0)
+                return 1
         if "huge" in triggers:
             reply = "x" * int(number(triggers["huge"]))
         else:
@@ -1085,7 +1164,17 @@ class Fake:
         blocks.append({"type": "tool_use", "id": tool_id, "name": name, "input": tool_input})
         self.model_message(blocks, in_tok, max(1, len(dumps(tool_input)) // 4))
         denial: JsonObj | None = None
-        if self.tool_allowed(name):
+        refusal = f"Claude requested permissions to use {name}, but you haven't granted it yet."
+        allowed = self.tool_allowed(name)
+        if self.asks_first(name) and name in set(self.tool_list()):
+            answer = self.ask_permission(name, arg, tool_id, tool_input)
+            allowed = answer.get("behavior") == "allow"
+            if allowed and isinstance(answer.get("updatedInput"), dict):
+                tool_input = answer["updatedInput"]
+                arg = str(tool_input.get("command" if name == "Bash" else "input", arg))
+            elif not allowed:
+                refusal = str(answer.get("message") or "denied")
+        if allowed:
             content = arg
             block: JsonObj = {
                 "tool_use_id": tool_id,
@@ -1101,7 +1190,7 @@ class Fake:
                 "noOutputExpected": False,
             }
         else:
-            content = f"Claude requested permissions to use {name}, but you haven't granted it yet."
+            content = refusal
             # Same keys as above, in the order the real CLI prints for a refused call.
             block = {
                 "type": "tool_result",

@@ -28,6 +28,7 @@ import orjson
 from daemon.claude.argv import build_argv
 from daemon.claude.errors import ClaudeCLIError, ErrorCode
 from daemon.claude.options import ClaudeOptions
+from daemon.claude.permissions import PermissionRelay, Write
 from daemon.claude.progress import ProgressMapper, notify
 from daemon.claude.results import StdoutLines, TurnResult, classify_result
 from daemon.claude.runner import OutputLimitError, RunResult, run_process
@@ -66,14 +67,22 @@ def user_line(prompt: str) -> bytes:
 class TurnLines:
     """One turn's stdout, line by line, as both backends read it: JSON objects are parsed
     (anything else is kept, bounded, for the error of a turn that ends without a result),
-    answers to our own control requests are skipped, and every other line is passed to
-    the turn's ``on_progress`` listener as progress items before the caller sees it."""
+    the CLI's control requests go to the turn's :class:`PermissionRelay` (which answers
+    through ``write``), answers to our own control requests are skipped, and every other
+    line is passed to the turn's ``on_progress`` listener as progress items before the
+    caller sees it. :meth:`aclose` when the turn is over."""
 
-    def __init__(self, opts: ClaudeOptions) -> None:
+    def __init__(self, opts: ClaudeOptions, write: Write) -> None:
         self.stdout = StdoutLines()
         self.result: dict[str, Any] | None = None
         self._mapper = ProgressMapper(partial=opts.include_partial_messages)
         self._on_progress = opts.on_progress
+        self.relay = PermissionRelay(
+            write,
+            opts.on_permission,
+            timeout_s=opts.permission_timeout_s,
+            default=opts.permission_default,
+        )
 
     def take(self, line: bytes) -> dict[str, Any] | None:
         """The line's object if the turn's caller should see it, else None."""
@@ -83,11 +92,17 @@ class TurnLines:
         kind = obj.get("type")
         if kind == "control_response":
             return None  # answers to our own control requests, not turn output
+        if kind == "control_request":
+            self.relay.take(obj)
+            return None
         if kind == "result":
             self.result = obj
         else:
             notify(self._on_progress, self._mapper, obj)
         return obj
+
+    async def aclose(self) -> None:
+        await self.relay.aclose()
 
 
 async def result_of(lines: AsyncGenerator[dict[str, Any], None], state: StreamState) -> TurnResult:
@@ -174,12 +189,14 @@ class ColdBackend:
             resume=req.resume,
         )
         lines: asyncio.Queue[bytes | None] = asyncio.Queue()
-        answered = asyncio.Event()  # the result line is in: close stdin, the CLI exits
+        # After the prompt: our answers to the CLI's control requests, then None (the result
+        # line is in) closes stdin and the CLI exits.
+        stdin: asyncio.Queue[bytes | None] = asyncio.Queue()
         task = asyncio.create_task(
             run_process(
                 argv,
                 stdin_data=user_line(req.prompt),
-                stdin_open_until=answered,
+                stdin_more=stdin,
                 cwd=req.cwd,
                 env=req.env,
                 timeout_s=req.timeout_s,
@@ -190,17 +207,25 @@ class ColdBackend:
             )
         )
         task.add_done_callback(lambda _: lines.put_nowait(None))
-        turn = TurnLines(req.opts)
+
+        async def write(obj: dict[str, Any]) -> bool:
+            if task.done():
+                return False
+            stdin.put_nowait(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
+            return True
+
+        turn = TurnLines(req.opts, write)
         try:
             while (line := await lines.get()) is not None:
                 if (obj := turn.take(line)) is None:
                     continue
                 if turn.result is not None:
-                    answered.set()
+                    stdin.put_nowait(None)
                 yield obj
             with spawn_errors(req):
                 run = await task
         finally:
+            await turn.aclose()
             if not task.done():
                 # aclose()/cancel of the consumer: the runner's cancel path
                 # terminates the group before we return.

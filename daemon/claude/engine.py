@@ -80,6 +80,8 @@ class EngineConfig:
     warm_pool_size: int = defaults.WARM_POOL_SIZE
     warm_interrupt_wait_s: float = defaults.WARM_INTERRUPT_WAIT_S
     warm_close_grace_s: float = defaults.WARM_CLOSE_GRACE_S
+    permissions: Literal["cli", "relay"] = "cli"
+    """What turns that do not say use: pool processes are started with these flags."""
 
 
 class ClaudeEngine:
@@ -265,7 +267,8 @@ class ClaudeEngine:
         """Flags of pool processes: what a SPAWN without model, cwd or tool options uses."""
         if self._closed:
             return None
-        return self._spec(None, ClaudeOptions(), str(self.config.default_cwd))
+        opts = ClaudeOptions(permissions=self.config.permissions)
+        return self._spec(None, opts, str(self.config.default_cwd))
 
     async def _stream(
         self,

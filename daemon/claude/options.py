@@ -4,8 +4,8 @@ Callers put every Claude-CLI option into one dict so nothing collides with the
 names LiteLLM interprets itself (``tools``, ``user``, ``timeout``,
 ``session_id``, ``num_retries`` ...). :class:`ClaudeOptions` validates it.
 
-``on_start`` and ``on_progress`` are plain callables riding inside the same dict. That works
-because LiteLLM 1.106.2 hands unknown kwargs to the provider in
+``on_start``, ``on_progress`` and ``on_permission`` are plain callables riding inside the
+same dict. That works because LiteLLM 1.106.2 hands unknown kwargs to the provider in
 ``optional_params`` *by reference* (verified in ``tests/test_provider.py``:
 the provider receives the identical function object, for ``acompletion`` with
 and without ``stream=True``). It is excluded from serialisation.
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from daemon.claude.permissions import OnPermission
 
 PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan"]
 
@@ -81,6 +83,25 @@ class TurnOptions(BaseModel):
         default=None,
         description="use a long-lived CLI process for this session (default from config)",
     )
+    permissions: Literal["cli", "relay"] | None = Field(
+        default=None,
+        description='"relay": the CLI asks before a tool its rules do not allow, and the '
+        'asking is relayed (the daemon publishes PERMISSION_REQUEST); "cli": the CLI decides '
+        "alone (a write it does not allow is denied); default from config",
+    )
+    permission_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        allow_inf_nan=False,
+        description="relay: seconds a request waits for an answer before "
+        "permission_default applies (default from config, 60)",
+    )
+    permission_default: Literal["allow", "deny"] | None = Field(
+        default=None,
+        description="relay: the decision when no answer comes in time "
+        '(default from config, "deny")',
+    )
 
     @field_validator("cwd")
     @classmethod
@@ -114,9 +135,10 @@ class TurnOptions(BaseModel):
     @classmethod
     def of(cls, base: TurnOptions, **extra: Any) -> Self:
         """``base``'s TurnOptions fields (already validated, e.g. as a SPAWN's parameters)
-        with ``extra`` fields of this class, without validating ``base`` a second time."""
+        with ``extra`` fields of this class (they win), without validating ``base`` a
+        second time."""
         fields = {name: getattr(base, name) for name in TurnOptions.model_fields}
-        return cls.model_construct(**fields, **extra)
+        return cls.model_construct(**{**fields, **extra})
 
 
 class ClaudeOptions(TurnOptions):
@@ -136,6 +158,9 @@ class ClaudeOptions(TurnOptions):
         default=None, exclude=True, repr=False
     )
     """Called with each progress item of the turn as it happens (daemon/claude/progress.py)."""
+    on_permission: OnPermission | None = Field(default=None, exclude=True, repr=False)
+    """With ``permissions: "relay"``: asked each time the CLI wants to run a tool its rules do
+    not allow (daemon/claude/permissions.py); without it the asks get ``permission_default``."""
 
     @field_validator("session_id", "new_session_id")
     @classmethod

@@ -55,12 +55,12 @@ class OutputLimitError(Exception):
         self.limit = limit
 
 
-async def _feed(child: Child, data: bytes, hold: asyncio.Event | None) -> None:
+async def _feed(child: Child, data: bytes, more: asyncio.Queue[bytes | None] | None) -> None:
     # A child that exits without reading its input is not our failure: write() says False.
     if data:
         await child.write(data)
-    if hold is not None:
-        await hold.wait()
+    while more is not None and (chunk := await more.get()) is not None:
+        await child.write(chunk)
     child.close_stdin()
 
 
@@ -74,7 +74,7 @@ async def run_process(
     term_grace_s: float = 3.0,
     orphan_grace_s: float = 1.0,
     on_start: Callable[[int], None] | None = None,
-    stdin_open_until: asyncio.Event | None = None,
+    stdin_more: asyncio.Queue[bytes | None] | None = None,
     on_stdout_line: Callable[[bytes], None] | None = None,
     stderr_tail_bytes: int = DEFAULT_STDERR_TAIL,
     max_stdout_bytes: int = DEFAULT_MAX_STDOUT,
@@ -87,8 +87,8 @@ async def run_process(
     ``on_start``/``on_stdout_line`` raised, and ``CancelledError`` when
     cancelled. In every case the process group is dead before it returns.
     ``collect_stdout=False`` keeps stdout out of memory when lines are consumed
-    through ``on_stdout_line``. ``stdin_open_until``: stdin stays open after
-    ``stdin_data`` until this event is set (else it is closed at once).
+    through ``on_stdout_line``. ``stdin_more``: after ``stdin_data``, stdin stays open
+    and gets each chunk put on this queue until a None (else it is closed at once).
     """
     started = time.monotonic()
     child = await Child.start(
@@ -105,7 +105,7 @@ async def run_process(
     try:
         if on_start is not None:
             on_start(child.pid)
-        feeder = asyncio.create_task(_feed(child, stdin_data, stdin_open_until))
+        feeder = asyncio.create_task(_feed(child, stdin_data, stdin_more))
         if not await child.wait(timeout_s):
             timed_out = True
             await child.terminate(close_grace_s=None, term_grace_s=term_grace_s)

@@ -119,6 +119,7 @@ class WarmBackend:
         proc = await self._acquire(req)
         proc.begin_turn()
         settled = False  # True once nothing is left to abort: result read, or process gone
+        turn: TurnLines | None = None
         try:
             if not await proc.write(user_message(req.prompt)):
                 # It died between the liveness check and the write, so the line never
@@ -135,7 +136,7 @@ class WarmBackend:
             req.on_start(proc.pid, proc.argv)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + req.timeout_s
-            turn = TurnLines(req.opts)
+            turn = TurnLines(req.opts, proc.write)
             while True:
                 try:
                     # A timeout around this await only (never around a yield), and not
@@ -164,6 +165,8 @@ class WarmBackend:
                 await self._abandon(proc)
             raise
         finally:
+            if turn is not None:
+                await turn.aclose()
             proc.end_turn()
             self._enforce_cap()
 

@@ -9,9 +9,9 @@ from daemon.commands.registry import Registry
 
 
 def build_registry() -> Registry:
-    from daemon.commands import agents, events, processes, shared, system
+    from daemon.commands import agents, events, permissions, processes, shared, system
 
     registry = Registry()
-    for module in (system, shared, agents, events, processes):
+    for module in (system, shared, agents, events, processes, permissions):
         module.register(registry)
     return registry

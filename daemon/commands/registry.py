@@ -90,6 +90,8 @@ class Context:
     services: Services
     conn: Connection | None = None
     request: Request | None = None
+    caller: str | None = None
+    """Who calls without a connection (an observer plugin: ``observer:<name>``)."""
 
 
 @dataclass(frozen=True, slots=True)

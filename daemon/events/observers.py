@@ -45,7 +45,8 @@ class ObserverAPI:
 
     async def call(self, command: str, parameters: dict[str, Any] | None = None) -> Any:
         services = self._services
-        return await services.registry.call(Context(services), command, parameters or {})
+        context = Context(services, caller=f"observer:{self.name}")
+        return await services.registry.call(context, command, parameters or {})
 
 
 @dataclass

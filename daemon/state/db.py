@@ -109,6 +109,21 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX processes_client_request ON processes(client_request_id)",
         ],
     ),
+    (
+        5,
+        [
+            # Relayed permission requests (daemon/turns/permissions.py): pending ones are
+            # reported as expired after a restart, decided ones answer late RESPOND_PERMISSIONs.
+            """CREATE TABLE permission_requests (
+                request_id TEXT PRIMARY KEY, process_id TEXT, session_id TEXT,
+                status TEXT NOT NULL, created_at REAL NOT NULL, record BLOB NOT NULL)""",
+            "CREATE INDEX permission_requests_status ON permission_requests(status, created_at)",
+            # Allow rules a RESPOND_PERMISSION with remember: "session" added.
+            """CREATE TABLE permission_rules (
+                session_id TEXT NOT NULL, tool_name TEXT NOT NULL, rule_content TEXT NOT NULL,
+                created_at REAL NOT NULL, PRIMARY KEY (session_id, tool_name, rule_content))""",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -27,8 +27,17 @@ from daemon.state.db import Store
 from daemon.turns.orphans import Recorded
 
 ProcessStatus = Literal[
-    "queued", "running", "completed", "failed", "cancelled", "timed_out", "interrupted"
+    "queued",
+    "running",
+    "awaiting_permission",
+    "completed",
+    "failed",
+    "cancelled",
+    "timed_out",
+    "interrupted",
 ]
+# "awaiting_permission": running, and the CLI waits for a relayed permission decision
+# (daemon/turns/permissions.py). Kept in memory only: on disk such a turn is "running".
 # "interrupted": the daemon stopped (or died) under the turn; the session is intact and the
 # request may be resubmitted (with the same client_request_id it runs once more, once).
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out", "interrupted"})

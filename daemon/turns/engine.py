@@ -42,6 +42,7 @@ def build_engine(settings: Settings, state: StateManager) -> ClaudeEngine:
         term_grace_s=settings.term_grace_s,
         extra_env=extra_env,
         warm_default=settings.warm_default,
+        permissions=settings.permissions,
         warm_idle_s=settings.warm_idle_s,
         warm_pool_size=settings.pool_size,
         **warm_max,

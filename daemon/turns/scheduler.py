@@ -45,6 +45,7 @@ from daemon.state.records import FINAL_STATUSES, SessionRecord, StateManager, Tu
 from daemon.state.turnlog import TurnLog
 from daemon.turns.engine import build_engine
 from daemon.turns.outcome import Outcome, SpawnResult, cli_failure, failure_of, recorded_outcome
+from daemon.turns.permissions import PermissionBroker
 from daemon.turns.provider import Acompletion, ProviderLoader
 from daemon.turns.recorder import TurnRecorder
 from daemon.turns.retry import Backoff, retry_delay, slows_everyone
@@ -69,6 +70,8 @@ class TurnScheduler:
         self.state = state
         self.turnlog = TurnLog(settings.log_path)
         self.recorder = TurnRecorder(state, bus, self.turnlog)
+        self.permissions = PermissionBroker(store, state, bus)
+        self.permissions.on_progress = self.recorder.progress
         self.engine: ClaudeEngine = build_engine(settings, state)
         self.provider = ProviderLoader(settings, self.engine)
         self.auth = AuthWatch(self.engine.cli_env())
@@ -164,11 +167,23 @@ class TurnScheduler:
         """The turn's session id and cwd, fixed now (the engine's policy): a mismatch is the
         client's error before anything is queued, and a warm first turn may take a
         pre-warmed CLI, whose own id then is the session's from the first event on."""
-        opts = ClaudeOptions.of(req.options, session_id=req.session_id)
+        opts = ClaudeOptions.of(
+            req.options, session_id=req.session_id, **self._permission_defaults(req)
+        )
         try:
             return await self.engine.plan_turn(opts, cli_model(req.model))
         except TurnRejected as exc:
             raise InvalidParameters(exc.message, details=exc.details or None) from None
+
+    def _permission_defaults(self, req: SpawnRequest) -> dict[str, Any]:
+        """The daemon's permission settings where the SPAWN does not say (they are part of
+        the CLI's flags, so they are fixed before planning picks a warm process)."""
+        o, s = req.options, self.settings
+        return {
+            "permissions": o.permissions or s.permissions,
+            "permission_timeout_s": o.permission_timeout_s or s.permission_timeout_s,
+            "permission_default": o.permission_default or s.permission_default,
+        }
 
     def _new_turn(self, req: SpawnRequest, planned: ClaudeOptions) -> Turn:
         process_id = uuid.uuid4().hex[:12]
@@ -337,16 +352,18 @@ class TurnScheduler:
         try:
             # Planned again inside the session's hold: the turns before it have settled
             # where the session lives.
-            opts = await engine.plan_turn(turn.opts, cli_model(req.model))
+            planned = turn.opts.model_copy(update=self._permission_defaults(req))
+            opts = await engine.plan_turn(planned, cli_model(req.model))
         except TurnRejected as exc:
             raise cli_failure(exc, turn.session_id) from None
         assert opts.cwd is not None
         turn.cwd = opts.cwd
-        recorder = self.recorder
+        recorder, broker = self.recorder, self.permissions
         opts = opts.model_copy(
             update={
                 "on_start": lambda start: recorder.cli_started(turn, start),
                 "on_progress": lambda item: recorder.progress(turn, item),
+                "on_permission": lambda ask: broker.ask(turn, ask),
             }
         )
         attempt = 0

@@ -50,6 +50,7 @@ class Turn:
     deferred: bool = False
     entered: bool = False  # its task has begun (a task cancelled before that never does)
     progress: int = 0  # PROCESS_PROGRESS events so far (their per-process index)
+    awaiting: int = 0  # relayed permission requests it waits on (daemon/turns/permissions.py)
     # Told of each PROCESS_PROGRESS event as it is published: the connections of sync
     # SPAWNs with ``stream: true`` waiting for this turn.
     watchers: list[Callable[[Event], None]] = field(default_factory=list)
