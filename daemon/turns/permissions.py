@@ -115,6 +115,7 @@ class PermissionBroker:
         self.decided: OrderedDict[str, PermissionRequest] = OrderedDict()
         self.rules: dict[str, set[tuple[str, str]]] = {}
         self.asked = 0
+        self.closing = False  # the daemon is stopping: turns still waiting end with it
         self.auto_allowed = 0
         # Told of each step a turn's request goes through (the turn's PROCESS_PROGRESS).
         self.on_progress: Callable[[Turn, dict[str, Any]], None] | None = None
@@ -173,7 +174,9 @@ class PermissionBroker:
         waiting = _Waiting(record, ask)
         self.pending[record.request_id] = waiting
         self.asked += 1
-        self._save(record)
+        # Committed before anyone hears of it: a request a client saw is never lost, even if
+        # the daemon dies the next moment (the next start reports it expired).
+        await self.store.write(*_upsert(record))
         self._set_awaiting(turn)
         self.bus.publish("PERMISSION_REQUEST", _request_event(record))
         self._progress(turn, ask, "pending", None, request_id=record.request_id)
@@ -194,9 +197,15 @@ class PermissionBroker:
         except asyncio.CancelledError:
             # The turn ended (cancelled, timed out, its CLI died) while it waited.
             if record.status == "pending":
-                record.status = "cancelled"
+                # At shutdown it is expired, as one found pending at the next start would be.
+                record.status = "expired" if self.closing else "cancelled"
                 record.decided_at = iso_from_epoch(time.time())
-                record.message = "the turn ended before an answer"
+                record.decided_by = "shutdown" if self.closing else None
+                record.message = (
+                    "the daemon stopped while this request waited; its turn ended"
+                    if self.closing
+                    else "the turn ended before an answer"
+                )
                 self._settled(record)
             raise
         finally:
@@ -333,21 +342,10 @@ class PermissionBroker:
             self.decided.popitem(last=False)
 
     def _save(self, record: PermissionRequest) -> None:
-        # Queued behind the turn's own writes, not awaited: the CLI is waiting, and a crash
-        # before the commit ends that CLI's turn too.
-        self.store.write_nowait(
-            "INSERT INTO permission_requests(request_id, process_id, session_id, status, "
-            "created_at, record) VALUES(?,?,?,?,?,?) ON CONFLICT(request_id) DO UPDATE SET "
-            "status=excluded.status, record=excluded.record",
-            (
-                record.request_id,
-                record.process_id,
-                record.session_id,
-                record.status,
-                time.time(),
-                _RECORD_JSON.dump_json(record),
-            ),
-        )
+        """Queue the upsert of the request's row behind the turn's own writes (not awaited:
+        a crash before it commits leaves the row pending, and the next start reports it
+        expired)."""
+        self.store.write_nowait(*_upsert(record))
 
     def _remember(self, session_id: str, rules: list[tuple[str, str]]) -> None:
         known = self.rules.setdefault(session_id, set())
@@ -398,6 +396,22 @@ class PermissionBroker:
         if by is not None:
             item["decided_by"] = by
         self.on_progress(turn, item)
+
+
+def _upsert(record: PermissionRequest) -> tuple[str, tuple[Any, ...]]:
+    return (
+        "INSERT INTO permission_requests(request_id, process_id, session_id, status, "
+        "created_at, record) VALUES(?,?,?,?,?,?) ON CONFLICT(request_id) DO UPDATE SET "
+        "status=excluded.status, record=excluded.record",
+        (
+            record.request_id,
+            record.process_id,
+            record.session_id,
+            record.status,
+            time.time(),
+            _RECORD_JSON.dump_json(record),
+        ),
+    )
 
 
 def _ids(record: PermissionRequest) -> dict[str, Any]:

@@ -455,6 +455,7 @@ class TurnScheduler:
 
     async def shutdown(self, grace_s: float) -> None:
         self.accepting = False
+        self.permissions.closing = True
         for turn in list(self.turns.values()):  # queued turns never started: stop them now
             if turn.info.status == "queued" and turn.task is not None:
                 # An async one keeps its request in SQLite and runs after the restart; a sync
