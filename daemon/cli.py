@@ -5,6 +5,7 @@
     python -m daemon.cli send SPAWN prompt="hello" mode=async
     python -m daemon.cli send SPAWN prompt="fix the test" --follow
     python -m daemon.cli subscribe 'PROCESS_*'
+    python -m daemon.cli permissions [-i] [--watch]     (see: permissions --help)
 
 ``key=value`` arguments become parameters; a value that parses as JSON is used as JSON
 (``value=1`` is the number 1, ``tags='["a"]'`` a list), anything else is a string. An
@@ -27,6 +28,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from daemon import cli_permissions
 from daemon.client import AsyncClient, CommandError, ConnectionClosed, SyncClient
 
 
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     watch = sub.add_parser("subscribe", help="print matching events until interrupted")
     watch.add_argument("patterns", nargs="+", metavar="EVENT_TYPE_OR_GLOB")
+    cli_permissions.add_parser(sub)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "send":
@@ -247,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(summary(reply), flush=True)
             return 0 if reply.get("status") == "success" else 1
+        if args.cmd == "permissions":
+            return cli_permissions.run(args.socket, args)
         return asyncio.run(_subscribe(args.socket, args.patterns))
     except (CommandError, ConnectionClosed, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

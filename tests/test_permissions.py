@@ -5,7 +5,10 @@ The real CLI's side is in tests/e2e/test_permissions_real_cli.py."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ from daemon.claude.permissions import PermissionAnswer, PermissionAsk, Permissio
 from daemon.client import AsyncClient
 from daemon.plugins.permission_policy import decide, paths_outside
 from tests.helpers import DaemonProcess, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CAN_USE_TOOL = {
     "type": "control_request",
@@ -287,3 +292,50 @@ async def test_the_policy_plugin_answers_what_it_has_a_rule_for(make_daemon: Any
         assert [r["request_id"] for r in pending["requests"]] == [asked["request_id"]]
         await c.call("RESPOND_PERMISSION", {"request_id": asked["request_id"], "decision": "allow"})
         assert (await _next(c, "PROCESS_COMPLETE", inside["process_id"]))["status"] == "completed"
+
+
+# -- python -m daemon.cli permissions --------------------------------------------------------------
+
+
+def _cli(d: DaemonProcess, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KSI_")}
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--socket", str(d.socket), "permissions", *args],
+        cwd=ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_the_cli_lists_and_answers(make_daemon: Any) -> None:
+    d = make_daemon()
+    async with AsyncClient.connect(d.socket) as c:
+        await c.subscribe(["PERMISSION_REQUEST", "PROCESS_COMPLETE"])
+        first = (await c.call("SPAWN", _spawn_params(d, "[[tool:Bash:touch one]]")))["process_id"]
+        asked = await _next(c, "PERMISSION_REQUEST", first)
+        listed = await asyncio.to_thread(_cli, d)
+        assert listed.returncode == 0, listed.stderr
+        assert asked["request_id"] in listed.stdout
+        assert "Bash: touch one" in listed.stdout
+        # Interactively: "n", then the reason the model is told.
+        out = await asyncio.to_thread(_cli, d, "-i", stdin="n\nnot today\n")
+        assert out.returncode == 0, out.stderr
+        assert f"denied: {asked['request_id']}" in out.stdout
+        done = await _next(c, "PROCESS_COMPLETE", first)
+        assert "not today" in done["text"]
+
+        second = (await c.call("SPAWN", _spawn_params(d, "[[tool:Bash:touch two]]")))["process_id"]
+        asked = await _next(c, "PERMISSION_REQUEST", second)
+        out = await asyncio.to_thread(_cli, d, "allow", asked["request_id"], "--remember")
+        assert out.returncode == 0, out.stderr
+        assert (await _next(c, "PROCESS_COMPLETE", second))["status"] == "completed"
+        again = await asyncio.to_thread(_cli, d, "allow", asked["request_id"])
+        assert again.returncode == 1
+        assert "PERMISSION_ALREADY_DECIDED" in again.stderr
+    history = await asyncio.to_thread(_cli, d, "--all")
+    assert "denied" in history.stdout
+    assert "allowed" in history.stdout
