@@ -707,6 +707,7 @@ class Fake:
     def ask_permission(self, name: str, arg: str, tool_id: str, tool_input: JsonObj) -> JsonObj:
         """The can_use_tool control request, and the parent's answer (its ``response``)."""
         request_id = new_uuid()
+        asked_at = time.time()  # before the write: bench R1 times the relay from here
         write_fd(
             1,
             (
@@ -735,7 +736,7 @@ class Fake:
                 + "\n"
             ).encode(),
         )
-        log_event({"pid": os.getpid(), "permission_asked": name, "time": time.time()})
+        log_event({"pid": os.getpid(), "permission_asked": request_id, "time": asked_at})
         if self.reader is None:
             return {"behavior": "deny", "message": "no stdin to ask on"}
         while True:
@@ -747,6 +748,7 @@ class Fake:
                 if kind == "control_response":
                     response = msg.get("response") or {}
                     if response.get("request_id") == request_id:
+                        log_event({"permission_answered": request_id, "time": time.time()})
                         if response.get("subtype") != "success":
                             return {"behavior": "deny", "message": str(response.get("error"))}
                         answer = response.get("response")
@@ -1162,6 +1164,7 @@ class Fake:
         )
         blocks: list[JsonObj] = [{"type": "text", "text": say}] if say else []
         blocks.append({"type": "tool_use", "id": tool_id, "name": name, "input": tool_input})
+        log_event({"tool_use": tool_id, "time": time.time()})
         self.model_message(blocks, in_tok, max(1, len(dumps(tool_input)) // 4))
         denial: JsonObj | None = None
         refusal = f"Claude requested permissions to use {name}, but you haven't granted it yet."
