@@ -25,6 +25,10 @@ socket: text longer than :data:`TEXT_CHUNK` is split over several items (nothing
 answer is lost), a tool's input or result longer than its bound is cut, and the item
 says so (``truncated: true`` and ``original_chars``), with a marker at the cut. Items of a
 sub-agent's work carry ``parent_tool_use_id``.
+
+The daemon adds one kind of its own to the same stream, ``permission`` (a relayed permission
+request asked and settled: ``status``, ``tool_name``, ``request_id``, ``decision``,
+``decided_by``; ``daemon/turns/permissions.py``).
 """
 
 from __future__ import annotations

@@ -31,6 +31,11 @@ class HealthResult(Result):
     storage: dict[str, Any] = Field(
         default_factory=dict, description="writable, failure, queued_bytes, lost_writes"
     )
+    permissions: dict[str, int] = Field(
+        default_factory=dict,
+        description="the permission relay: pending requests now, asked and auto_allowed "
+        "(by a session rule) since start",
+    )
     orphans_ended: int = Field(
         default=0,
         description="CLI processes of an earlier run that start-up found still running and ended",
