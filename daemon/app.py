@@ -101,6 +101,7 @@ class Daemon:
             self.orphans_ended = await end_orphans(found, self.settings.term_grace_s)
             await self.bus.load()
             await self.turns.permissions.load()  # requests left pending: reported expired
+            await self.turns.limits.load()
             # The daemon's long-lived tasks (observer loops, LiteLLM's loading, the CLI's
             # version probe) live in this group: none outlives the daemon's run, and each is
             # cancelled and awaited by its owner's stop during the teardown.

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     permissions: Literal["cli", "relay"] = "cli"
     permission_timeout_s: float = Field(default=60.0, gt=0, le=7 * 24 * 3600)
     permission_default: Literal["allow", "deny"] = "deny"
+    # A session's turn cap when it has none of its own (daemon/turns/limits.py); None: off.
+    max_iterations: int | None = Field(default=None, ge=1)
 
     # Cognitive observers: "package.module:factory" or an entry point name in "ksi.observers".
     observers: Annotated[list[str], NoDecode] = Field(default_factory=list)

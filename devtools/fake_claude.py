@@ -63,6 +63,8 @@ Prompt markers (anywhere in the prompt, several may combine):
                      --permission-prompt-tool stdio, Bash/Write/Edit first ask the parent
                      (a can_use_tool control request) and wait for its answer
   [[say:TEXT]]       with [[tool:...]]: the model says TEXT before its tool call
+                     (--max-budget-usd: a tool turn whose first call reaches it ends
+                     with an error_max_budget_usd result before its second call)
 Environment:
   FAKE_CLAUDE_START_DELAY=S    sleep S seconds at start (the real CLI takes ~0.3 s)
   FAKE_CLAUDE_LOG=PATH         append JSON lines describing each invocation and turn
@@ -131,6 +133,7 @@ _FLAGS: dict[str, tuple[str, str, str]] = {
     "--fork-session": ("fork_session", "bool", ""),
     "--no-session-persistence": ("no_persist", "bool", ""),
     "--max-turns": ("max_turns", "value", "<turns>"),
+    "--max-budget-usd": ("max_budget_usd", "value", "<amount>"),
     "--allowedTools": ("allowed_tools", "list", "<tools...>"),
     "--allowed-tools": ("allowed_tools", "list", "<tools...>"),
     "--disallowedTools": ("disallowed_tools", "list", "<tools...>"),
@@ -154,7 +157,6 @@ _FLAGS: dict[str, tuple[str, str, str]] = {
     "--settings": ("ignored", "value", "<file-or-json>"),
     "--setting-sources": ("ignored", "value", "<sources>"),
     "--fallback-model": ("ignored", "value", "<model>"),
-    "--max-budget-usd": ("ignored", "value", "<amount>"),
     "--effort": ("ignored", "value", "<level>"),
 }
 
@@ -183,6 +185,7 @@ class Options:
         self.fork_session = False
         self.no_persist = False
         self.max_turns: str | None = None
+        self.max_budget_usd: str | None = None
         self.allowed_tools: list[str] | None = None
         self.disallowed_tools: list[str] | None = None
         self.tools: list[str] | None = None
@@ -1221,6 +1224,14 @@ class Fake:
         in_tok = self.session.history_chars() // 4 + 3000
         tool_input, content, denial = self.tool_call(name or "Bash", arg, in_tok, say)
         out1 = max(1, len(dumps(tool_input)) // 4)
+        budget = self.budget_value()
+        if budget is not None:
+            # Measured (2.1.197): the budget is checked after each model call, against what
+            # the process has spent; a tool turn over it ends before its second call. (The
+            # real CLI does not run the tool it asked for then; the fake already has.)
+            p_in, p_out = prices(self.api_model)
+            if self.cost_total + (in_tok * p_in + out1 * p_out) / 1e6 >= budget:
+                return self.over_budget(t0, budget, in_tok, out1)
         max_turns = self.max_turns_value()
         if max_turns is not None and max_turns < 2:
             # A tool round trip needs a second model call, which --max-turns 1 forbids.
@@ -1232,6 +1243,37 @@ class Fake:
         self.session.append("assistant", {**message, "stop_reason": "end_turn"})
         self.success(t0, reply, 2, in_tok + in2, out1 + out2, [denial] if denial else [])
         return 0
+
+    def budget_value(self) -> float | None:
+        try:
+            return float(self.opts.max_budget_usd) if self.opts.max_budget_usd else None
+        except ValueError:
+            return None
+
+    def over_budget(self, t0: float, budget: float, in_tok: int, out_tok: int) -> int:
+        duration, api_ms = self.timing(t0)
+        cost, model_usage = self.costed(in_tok, out_tok)
+        self.finish(
+            {
+                "type": "result",
+                "subtype": "error_max_budget_usd",
+                "duration_ms": duration,
+                "duration_api_ms": api_ms,
+                "is_error": True,
+                "num_turns": 1,
+                "stop_reason": "tool_use",
+                "session_id": self.session.session_id,
+                "total_cost_usd": cost,
+                "usage": result_usage(in_tok, out_tok),
+                "modelUsage": model_usage,
+                "permission_denials": [],
+                "fast_mode_state": "off",
+                "uuid": new_uuid(),
+                "errors": [f"Reached maximum budget (${budget})"],
+            },
+            f"Error: Reached maximum budget (${budget})",
+        )
+        return 1
 
     def max_turns_value(self) -> int | None:
         try:

@@ -63,6 +63,8 @@ def build_argv(
         argv += _opt("--append-system-prompt", opts.append_system_prompt)
     if opts.permission_mode is not None:
         argv += ["--permission-mode", opts.permission_mode]
+    if opts.max_cost_usd is not None:
+        argv += ["--max-budget-usd", str(opts.max_cost_usd)]
     if opts.permissions == "relay":
         # The CLI asks us (a control request on stdout) instead of deciding alone.
         argv += ["--permission-prompt-tool", "stdio"]

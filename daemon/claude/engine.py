@@ -112,6 +112,7 @@ class ClaudeEngine:
         backend = self._backend_for(opts)
         async with self.hold_session(session_id):
             cwd = await self._cwd_for(opts, session_id, resume)
+            await self._cold_takes_over(backend, session_id)
             req, pids = self._request(prompt, model, opts, session_id, resume, cwd, backend.mode)
             with self._shutdown_is_cancel(pids):
                 return await backend.run_json(req)
@@ -240,9 +241,21 @@ class ClaudeEngine:
 
     # -- internals --------------------------------------------------------
 
+    async def _cold_takes_over(self, backend: TurnBackend, session_id: str) -> None:
+        """A cold turn of a session a warm CLI serves (or was reserved for, when planning
+        took a pooled CLI): that CLI would not know of this turn (it holds the conversation
+        in memory), so it is stopped first and the session's next warm turn resumes from
+        the file."""
+        if backend is self._cold:
+            await self._warm.forget(session_id)
+
     def _backend_for(self, opts: ClaudeOptions) -> TurnBackend:
         """Warm if ``opts.warm`` says so (else ``config.warm_default``) and warm_max > 0."""
         warm = opts.warm if opts.warm is not None else self.config.warm_default
+        if opts.max_cost_usd is not None:
+            # Measured (2.1.197): --max-budget-usd counts what the process spent, so in a
+            # long-lived CLI it would count earlier turns too; a resumed cold CLI starts at 0.
+            warm = False
         return self._warm if warm and self.config.warm_max > 0 else self._cold
 
     def cli_env(self) -> dict[str, str]:
@@ -282,6 +295,7 @@ class ClaudeEngine:
         backend = self._backend_for(opts)
         async with self.hold_session(session_id):
             cwd = await self._cwd_for(opts, session_id, resume)
+            await self._cold_takes_over(backend, session_id)
             req, pids = self._request(prompt, model, opts, session_id, resume, cwd, backend.mode)
             with self._shutdown_is_cancel(pids):
                 # Close the inner generator explicitly: leaving `async for` via

@@ -11,6 +11,7 @@ reaches the wire unchanged::
            | RATE_LIMITED       API said 429
            | API_ERROR          any other API failure (5xx, 400, connect, timeout)
            | MAX_TURNS          subtype error_max_turns
+           | BUDGET_EXCEEDED    subtype error_max_budget_usd (--max-budget-usd reached)
            | TIMEOUT            our own wall-clock limit hit; process group killed
            | CANCELLED          the engine was shut down under the turn
            | CLI_CRASHED        killed by a signal / non-zero exit without a result

@@ -53,6 +53,7 @@ def _canonical_uuid(value: str | None) -> str | None:
 # Upper bounds keep a typo (or 1e30) from becoming a turn that is never timed out.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_TURNS = 10_000
+MAX_COST_USD = 1_000_000.0
 
 
 class TurnOptions(BaseModel):
@@ -101,6 +102,16 @@ class TurnOptions(BaseModel):
         default=None,
         description="relay: the decision when no answer comes in time "
         '(default from config, "deny")',
+    )
+
+    max_cost_usd: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_COST_USD,
+        allow_inf_nan=False,
+        description="stop the turn once it has cost this much (the CLI's --max-budget-usd: "
+        "checked after each model call; the turn then fails with BUDGET_EXCEEDED). A turn "
+        "with a budget runs cold: the CLI counts a budget per process, not per turn",
     )
 
     @field_validator("cwd")

@@ -190,6 +190,14 @@ def classify_result(
             api_error_status=status,
             **evidence,
         )
+    if subtype == "error_max_budget_usd":
+        raise ClaudeCLIError(
+            ErrorCode.BUDGET_EXCEEDED,
+            error_text or "reached the maximum budget",
+            raw=obj,
+            api_error_status=status,
+            **evidence,
+        )
     if is_error or subtype != "success":
         message = str(text or error_text or f"CLI reported failure (subtype {subtype!r})")
         if status in (401, 403) or any(sign in message for sign in _AUTH_SIGNS):

@@ -9,9 +9,17 @@ from daemon.commands.registry import Registry
 
 
 def build_registry() -> Registry:
-    from daemon.commands import agents, events, permissions, processes, shared, system
+    from daemon.commands import (
+        agents,
+        budgets,
+        events,
+        permissions,
+        processes,
+        shared,
+        system,
+    )
 
     registry = Registry()
-    for module in (system, shared, agents, events, processes, permissions):
+    for module in (system, shared, agents, events, processes, permissions, budgets):
         module.register(registry)
     return registry

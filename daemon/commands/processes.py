@@ -39,6 +39,12 @@ class SpawnParams(Params, TurnOptions):
         max_length=256,
         description="the same id within the idempotency window returns the same process",
     )
+    max_iterations: int | None = Field(
+        default=None,
+        ge=1,
+        description="cap the session at this many turns (kept for the session; a turn past "
+        "it gets SESSION_LIMIT_REACHED); default from config, off",
+    )
     stream: bool = Field(
         default=False,
         description="sync only: write the turn's PROCESS_PROGRESS events on this connection "
@@ -160,6 +166,7 @@ def register(r: Registry) -> None:
             model=p.model or services.settings.default_model,
             agent_id=agent_id,
             client_request_id=p.client_request_id,
+            max_iterations=p.max_iterations,
             options=TurnOptions.of(p),  # the SPAWN's own fields, validated with it
         )
         result = await services.turns.submit(req, watch=stream)

@@ -124,6 +124,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 created_at REAL NOT NULL, PRIMARY KEY (session_id, tool_name, rule_content))""",
         ],
     ),
+    (
+        6,
+        [
+            # Budgets and iteration caps of sessions and agents (daemon/turns/limits.py).
+            """CREATE TABLE limits (
+                scope TEXT NOT NULL, key TEXT NOT NULL, max_cost_usd REAL,
+                max_iterations INTEGER, updated_at REAL NOT NULL, PRIMARY KEY (scope, key))""",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -156,8 +156,11 @@ class StateManager:
                 info.error = {"code": row["error_code"], "message": "the daemon stopped first"}
             self.processes[info.process_id] = info
         for row in await self.store.query(
-            "SELECT agent_id, COUNT(*) AS n, COALESCE(SUM(cost_usd), 0) AS cost FROM processes "
-            "WHERE agent_id IS NOT NULL AND status='completed' GROUP BY agent_id"
+            # Turns count when they completed; spend counts whatever a turn cost (a turn
+            # stopped by its budget was paid for too).
+            "SELECT agent_id, COUNT(CASE WHEN status='completed' THEN 1 END) AS n, "
+            "COALESCE(SUM(cost_usd), 0) AS cost FROM processes "
+            "WHERE agent_id IS NOT NULL GROUP BY agent_id"
         ):
             self._agent_costs[row["agent_id"]] = (row["n"], row["cost"])
 
@@ -305,6 +308,10 @@ class StateManager:
     def agent_list(self) -> list[AgentInfo]:
         return [self._with_costs(a) for a in self.agents.values()]
 
+    def agent_spend(self, agent_id: str) -> float:
+        """What the agent's turns have cost so far (the CLI's reported costs)."""
+        return round(self._agent_costs.get(agent_id, (0, 0.0))[1], 10)
+
     def _with_costs(self, info: AgentInfo) -> AgentInfo:
         turns, cost = self._agent_costs.get(info.agent_id, (0, 0.0))
         info.turns, info.total_cost_usd = turns, round(cost, 10)
@@ -407,9 +414,9 @@ class StateManager:
             ),
         )
         self._cache_session(info)
-        if agent_id and completed:
+        if agent_id and (completed or cost_usd):
             n, c = self._agent_costs.get(agent_id, (0, 0.0))
-            self._agent_costs[agent_id] = (n + 1, c + cost_usd)
+            self._agent_costs[agent_id] = (n + int(completed), c + cost_usd)
         return info
 
     # -- processes --------------------------------------------------------------------

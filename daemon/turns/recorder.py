@@ -148,7 +148,9 @@ class TurnRecorder:
         failed = isinstance(outcome, TurnFailed)
         if isinstance(outcome, TurnFailed):
             info.error = outcome.record()
-            cost = 0.0
+            cost = _failed_cost(outcome) if started and not info.warm else 0.0
+            if cost:
+                info.cost_usd = cost
             if started:
                 with contextlib.suppress(OSError):
                     await self.turnlog.error(
@@ -195,3 +197,12 @@ class TurnRecorder:
             session_id=turn.session_id,
             cost_usd=cost,
         )
+
+
+def _failed_cost(failed: TurnFailed) -> float:
+    """What a failed cold turn cost, as its CLI reported it (a turn stopped by its budget or
+    by max_turns was paid for). A warm CLI reports totals of its whole life, so a failed warm
+    turn's share is not known and is not counted."""
+    raw = (failed.details or {}).get("raw")
+    cost = raw.get("total_cost_usd") if isinstance(raw, dict) else None
+    return float(cost) if isinstance(cost, (int, float)) and cost > 0 else 0.0

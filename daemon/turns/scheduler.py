@@ -44,6 +44,7 @@ from daemon.state.db import Store
 from daemon.state.records import FINAL_STATUSES, SessionRecord, StateManager, TurnRecord
 from daemon.state.turnlog import TurnLog
 from daemon.turns.engine import build_engine
+from daemon.turns.limits import Limits
 from daemon.turns.outcome import Outcome, SpawnResult, cli_failure, failure_of, recorded_outcome
 from daemon.turns.permissions import PermissionBroker
 from daemon.turns.provider import Acompletion, ProviderLoader
@@ -72,6 +73,7 @@ class TurnScheduler:
         self.recorder = TurnRecorder(state, bus, self.turnlog)
         self.permissions = PermissionBroker(store, state, bus)
         self.permissions.on_progress = self.recorder.progress
+        self.limits = Limits(store, state, bus, settings.max_iterations)
         self.engine: ClaudeEngine = build_engine(settings, state)
         self.provider = ProviderLoader(settings, self.engine)
         self.auth = AuthWatch(self.engine.cli_env())
@@ -144,6 +146,18 @@ class TurnScheduler:
         # Planning a resume reads the session's record, so a copy of this request may have
         # registered meanwhile (planning a new session, which may take a pooled CLI, never
         # waits). Nothing awaits from here to the registration.
+        existing = self._idempotent_hit(req.client_request_id)
+        if existing is not None:
+            return await self._reply_for(existing, req.mode, replay=True, watch=watch)
+        session_id = planned.session_id or planned.new_session_id
+        assert session_id is not None
+        if req.max_iterations is not None:
+            await self.limits.set("session", session_id, {"max_iterations": req.max_iterations})
+        # Refused now rather than queued: a client learns at once that it is over a limit
+        # (checked again when the turn leaves the queue).
+        await self.limits.admit(
+            session_id=session_id, agent_id=req.agent_id, turn_budget=req.options.max_cost_usd
+        )
         existing = self._idempotent_hit(req.client_request_id)
         if existing is not None:
             return await self._reply_for(existing, req.mode, replay=True, watch=watch)
@@ -336,6 +350,15 @@ class TurnScheduler:
 
     async def _execute(self, turn: Turn) -> SpawnResult:
         acompletion = await self.provider.acompletion()
+        # The turns ahead of it in the session (or of its agent) have spent meanwhile.
+        admission = await self.limits.admit(
+            session_id=turn.session_id,
+            agent_id=turn.request.agent_id,
+            turn_budget=turn.request.options.max_cost_usd,
+            process_id=turn.info.process_id,
+        )
+        turn.budget_scope = admission.scope
+        turn.opts = turn.opts.model_copy(update={"max_cost_usd": admission.max_cost_usd})
         self.recorder.began(turn)
         response = await self._attempts(turn, acompletion)
         return await self.recorder.completed(turn, response._hidden_params["claude_turn"])
@@ -398,6 +421,14 @@ class TurnScheduler:
     async def _finish(self, turn: Turn, outcome: Outcome) -> None:
         if isinstance(outcome, TurnFailed):
             self.auth.turn_ended(outcome.code, outcome.message)
+            if outcome.code == ErrorCode.BUDGET_EXCEEDED and turn.info.started_at is not None:
+                self.limits.crossed(
+                    outcome,
+                    process_id=turn.info.process_id,
+                    session_id=turn.session_id,
+                    agent_id=turn.request.agent_id,
+                    scope=turn.budget_scope,
+                )
         else:
             self.auth.turn_ended(None)
         try:

@@ -28,6 +28,7 @@ class SpawnRequest(BaseModel):
     agent_id: str | None = None
     client_request_id: str | None = None
     options: TurnOptions
+    max_iterations: int | None = None  # sets the session's turn cap (daemon/turns/limits.py)
 
 
 def _new_future() -> asyncio.Future[Outcome]:
@@ -51,6 +52,7 @@ class Turn:
     entered: bool = False  # its task has begun (a task cancelled before that never does)
     progress: int = 0  # PROCESS_PROGRESS events so far (their per-process index)
     awaiting: int = 0  # relayed permission requests it waits on (daemon/turns/permissions.py)
+    budget_scope: str | None = None  # whose budget its --max-budget-usd is (limits.py)
     # Told of each PROCESS_PROGRESS event as it is published: the connections of sync
     # SPAWNs with ``stream: true`` waiting for this turn.
     watchers: list[Callable[[Event], None]] = field(default_factory=list)

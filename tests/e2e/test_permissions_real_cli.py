@@ -142,3 +142,23 @@ async def test_deny_tells_the_model_and_a_timeout_applies_the_default(
         async with AsyncClient.connect(d.socket) as c:
             await c.call("RESPOND_PERMISSION", {"request_id": "nope", "decision": "allow"})
     assert err.value.code == "PERMISSION_NOT_FOUND"
+
+
+def test_a_spawn_budget_stops_the_real_cli_after_the_model_call_that_reaches_it(
+    start_real_daemon: Callable[..., DaemonProcess],
+) -> None:
+    d = start_real_daemon()
+    target = Path(d.work) / "not-made"
+    prompt = f"[[bash:touch {target}]]"
+    reply = d.call(
+        "SPAWN",
+        {"prompt": prompt, "cwd": str(d.work), "max_cost_usd": 1e-6, "allowed_tools": ["Bash"]},
+    )
+    assert reply["status"] == "error", reply
+    error = reply["error"]
+    assert error["code"] == "BUDGET_EXCEEDED"
+    assert "budget" in error["message"]
+    session = d.result("GET_SESSION", {"session_id": error["details"]["session_id"]})
+    assert session["session"]["total_cost_usd"] > 0  # the call it made is paid and counted
+    assert session["processes"][0]["warm"] is False
+    assert not target.exists()  # stopped at the call boundary: the tool it asked for never ran
