@@ -102,6 +102,7 @@ class Daemon:
             await self.bus.load()
             await self.turns.permissions.load()  # requests left pending: reported expired
             await self.turns.limits.load()
+            await self.turns.idle.load(self.store)
             # The daemon's long-lived tasks (observer loops, LiteLLM's loading, the CLI's
             # version probe) live in this group: none outlives the daemon's run, and each is
             # cancelled and awaited by its owner's stop during the teardown.

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     permissions: Literal["cli", "relay"] = "cli"
     permission_timeout_s: float = Field(default=60.0, gt=0, le=7 * 24 * 3600)
     permission_default: Literal["allow", "deny"] = "deny"
+    # How long a session awaits input after a turn before its warm CLI is released
+    # (daemon/turns/idle.py), when its SPAWNs did not say.
+    session_idle_s: float = Field(default=660.0, gt=0)
     # A session's turn cap when it has none of its own (daemon/turns/limits.py); None: off.
     max_iterations: int | None = Field(default=None, ge=1)
 

@@ -194,6 +194,7 @@ async def test_logs_state_and_events_identical_in_both_modes(make_daemon: Any) -
         "log_path",
         "created_at",
         "last_used_at",
+        "idle_expires_at",  # last_used_at plus the idle timeout
         "total_cost_usd",
         "warm",
     }

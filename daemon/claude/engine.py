@@ -219,6 +219,10 @@ class ClaudeEngine:
         """pid, rss_mb, idle_s, turns, started_at of the session's warm CLI, if it has one."""
         return self._warm.session_info(session_id)
 
+    def release_warm(self, session_id: str, reason: str) -> bool:
+        """End the session's idle warm CLI, if it has one (its next turn resumes cold)."""
+        return self._warm.release(session_id, reason)
+
     def warm_processes(self) -> list[dict[str, Any]]:
         """Every live warm CLI (sessions and pool) with pid, RSS and idle time."""
         return self._warm.processes()

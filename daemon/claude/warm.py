@@ -103,6 +103,15 @@ class WarmBackend:
         if self._retiring:
             await asyncio.wait(list(self._retiring.values()))
 
+    def release(self, session_id: str, reason: str) -> bool:
+        """End the session's warm CLI if it is idle (the session stays resumable: its next
+        turn resumes from the file). True if there was one to end."""
+        proc = self._sessions.get(session_id)
+        if proc is None or proc.busy:
+            return False
+        self._retire(proc, reason)
+        return True
+
     async def forget(self, session_id: str) -> None:
         """Stop the session's warm CLI and forget that one ever ran it (its next turn starts
         from the session's file as it is then; see ClaudeEngine.rewind)."""

@@ -45,6 +45,15 @@ class SpawnParams(Params, TurnOptions):
         description="cap the session at this many turns (kept for the session; a turn past "
         "it gets SESSION_LIMIT_REACHED); default from config, off",
     )
+    idle_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=30 * 24 * 3600,
+        allow_inf_nan=False,
+        description="how long the session awaits input after a turn before its warm CLI is "
+        "released and SESSION_IDLE_EXPIRED is published (kept for the session; default "
+        "from config, 660)",
+    )
     stream: bool = Field(
         default=False,
         description="sync only: write the turn's PROCESS_PROGRESS events on this connection "
@@ -167,6 +176,7 @@ def register(r: Registry) -> None:
             agent_id=agent_id,
             client_request_id=p.client_request_id,
             max_iterations=p.max_iterations,
+            idle_timeout_s=p.idle_timeout_s,
             options=TurnOptions.of(p),  # the SPAWN's own fields, validated with it
         )
         result = await services.turns.submit(req, watch=stream)

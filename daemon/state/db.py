@@ -127,10 +127,12 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         6,
         [
-            # Budgets and iteration caps of sessions and agents (daemon/turns/limits.py).
+            # Budgets, iteration caps and idle timeouts of sessions and agents
+            # (daemon/turns/limits.py, daemon/turns/idle.py).
             """CREATE TABLE limits (
                 scope TEXT NOT NULL, key TEXT NOT NULL, max_cost_usd REAL,
-                max_iterations INTEGER, updated_at REAL NOT NULL, PRIMARY KEY (scope, key))""",
+                max_iterations INTEGER, idle_timeout_s REAL, updated_at REAL NOT NULL,
+                PRIMARY KEY (scope, key))""",
         ],
     ),
 ]

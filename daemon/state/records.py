@@ -72,6 +72,12 @@ class SessionRecord:
     warm: dict[str, Any] | None = Field(
         default=None, description="Set while a warm CLI process serves this session."
     )
+    state: Literal["running", "awaiting_input", "expired"] | None = Field(
+        default=None,
+        description="running: a turn is queued or running; awaiting_input: between turns, "
+        "until idle_expires_at; expired: idle for longer (a SPAWN still resumes it, cold)",
+    )
+    idle_expires_at: str | None = None
 
 
 @dataclass(slots=True, kw_only=True)

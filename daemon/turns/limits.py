@@ -44,6 +44,7 @@ _EPSILON = 1e-9
 class Limit:
     max_cost_usd: float | None = None
     max_iterations: int | None = None
+    idle_timeout_s: float | None = None  # sessions: daemon/turns/idle.py
 
 
 class BudgetInfo(BaseModel):
@@ -80,7 +81,7 @@ class Limits:
     async def load(self) -> None:
         for row in await self.store.query("SELECT * FROM limits"):
             self._limits[(row["scope"], row["key"])] = Limit(
-                row["max_cost_usd"], row["max_iterations"]
+                row["max_cost_usd"], row["max_iterations"], row["idle_timeout_s"]
             )
 
     def get(self, scope: Scope, key: str) -> Limit:
@@ -89,16 +90,23 @@ class Limits:
     async def set(self, scope: Scope, key: str, changes: dict[str, Any]) -> Limit:
         """Change the given fields (None removes that limit); the reply waits for the commit."""
         limit = Limit(**{**vars(self.get(scope, key)), **changes})
-        if limit.max_cost_usd is None and limit.max_iterations is None:
+        if limit == Limit():
             await self.store.write("DELETE FROM limits WHERE scope=? AND key=?", (scope, key))
             self._limits.pop((scope, key), None)
             return limit
         await self.store.write(
-            "INSERT INTO limits(scope, key, max_cost_usd, max_iterations, updated_at) "
-            "VALUES(?,?,?,?,?) ON CONFLICT(scope, key) DO UPDATE SET "
+            "INSERT INTO limits(scope, key, max_cost_usd, max_iterations, idle_timeout_s, "
+            "updated_at) VALUES(?,?,?,?,?,?) ON CONFLICT(scope, key) DO UPDATE SET "
             "max_cost_usd=excluded.max_cost_usd, max_iterations=excluded.max_iterations, "
-            "updated_at=excluded.updated_at",
-            (scope, key, limit.max_cost_usd, limit.max_iterations, time.time()),
+            "idle_timeout_s=excluded.idle_timeout_s, updated_at=excluded.updated_at",
+            (
+                scope,
+                key,
+                limit.max_cost_usd,
+                limit.max_iterations,
+                limit.idle_timeout_s,
+                time.time(),
+            ),
         )
         self._limits[(scope, key)] = limit
         return limit
@@ -126,8 +134,21 @@ class Limits:
             turns=turns,
         )
 
-    def known(self, scope: Scope | None = None) -> list[tuple[Scope, str]]:
-        return [k for k in self._limits if scope is None or k[0] == scope]
+    def known(self) -> list[tuple[Scope, str]]:
+        """The sessions and agents with a budget or a turn cap."""
+        return [
+            k
+            for k, v in self._limits.items()
+            if v.max_cost_usd is not None or v.max_iterations is not None
+        ]
+
+    def idle_timeouts(self) -> dict[str, float]:
+        """Sessions with an idle timeout of their own."""
+        return {
+            key: v.idle_timeout_s
+            for (scope, key), v in self._limits.items()
+            if scope == "session" and v.idle_timeout_s is not None
+        }
 
     def _iterations(self, session_id: str) -> int | None:
         own = self.get("session", session_id).max_iterations

@@ -44,6 +44,7 @@ from daemon.state.db import Store
 from daemon.state.records import FINAL_STATUSES, SessionRecord, StateManager, TurnRecord
 from daemon.state.turnlog import TurnLog
 from daemon.turns.engine import build_engine
+from daemon.turns.idle import IdleWatch
 from daemon.turns.limits import Limits
 from daemon.turns.outcome import Outcome, SpawnResult, cli_failure, failure_of, recorded_outcome
 from daemon.turns.permissions import PermissionBroker
@@ -75,6 +76,7 @@ class TurnScheduler:
         self.permissions.on_progress = self.recorder.progress
         self.limits = Limits(store, state, bus, settings.max_iterations)
         self.engine: ClaudeEngine = build_engine(settings, state)
+        self.idle = IdleWatch(bus, self.engine, self.limits, settings.session_idle_s)
         self.provider = ProviderLoader(settings, self.engine)
         self.auth = AuthWatch(self.engine.cli_env())
         self.slots = Slots(settings.max_concurrency)
@@ -151,8 +153,13 @@ class TurnScheduler:
             return await self._reply_for(existing, req.mode, replay=True, watch=watch)
         session_id = planned.session_id or planned.new_session_id
         assert session_id is not None
-        if req.max_iterations is not None:
-            await self.limits.set("session", session_id, {"max_iterations": req.max_iterations})
+        own = {
+            name: getattr(req, name)
+            for name in ("max_iterations", "idle_timeout_s")
+            if getattr(req, name) is not None
+        }
+        if own:  # the session's own, from now on
+            await self.limits.set("session", session_id, own)
         # Refused now rather than queued: a client learns at once that it is over a limit
         # (checked again when the turn leaves the queue).
         await self.limits.admit(
@@ -225,6 +232,7 @@ class TurnScheduler:
     def _register(self, turn: Turn) -> None:
         """A live turn, found by its process id and (if it has one) its client_request_id."""
         self.turns[turn.info.process_id] = turn
+        self.idle.turn_began(turn.session_id, turn.info.process_id)
         if turn.request.client_request_id:
             key = turn.request.client_request_id
             self._idempotent[key] = (turn.info.process_id, time.monotonic())
@@ -235,6 +243,7 @@ class TurnScheduler:
     def _forget(self, turn: Turn) -> None:
         """Undo the :meth:`_register` of a turn that will never run."""
         self.turns.pop(turn.info.process_id, None)
+        self.idle.turn_ended(turn.session_id, turn.info.process_id, None, exists=False)
         if turn.request.client_request_id:
             self._idempotent.pop(turn.request.client_request_id, None)
         turn.info.status = "failed"
@@ -441,6 +450,13 @@ class TurnScheduler:
                 while len(self._finished) > _REPLAY_CACHE:
                     self._finished.popitem(last=False)
         finally:
+            # The session now awaits input (if it exists: the turn started, or resumed it).
+            self.idle.turn_ended(
+                turn.session_id,
+                turn.info.process_id,
+                turn.request.agent_id,
+                exists=turn.resume or turn.info.started_at is not None,
+            )
             # Whatever happened while recording, a waiting sync SPAWN gets its answer.
             if not turn.done.done():
                 turn.done.set_result(outcome)
@@ -507,6 +523,7 @@ class TurnScheduler:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        self.idle.close()
         await self.engine.aclose()
         self.turnlog.close()
 
@@ -517,6 +534,12 @@ class TurnScheduler:
         return list(self.state.processes.values())
 
     def with_warm(self, session: SessionRecord) -> SessionRecord:
-        """The session, with its warm-process details if a warm CLI serves it now."""
-        warm = self.engine.warm_session(session.session_id)
-        return replace(session, warm=warm) if warm else session
+        """The session, with its state (running, awaiting input, expired) and its
+        warm-process details if a warm CLI serves it now."""
+        state, expires = self.idle.state_of(session.session_id, session.last_used_at)
+        return replace(
+            session,
+            warm=self.engine.warm_session(session.session_id),
+            state=state,
+            idle_expires_at=expires,
+        )

@@ -29,6 +29,7 @@ class SpawnRequest(BaseModel):
     client_request_id: str | None = None
     options: TurnOptions
     max_iterations: int | None = None  # sets the session's turn cap (daemon/turns/limits.py)
+    idle_timeout_s: float | None = None  # sets the session's idle timeout (daemon/turns/idle.py)
 
 
 def _new_future() -> asyncio.Future[Outcome]:
