@@ -103,6 +103,7 @@ class Daemon:
             await self.turns.permissions.load()  # requests left pending: reported expired
             await self.turns.limits.load()
             await self.turns.idle.load(self.store)
+            await self.turns.pauses.load()
             # The daemon's long-lived tasks (observer loops, LiteLLM's loading, the CLI's
             # version probe) live in this group: none outlives the daemon's run, and each is
             # cancelled and awaited by its owner's stop during the teardown.

@@ -13,6 +13,7 @@ def build_registry() -> Registry:
         agents,
         budgets,
         events,
+        pauses,
         permissions,
         processes,
         shared,
@@ -20,6 +21,6 @@ def build_registry() -> Registry:
     )
 
     registry = Registry()
-    for module in (system, shared, agents, events, processes, permissions, budgets):
+    for module in (system, shared, agents, events, processes, permissions, budgets, pauses):
         module.register(registry)
     return registry

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from daemon.claude.options import MAX_COST_USD
 from daemon.commands.registry import Context, Params, Registry, Result
@@ -12,6 +12,9 @@ from daemon.turns.limits import BudgetInfo, Scope
 
 
 class _Target(Params):
+    # Strict, as SPAWN: "5" is not a budget.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     session_id: str | None = Field(default=None, min_length=1, max_length=128)
     agent_id: str | None = Field(default=None, min_length=1, max_length=256)
 

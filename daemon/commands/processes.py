@@ -113,6 +113,11 @@ class ProcessesResult(Result):
         description="live warm CLI processes (per session and pooled): "
         "session_id, pid, rss_mb, idle_s, turns, started_at, busy, pooled",
     )
+    paused: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="paused agents and sessions (PAUSE_AGENT / PAUSE_SESSION): scope, id, "
+        "paused_at",
+    )
 
 
 class ProcessIdParams(Params):
@@ -196,6 +201,7 @@ def register(r: Registry) -> None:
             max_concurrency=turns.slots.limit,
             total=len(procs),
             warm=turns.engine.warm_processes(),
+            paused=turns.pauses.listing(),
         )
 
     @r.command("CANCEL_PROCESS", params=ProcessIdParams, result=CancelResult)

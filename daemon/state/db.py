@@ -133,6 +133,11 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 scope TEXT NOT NULL, key TEXT NOT NULL, max_cost_usd REAL,
                 max_iterations INTEGER, idle_timeout_s REAL, updated_at REAL NOT NULL,
                 PRIMARY KEY (scope, key))""",
+            # Paused agents and sessions (PAUSE_AGENT / PAUSE_SESSION): their queued turns
+            # wait, also after a restart.
+            """CREATE TABLE pauses (
+                scope TEXT NOT NULL, key TEXT NOT NULL, paused_at REAL NOT NULL,
+                PRIMARY KEY (scope, key))""",
         ],
     ),
 ]

@@ -28,6 +28,7 @@ from daemon.turns.orphans import Recorded
 
 ProcessStatus = Literal[
     "queued",
+    "paused",
     "running",
     "awaiting_permission",
     "completed",
@@ -36,6 +37,8 @@ ProcessStatus = Literal[
     "timed_out",
     "interrupted",
 ]
+# "paused": queued, and its agent or session is paused (PAUSE_AGENT / PAUSE_SESSION); kept
+# in memory only: on disk it is "queued".
 # "awaiting_permission": running, and the CLI waits for a relayed permission decision
 # (daemon/turns/permissions.py). Kept in memory only: on disk such a turn is "running".
 # "interrupted": the daemon stopped (or died) under the turn; the session is intact and the

@@ -13,6 +13,7 @@ the recorded end, so turn N of a session is recorded before turn N+1 starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import OrderedDict
@@ -41,12 +42,19 @@ from daemon.events.subscriber import Event
 from daemon.protocol import utc_now_iso
 from daemon.settings import Settings
 from daemon.state.db import Store
-from daemon.state.records import FINAL_STATUSES, SessionRecord, StateManager, TurnRecord
+from daemon.state.records import (
+    FINAL_STATUSES,
+    ProcessStatus,
+    SessionRecord,
+    StateManager,
+    TurnRecord,
+)
 from daemon.state.turnlog import TurnLog
 from daemon.turns.engine import build_engine
 from daemon.turns.idle import IdleWatch
-from daemon.turns.limits import Limits
+from daemon.turns.limits import Limits, Scope
 from daemon.turns.outcome import Outcome, SpawnResult, cli_failure, failure_of, recorded_outcome
+from daemon.turns.pauses import Pauses
 from daemon.turns.permissions import PermissionBroker
 from daemon.turns.provider import Acompletion, ProviderLoader
 from daemon.turns.recorder import TurnRecorder
@@ -75,6 +83,8 @@ class TurnScheduler:
         self.permissions = PermissionBroker(store, state, bus)
         self.permissions.on_progress = self.recorder.progress
         self.limits = Limits(store, state, bus, settings.max_iterations)
+        self.pauses = Pauses(store)
+        self.bus = bus
         self.engine: ClaudeEngine = build_engine(settings, state)
         self.idle = IdleWatch(bus, self.engine, self.limits, settings.session_idle_s)
         self.provider = ProviderLoader(settings, self.engine)
@@ -332,13 +342,21 @@ class TurnScheduler:
         info = turn.info
         holding_slot = finishing = False
         try:
+            await self._unpaused(turn)
             async with self.engine.hold_session(turn.session_id):
                 try:
-                    await self.slots.acquire(info.process_id)
+                    while True:
+                        # Paused meanwhile (while waiting for the turn ahead, or for a
+                        # slot)? Then wait without holding a slot.
+                        await self._unpaused(turn)
+                        await self.slots.acquire(info.process_id)
+                        if not self._paused(turn):
+                            break
+                        self.slots.release()
                     holding_slot = True
                     outcome: Outcome = await self._execute(turn)
                 except (asyncio.CancelledError, Exception) as exc:
-                    if turn.deferred and info.status == "queued":
+                    if turn.deferred and info.status in ("queued", "paused"):
                         return  # kept for the next run of the daemon (see shutdown)
                     outcome = failure_of(exc, info.process_id)
                 # Announced while the slot and the session are still held: events then never
@@ -356,6 +374,24 @@ class TurnScheduler:
         finally:
             if holding_slot:
                 self.slots.release()
+
+    def _paused(self, turn: Turn) -> bool:
+        return self.pauses.blocks(turn.session_id, turn.request.agent_id)
+
+    async def _unpaused(self, turn: Turn) -> None:
+        """Wait while the turn's session or agent is paused (shown as ``paused``)."""
+        if not self._paused(turn):
+            return
+        self._show(turn, "paused")
+        try:
+            await self.pauses.wait(turn.session_id, turn.request.agent_id)
+        finally:
+            if turn.info.status == "paused":
+                self._show(turn, "queued")
+
+    def _show(self, turn: Turn, status: ProcessStatus) -> None:
+        turn.info.status = status
+        self.state.note_process(turn.info)  # memory only: on disk it stays "queued"
 
     async def _execute(self, turn: Turn) -> SpawnResult:
         acompletion = await self.provider.acompletion()
@@ -461,6 +497,59 @@ class TurnScheduler:
             if not turn.done.done():
                 turn.done.set_result(outcome)
 
+    # -- pause and resume ----------------------------------------------------------------
+
+    def _of(self, scope: Scope, key: str) -> list[Turn]:
+        if scope == "session":
+            return [t for t in self.turns.values() if t.session_id == key]
+        return [t for t in self.turns.values() if t.request.agent_id == key]
+
+    async def pause(self, scope: Scope, key: str, *, interrupt: bool) -> dict[str, Any]:
+        """Hold the queued turns of a session or an agent (kept across restarts); with
+        ``interrupt``, cancel its running ones too (else they finish)."""
+        changed = await self.pauses.pause(scope, key)
+        waiting, interrupted = [], []
+        for turn in self._of(scope, key):
+            if turn.info.status in ("queued", "paused"):
+                self._show(turn, "paused")  # also one waiting for its session's last turn
+                waiting.append(turn.info.process_id)
+            elif interrupt:
+                with contextlib.suppress(NotFound, Conflict):  # it ended meanwhile
+                    await self.cancel(turn.info.process_id)
+                    interrupted.append(turn.info.process_id)
+        self.bus.publish(
+            f"{scope.upper()}_PAUSED",
+            {"scope": scope, "id": key, "waiting": waiting, "interrupted": interrupted},
+        )
+        return {
+            "scope": scope,
+            "id": key,
+            "paused": True,
+            "changed": changed,
+            "waiting": waiting,
+            "interrupted": interrupted,
+        }
+
+    async def resume(self, scope: Scope, key: str) -> dict[str, Any]:
+        """Release the session's or agent's waiting turns, in their order."""
+        changed = await self.pauses.resume(scope, key)
+        released = []
+        for turn in self._of(scope, key):
+            if turn.info.status == "paused" and not self._paused(turn):
+                self._show(turn, "queued")
+                released.append(turn.info.process_id)
+        self.bus.publish(
+            f"{scope.upper()}_RESUMED", {"scope": scope, "id": key, "released": released}
+        )
+        return {
+            "scope": scope,
+            "id": key,
+            "paused": False,
+            "changed": changed,
+            "waiting": released,
+            "interrupted": [],
+        }
+
     # -- cancel and shutdown -------------------------------------------------------------
 
     async def cancel(self, process_id: str) -> TurnRecord:
@@ -504,7 +593,7 @@ class TurnScheduler:
         self.accepting = False
         self.permissions.closing = True
         for turn in list(self.turns.values()):  # queued turns never started: stop them now
-            if turn.info.status == "queued" and turn.task is not None:
+            if turn.info.status in ("queued", "paused") and turn.task is not None:
                 # An async one keeps its request in SQLite and runs after the restart; a sync
                 # one's client is about to lose its connection, so it is cancelled.
                 turn.deferred = turn.request.mode == "async"
