@@ -4,6 +4,7 @@ in order, and all of it holds across a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from daemon.claude.sessions import SessionHolds
 from daemon.client import AsyncClient
 from tests.helpers import DaemonProcess, wait_for
 
@@ -130,3 +132,79 @@ def test_bad_pause_requests_are_typed_errors(
     reply = d.call(command, params)
     assert reply["status"] == "error"
     assert reply["error"]["code"] == code
+
+
+# -- steering: INTERRUPT_SESSION -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+async def test_interrupt_with_a_prompt_runs_it_next_ahead_of_queued_turns(
+    make_daemon: Callable[..., DaemonProcess], warm: bool
+) -> None:
+    d = make_daemon()
+    sid = d.result("SPAWN", {"prompt": "start", "cwd": str(d.work), "warm": warm})["session_id"]
+    long = spawn_async(d, "[[sleep:30]] long", session_id=sid, warm=warm)
+    wait_for(lambda: statuses(d, [long]) == ["running"])
+    queued = spawn_async(d, "queued", session_id=sid, warm=warm)
+    async with AsyncClient.connect(d.socket) as c:
+        await c.subscribe(["PROCESS_COMPLETE", "SESSION_INTERRUPTED"])
+        steered = await c.call("INTERRUPT_SESSION", {"session_id": sid, "prompt": "steer"})
+        assert steered["interrupted"] == [long]
+        steer = steered["process_id"]
+        order: list[str] = []
+        while len(order) < 3:
+            ev = await c.next_event(timeout=30)
+            if ev["event"] == "PROCESS_COMPLETE" and ev["data"]["session_id"] == sid:
+                order.append(ev["data"]["process_id"])
+                if ev["data"]["process_id"] == steer:
+                    # The session went on: a warm CLI keeps the interrupted prompt in the
+                    # conversation (as the real one does); a killed cold one had not stored it.
+                    assert f"(turn {3 if warm else 2})" in ev["data"]["text"]
+    assert order == [long, steer, queued]
+    assert statuses(d, [long, steer, queued]) == ["cancelled", "completed", "completed"]
+    assert [p for p in prompts(d) if p in ("steer", "queued")] == ["steer", "queued"]
+
+
+def test_interrupt_without_a_prompt_only_stops_and_an_unknown_session_is_an_error(
+    make_daemon: Callable[..., DaemonProcess],
+) -> None:
+    d = make_daemon()
+    sid = d.result("SPAWN", {"prompt": "start", "cwd": str(d.work)})["session_id"]
+    idle = d.result("INTERRUPT_SESSION", {"session_id": sid})
+    assert (idle["interrupted"], idle["process_id"]) == ([], None)
+    long = spawn_async(d, "[[sleep:30]] long", session_id=sid)
+    wait_for(lambda: statuses(d, [long]) == ["running"])
+    assert d.result("INTERRUPT_SESSION", {"session_id": sid})["interrupted"] == [long]
+    # With no turn to copy, the prompt runs with the session's own model and defaults.
+    steer = d.result("INTERRUPT_SESSION", {"session_id": sid, "prompt": "after"})["process_id"]
+    wait_for(lambda: statuses(d, [steer]) == ["completed"], timeout=20)
+    unknown = d.call("INTERRUPT_SESSION", {"session_id": "00000000-0000-4000-8000-000000000000"})
+    assert unknown["error"]["code"] == "SESSION_NOT_FOUND"
+
+
+async def test_session_holds_run_in_order_first_goes_ahead_and_a_cancelled_waiter_passes_on() -> (
+    None
+):
+    holds = SessionHolds()
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def turn(name: str, first: bool = False, wait: bool = False) -> None:
+        async with holds.hold("s", first=first):
+            order.append(name)
+            if wait:
+                await gate.wait()
+
+    running = asyncio.create_task(turn("a", wait=True))
+    await asyncio.sleep(0)
+    b = asyncio.create_task(turn("b"))
+    gone = asyncio.create_task(turn("gone"))
+    c = asyncio.create_task(turn("c"))
+    await asyncio.sleep(0)
+    steer = asyncio.create_task(turn("steer", first=True))
+    await asyncio.sleep(0)
+    gone.cancel()  # a waiter that leaves does not block the ones behind it
+    gate.set()
+    await asyncio.gather(running, b, c, steer)
+    assert order == ["a", "steer", "b", "c"]
+    assert holds.active == 0

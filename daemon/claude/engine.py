@@ -133,10 +133,13 @@ class ClaudeEngine:
         ids = (session_id, None) if resume else (None, session_id)
         return opts.model_copy(update={"session_id": ids[0], "new_session_id": ids[1], "cwd": cwd})
 
-    def hold_session(self, session_id: str) -> AbstractAsyncContextManager[None]:
-        """Keep the session to this context: other turns of it wait until the block ends;
-        turns run inside it (in this task, or tasks it starts) do not."""
-        return self._holds.hold(session_id)
+    def hold_session(
+        self, session_id: str, first: bool = False
+    ) -> AbstractAsyncContextManager[None]:
+        """Keep the session to this context: other turns of it wait until the block ends
+        (``first``: ahead of the others waiting); turns run inside it (in this task, or
+        tasks it starts) do not."""
+        return self._holds.hold(session_id, first)
 
     def stream_turn(
         self, prompt: str, *, model: str | None = None, opts: ClaudeOptions | None = None

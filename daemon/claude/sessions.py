@@ -10,7 +10,7 @@ run. Resume is scoped to the cwd a session began in, so the engine asks a
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -54,8 +54,39 @@ class RememberedCwds:
 
 @dataclass
 class _SessionSlot:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """A FIFO lock with a front door: the holder hands the session straight to the next
+    waiter, and a waiter marked ``first`` (a turn that steers the session) goes ahead of
+    the others."""
+
+    busy: bool = False
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     users: int = 0
+
+    async def acquire(self, first: bool) -> None:
+        if not self.busy and not self.waiters:
+            self.busy = True
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if first:
+            self.waiters.appendleft(waiter)
+        else:
+            self.waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed over just as we were cancelled: pass it on
+            else:
+                self.waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the session passes on; it stays busy
+                return
+        self.busy = False
 
 
 class SessionHolds:
@@ -70,9 +101,10 @@ class SessionHolds:
         return len(self._slots)
 
     @asynccontextmanager
-    async def hold(self, session_id: str) -> AsyncIterator[None]:
-        """Keep the session to this context: other turns of it wait until the block ends;
-        turns run inside it (in this task, or tasks it starts) do not."""
+    async def hold(self, session_id: str, first: bool = False) -> AsyncIterator[None]:
+        """Keep the session to this context: other turns of it wait until the block ends
+        (in order; ``first`` goes ahead of those waiting); turns run inside it (in this
+        task, or tasks it starts) do not."""
         held = _HELD_SESSIONS.get()
         if session_id in held:
             yield
@@ -83,14 +115,15 @@ class SessionHolds:
         slot = self._slots.setdefault(session_id, _SessionSlot())
         slot.users += 1
         try:
-            async with slot.lock:
+            await slot.acquire(first)
+            try:
                 _HELD_SESSIONS.set(held | {session_id})
-                try:
-                    yield
-                finally:
-                    # Not ContextVar.reset: a stream's steps may each run in another context
-                    # (the provider's sync streaming does), where the token is not valid.
-                    _HELD_SESSIONS.set(held)
+                yield
+            finally:
+                # Not ContextVar.reset: a stream's steps may each run in another context
+                # (the provider's sync streaming does), where the token is not valid.
+                _HELD_SESSIONS.set(held)
+                slot.release()
         finally:
             slot.users -= 1
             if slot.users == 0:

@@ -1,4 +1,5 @@
-"""Pause and resume an agent's or a session's queued turns (daemon/turns/pauses.py)."""
+"""Pause and resume an agent's or a session's queued turns (daemon/turns/pauses.py), and
+steer a session: interrupt its running turn, optionally with the prompt to run next."""
 
 from __future__ import annotations
 
@@ -45,6 +46,23 @@ class PauseResult(Result):
     interrupted: list[str] = Field(description="pause with interrupt: the turns cancelled")
 
 
+class InterruptParams(SessionParams):
+    prompt: str | None = Field(
+        default=None,
+        min_length=1,
+        description="run this next in the session (async, ahead of its other queued turns), "
+        "with the interrupted turn's options",
+    )
+
+
+class InterruptResult(Result):
+    session_id: str
+    interrupted: list[str] = Field(description="the turns stopped (their status: cancelled)")
+    process_id: str | None = Field(
+        default=None, description="the prompt's turn: PROCESS_COMPLETE follows on the bus"
+    )
+
+
 async def _known_session(ctx: Context, session_id: str) -> None:
     turns = ctx.services.turns
     if any(t.session_id == session_id for t in turns.turns.values()):
@@ -74,6 +92,18 @@ def register(r: Registry) -> None:
         await _known_session(ctx, p.session_id)
         out = await ctx.services.turns.pause("session", p.session_id, interrupt=p.interrupt)
         return PauseResult(**out)
+
+    @r.command("INTERRUPT_SESSION", params=InterruptParams, result=InterruptResult)
+    async def interrupt_session(ctx: Context, p: InterruptParams) -> InterruptResult:
+        """Stop the session's running turn (warm: the CLI's interrupt; cold: its process
+        group ends, the next turn resumes) and, with prompt, run that next in the session."""
+        await _known_session(ctx, p.session_id)
+        interrupted, steer = await ctx.services.turns.interrupt_session(p.session_id, p.prompt)
+        return InterruptResult(
+            session_id=p.session_id,
+            interrupted=interrupted,
+            process_id=steer.process_id if steer else None,
+        )
 
     @r.command("RESUME_SESSION", params=SessionParams, result=PauseResult)
     async def resume_session(ctx: Context, p: SessionParams) -> PauseResult:

@@ -28,7 +28,7 @@ from daemon.claude.auth import AuthWatch
 from daemon.claude.chat import cli_model
 from daemon.claude.engine import CURRENT_ENGINE, ClaudeEngine
 from daemon.claude.errors import TurnRejected
-from daemon.claude.options import ClaudeOptions
+from daemon.claude.options import ClaudeOptions, TurnOptions
 from daemon.errors import (
     Conflict,
     ErrorCode,
@@ -343,7 +343,7 @@ class TurnScheduler:
         holding_slot = finishing = False
         try:
             await self._unpaused(turn)
-            async with self.engine.hold_session(turn.session_id):
+            async with self.engine.hold_session(turn.session_id, first=turn.request.first):
                 try:
                     while True:
                         # Paused meanwhile (while waiting for the turn ahead, or for a
@@ -549,6 +549,58 @@ class TurnScheduler:
             "waiting": released,
             "interrupted": [],
         }
+
+    # -- steering -------------------------------------------------------------------------
+
+    async def interrupt_session(
+        self, session_id: str, prompt: str | None
+    ) -> tuple[list[str], SpawnResult | None]:
+        """Stop the session's running turn (warm: the CLI's interrupt, the CLI lives on;
+        cold: its process group is ended) and, with ``prompt``, run that next in the session,
+        ahead of its other queued turns. Returns the interrupted process ids and the new
+        turn's (async) SPAWN result."""
+        live = [t for t in self.turns.values() if t.session_id == session_id]
+        running = [t for t in live if t.info.status in ("running", "awaiting_permission")]
+        steer = None
+        if prompt is not None:
+            like = running[0].request if running else (live[0].request if live else None)
+            if like is None:
+                session = await self.state.session(session_id)
+                assert session is not None  # the command checked
+                base = SpawnRequest(
+                    prompt=prompt,
+                    mode="async",
+                    session_id=session_id,
+                    model=session.model or self.settings.default_model,
+                    agent_id=session.agent_id,
+                    options=TurnOptions(),
+                )
+            else:
+                base = like.model_copy(update={"client_request_id": None, "mode": "async"})
+            # Submitted before the interrupt: its task is waiting for the session, at the
+            # front, when the interrupted turn lets go of it.
+            update = {
+                "prompt": prompt,
+                "session_id": session_id,
+                "first": True,
+                "max_iterations": None,
+                "idle_timeout_s": None,
+            }
+            steer = await self.submit(base.model_copy(update=update))
+        interrupted = []
+        for turn in running:
+            with contextlib.suppress(NotFound, Conflict):  # it ended meanwhile
+                await self.cancel(turn.info.process_id)
+                interrupted.append(turn.info.process_id)
+        self.bus.publish(
+            "SESSION_INTERRUPTED",
+            {
+                "session_id": session_id,
+                "interrupted": interrupted,
+                "next_process_id": steer.process_id if steer else None,
+            },
+        )
+        return interrupted, steer
 
     # -- cancel and shutdown -------------------------------------------------------------
 

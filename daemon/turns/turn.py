@@ -30,6 +30,9 @@ class SpawnRequest(BaseModel):
     options: TurnOptions
     max_iterations: int | None = None  # sets the session's turn cap (daemon/turns/limits.py)
     idle_timeout_s: float | None = None  # sets the session's idle timeout (daemon/turns/idle.py)
+    # A steering turn (INTERRUPT_SESSION with a prompt): runs before the session's other
+    # queued turns.
+    first: bool = False
 
 
 def _new_future() -> asyncio.Future[Outcome]:
