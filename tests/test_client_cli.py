@@ -344,3 +344,19 @@ def test_progress_notes_stay_on_one_line() -> None:
     assert progress_note(retry) == "· API retry 1/3 in 1.2 s (status 529)"
     assert progress_note({"kind": "status", "status": "requesting"}) is None
     assert progress_note({"kind": "started"}) is None
+
+
+def test_budget_and_pause_commands_from_the_command_line(daemon: DaemonProcess) -> None:
+    """The people-in-the-loop commands have their CLI form in ``send``."""
+    done = cli(daemon, "send", "SET_BUDGET", "agent_id=cli-agent", "max_cost_usd=1.5")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["budget"]["remaining_usd"] == 1.5
+    done = cli(daemon, "send", "PAUSE_AGENT", "agent_id=cli-agent")
+    assert orjson.loads(done.stdout)["paused"] is True
+    listed = daemon.result("GET_PROCESSES")["paused"]
+    assert [(p["scope"], p["id"]) for p in listed] == [("agent", "cli-agent")]
+    done = cli(daemon, "send", "RESUME_AGENT", "agent_id=cli-agent")
+    assert orjson.loads(done.stdout)["changed"] is True
+    bad = cli(daemon, "send", "SET_BUDGET", "agent_id=cli-agent", 'max_cost_usd="lots"')
+    assert bad.returncode != 0
+    assert "INVALID_PARAMETERS" in bad.stdout + bad.stderr
