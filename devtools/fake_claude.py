@@ -1251,28 +1251,8 @@ class Fake:
             return None
 
     def over_budget(self, t0: float, budget: float, in_tok: int, out_tok: int) -> int:
-        duration, api_ms = self.timing(t0)
-        cost, model_usage = self.costed(in_tok, out_tok)
-        self.finish(
-            {
-                "type": "result",
-                "subtype": "error_max_budget_usd",
-                "duration_ms": duration,
-                "duration_api_ms": api_ms,
-                "is_error": True,
-                "num_turns": 1,
-                "stop_reason": "tool_use",
-                "session_id": self.session.session_id,
-                "total_cost_usd": cost,
-                "usage": result_usage(in_tok, out_tok),
-                "modelUsage": model_usage,
-                "permission_denials": [],
-                "fast_mode_state": "off",
-                "uuid": new_uuid(),
-                "errors": [f"Reached maximum budget (${budget})"],
-            },
-            f"Error: Reached maximum budget (${budget})",
-        )
+        message = f"Reached maximum budget (${budget})"
+        self.stopped(t0, "error_max_budget_usd", 1, in_tok, out_tok, message, "Error: " + message)
         return 1
 
     def max_turns_value(self) -> int | None:
@@ -1287,30 +1267,50 @@ class Fake:
             tool_input, _, _ = self.tool_call("Bash", "echo max-turns", in_tok)
             out_tok = max(1, len(dumps(tool_input)) // 4)
         limit = self.max_turns_value() or 1
-        duration, api_ms = self.timing(t0)
-        cost, model_usage = self.costed(in_tok, out_tok)
-        self.finish(
-            {
-                "type": "result",
-                "subtype": "error_max_turns",
-                "duration_ms": duration,
-                "duration_api_ms": api_ms,
-                "is_error": True,
-                "num_turns": 2,
-                "stop_reason": "tool_use",
-                "session_id": self.session.session_id,
-                "total_cost_usd": cost,
-                "usage": result_usage(in_tok, out_tok),
-                "modelUsage": model_usage,
-                "permission_denials": [],
-                "terminal_reason": "max_turns",
-                "fast_mode_state": "off",
-                "uuid": new_uuid(),
-                "errors": [f"Reached maximum number of turns ({limit})"],
-            },
+        self.stopped(
+            t0,
+            "error_max_turns",
+            2,
+            in_tok,
+            out_tok,
+            f"Reached maximum number of turns ({limit})",
             f"Error: Reached max turns ({limit})",  # measured: no trailing newline
+            terminal_reason="max_turns",
         )
         return 1
+
+    def stopped(
+        self,
+        t0: float,
+        subtype: str,
+        num_turns: int,
+        in_tok: int,
+        out_tok: int,
+        error: str,
+        text_out: str,
+        terminal_reason: str | None = None,
+    ) -> None:
+        """The error result of a turn the CLI stopped at a limit (turns, budget)."""
+        duration, api_ms = self.timing(t0)
+        cost, model_usage = self.costed(in_tok, out_tok)
+        result: JsonObj = {
+            "type": "result",
+            "subtype": subtype,
+            "duration_ms": duration,
+            "duration_api_ms": api_ms,
+            "is_error": True,
+            "num_turns": num_turns,
+            "stop_reason": "tool_use",
+            "session_id": self.session.session_id,
+            "total_cost_usd": cost,
+            "usage": result_usage(in_tok, out_tok),
+            "modelUsage": model_usage,
+            "permission_denials": [],
+        }
+        if terminal_reason is not None:
+            result["terminal_reason"] = terminal_reason
+        result.update({"fast_mode_state": "off", "uuid": new_uuid(), "errors": [error]})
+        self.finish(result, text_out)
 
     def interrupted(self, t0: float) -> None:
         """The lines the real CLI prints after an interrupt (its control_response went first)."""

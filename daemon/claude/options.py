@@ -17,7 +17,7 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -54,6 +54,8 @@ def _canonical_uuid(value: str | None) -> str | None:
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_TURNS = 10_000
 MAX_COST_USD = 1_000_000.0
+# An amount of money a caller limits spend to: positive and finite.
+UsdAmount = Annotated[float, Field(gt=0, le=MAX_COST_USD, allow_inf_nan=False)]
 
 
 class TurnOptions(BaseModel):
@@ -104,11 +106,8 @@ class TurnOptions(BaseModel):
         '(default from config, "deny")',
     )
 
-    max_cost_usd: float | None = Field(
+    max_cost_usd: UsdAmount | None = Field(
         default=None,
-        gt=0,
-        le=MAX_COST_USD,
-        allow_inf_nan=False,
         description="stop the turn once it has cost this much (the CLI's --max-budget-usd: "
         "checked after each model call; the turn then fails with BUDGET_EXCEEDED). A turn "
         "with a budget runs cold: the CLI counts a budget per process, not per turn",

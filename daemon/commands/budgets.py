@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
 
-from daemon.claude.options import MAX_COST_USD
+from daemon.claude.options import UsdAmount
 from daemon.commands.registry import Context, Params, Registry, Result
 from daemon.turns.limits import BudgetInfo, Scope
 
@@ -27,11 +27,8 @@ class _Target(Params):
 
 
 class SetBudgetParams(_Target):
-    max_cost_usd: float | None = Field(
+    max_cost_usd: UsdAmount | None = Field(
         default=None,
-        gt=0,
-        le=MAX_COST_USD,
-        allow_inf_nan=False,
         description="what all the session's (or agent's) turns may cost together; null "
         "removes the budget. Turns that would start over it get BUDGET_EXCEEDED",
     )
