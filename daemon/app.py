@@ -37,6 +37,7 @@ from daemon.commands.registry import Services
 from daemon.events.bus import EventBus
 from daemon.events.observers import ObserverHost
 from daemon.fsmodes import private_dir, socket_files
+from daemon.mcp_face import McpFace
 from daemon.protocol import iso_from_epoch
 from daemon.server import Server
 from daemon.settings import Settings
@@ -77,6 +78,10 @@ class Daemon:
             health=self.health,
             request_shutdown=self.request_shutdown,
         )
+        self.mcp: McpFace | None = None
+        if settings.mcp:
+            self.mcp = McpFace(self.services, self.turns.origin_of)
+            self.turns.mcp_config = self.mcp.config_for
         self.server = Server(self.services)
         self.observers = ObserverHost(self.services)
         self.stopping = False
@@ -118,6 +123,8 @@ class Daemon:
                     version=__version__,
                     startup_ms=round((time.time() - self.started_at) * 1000, 1),
                 )
+                if self.mcp is not None:
+                    self.mcp.start(tasks)
                 self.turns.start(tasks)
                 _notify_systemd(f"READY=1\nSTATUS=serving on {self.server.path}")
                 await self._shutdown.wait()
@@ -144,6 +151,8 @@ class Daemon:
         await self.server.stop_accepting()
         grace = 0.0 if self._force else self.settings.shutdown_grace_s
         await self.turns.shutdown(grace)
+        if self.mcp is not None:  # after the turns: their last tool calls are answered
+            await self.mcp.stop()
         await self.observers.stop()
         await self.server.close_all()
         await self.bus.close()
@@ -247,6 +256,7 @@ class Daemon:
             "claude": turns["claude"],
             "warm": turns["warm"],
             "permissions": self.turns.permissions.stats(),
+            "mcp": self.mcp.status() if self.mcp is not None else {"status": "disabled"},
             "storage": storage,
             "orphans_ended": self.orphans_ended,
         }

@@ -53,6 +53,9 @@ class ErrorCode(StrEnum):
     # Limits a turn ran into (daemon/turns/limits.py).
     BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
     SESSION_LIMIT_REACHED = "SESSION_LIMIT_REACHED"
+    # Spawn trees: turns a turn starts through the KSI MCP face (daemon/turns/tree.py).
+    SPAWN_DEPTH_EXCEEDED = "SPAWN_DEPTH_EXCEEDED"
+    TOO_MANY_CHILDREN = "TOO_MANY_CHILDREN"
     # The daemon's condition.
     UNAVAILABLE = "UNAVAILABLE"
     SHUTTING_DOWN = "SHUTTING_DOWN"

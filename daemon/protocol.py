@@ -222,11 +222,27 @@ def encode_error(echo: Request | Echo | None, error: DaemonError) -> bytes:
         return orjson.dumps(reply, option=orjson.OPT_APPEND_NEWLINE)
 
 
-def encode_event(event_type: str, data: Any, seq: int, timestamp: str) -> bytes:
-    return orjson.dumps(
-        {"event": event_type, "data": data, "seq": seq, "timestamp": timestamp},
-        option=orjson.OPT_APPEND_NEWLINE,
-    )
+def encode_event(
+    event_type: str,
+    data: Any,
+    seq: int,
+    timestamp: str,
+    *,
+    from_agent: str | None = None,
+    to_agent: str | None = None,
+    parent_process_id: str | None = None,
+) -> bytes:
+    """An event's wire line. Who sent it (``from_agent``), to whom (``to_agent``) and which
+    turn caused it (``parent_process_id``: a turn's MCP call, daemon/mcp_face) are keys of
+    the line when known, so a live subscriber sees them as GET_EVENTS does."""
+    line: dict[str, Any] = {"event": event_type, "data": data, "seq": seq, "timestamp": timestamp}
+    if from_agent is not None:
+        line["from_agent"] = from_agent
+    if to_agent is not None:
+        line["to_agent"] = to_agent
+    if parent_process_id is not None:
+        line["parent_process_id"] = parent_process_id
+    return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def with_echo(wire: bytes, req: Request) -> bytes:

@@ -101,6 +101,14 @@ class Settings(BaseSettings):
     # A session's turn cap when it has none of its own (daemon/turns/limits.py); None: off.
     max_iterations: int | None = Field(default=None, ge=1)
 
+    # The KSI MCP face (daemon/mcp_face): turns call the daemon as tools mcp__ksi__*.
+    # ``mcp``: serve it (on loopback, started at the first turn that uses it). A turn another
+    # turn spawned is refused past ``spawn_max_depth`` levels below a client's turn, or when
+    # its parent already has ``spawn_max_children`` live children.
+    mcp: bool = True
+    spawn_max_depth: int = Field(default=3, ge=0, le=100)
+    spawn_max_children: int = Field(default=8, ge=1, le=1000)
+
     # Cognitive observers: "package.module:factory" or an entry point name in "ksi.observers".
     observers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     observer_queue: int = Field(default=1000, ge=1)

@@ -7,11 +7,14 @@ Anthropic. Answers are deterministic so tests can assert on them:
   streamed as chunked SSE when ``stream`` is true, else as one JSON message. ``<system-reminder>``
   text blocks are skipped, and ``role: "system"`` entries inside ``messages`` are accepted (the
   CLI sends them; see claude-cli.md §3). After a ``tool_result`` the reply is
-  ``tool result: <first 200 characters of the result>``.
+  ``tool result: <first 4000 characters of the result>``.
 * Prompt triggers in the last user text: ``[[error:N]]`` (HTTP N with an Anthropic error body),
   ``[[sleep:S]]`` (delay before answering), ``[[bash:CMD]]`` (a Bash tool_use, only when the
   request offers a tool named Bash), ``[[tool:NAME:JSON]]`` (a tool_use of NAME with that input);
   with either, ``[[say:TEXT]]`` puts a text block TEXT before the tool_use, as models do.
+  ``[[then:NAME:JSON]]`` next to a ``[[tool:...]]``: after the first tool's result, a second
+  tool_use, NAME with that input, in which ``{{result.KEY}}`` is replaced by KEY of the first
+  result read as JSON (a model that starts a sub-task and then waits for it).
 * Scripted failures for the whole server: the next K message requests fail with status N,
   optionally with a ``retry-after`` header.
 * ``HEAD /`` (the CLI's preconnect probe) answers 200; ``GET /v1/models`` and
@@ -87,7 +90,7 @@ ERROR_TYPES: dict[int, str] = {
 DEFAULT_MODEL = "claude-opus-4-8"
 TEXT_PIECE = 16  # characters per text_delta, as the real API streams small pieces
 JSON_PIECE = 16  # characters per input_json_delta
-TOOL_RESULT_PREVIEW = 200
+TOOL_RESULT_PREVIEW = 4000
 SYSTEM_REMINDER = "<system-reminder>"
 # Headers whose values are secrets; they are replaced in the log.
 REDACTED_HEADERS = frozenset({"x-api-key", "authorization"})
@@ -97,6 +100,8 @@ _SLEEP_RE = re.compile(r"\[\[sleep:(\d+(?:\.\d+)?)\]\]")
 _BASH_RE = re.compile(r"\[\[bash:(.*?)\]\]", re.DOTALL)
 _SAY_RE = re.compile(r"\[\[say:(.*?)\]\]", re.DOTALL)
 _TOOL_START_RE = re.compile(r"\[\[tool:([A-Za-z0-9_.\-]+):")
+_THEN_START_RE = re.compile(r"\[\[then:([A-Za-z0-9_.\-]+):")
+_RESULT_REF_RE = re.compile(r"\{\{result\.([A-Za-z0-9_]+)\}\}")
 
 
 def _error_type(status: int) -> str:
@@ -159,22 +164,59 @@ def _offered_tools(body: dict[str, Any]) -> set[str]:
     return {t["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)}
 
 
-def _find_tool_trigger(text: str) -> tuple[str, dict[str, Any]] | None:
-    """Find ``[[tool:NAME:JSON]]``; the JSON itself may contain ``]]``, so try each end."""
-    match = _TOOL_START_RE.search(text)
+def _find_tool_trigger(
+    text: str, start_re: re.Pattern[str] = _TOOL_START_RE, result: str | None = None
+) -> tuple[str, dict[str, Any]] | None:
+    """Find ``[[tool:NAME:JSON]]`` (or with ``start_re``, ``[[then:NAME:JSON]]``); the JSON
+    itself may contain ``]]``, so try each end. ``{{result.KEY}}`` refers to ``result``."""
+    match = start_re.search(text)
     if match is None:
         return None
     start = match.end()
     end = text.find("]]", start)
     while end != -1:
         try:
-            value = json.loads(text[start:end])
+            value = json.loads(_fill_refs(text[start:end], result))
         except ValueError:
             end = text.find("]]", end + 1)
             continue
         if isinstance(value, dict):
             return match.group(1), value
         return None
+    return None
+
+
+def _fill_refs(raw: str, result: str | None) -> str:
+    if result is None or "{{result." not in raw:
+        return raw
+    try:
+        fields = json.loads(result)
+    except ValueError:
+        fields = {}
+    if not isinstance(fields, dict):
+        fields = {}
+    return _RESULT_REF_RE.sub(lambda m: str(fields.get(m.group(1), "")), raw)
+
+
+def _chained_tool(body: dict[str, Any], result: str) -> tuple[str, dict[str, Any]] | None:
+    """After the first tool round of a prompt with ``[[then:...]]``: its second tool_use."""
+    messages = body.get("messages")
+    rounds = 0
+    for message in reversed(messages if isinstance(messages, list) else []):
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        blocks = _blocks(message.get("content"))
+        texts = [
+            b["text"]
+            for b in blocks
+            if b.get("type") == "text"
+            and isinstance(b.get("text"), str)
+            and not b["text"].lstrip().startswith(SYSTEM_REMINDER)
+        ]
+        if texts:  # the prompt
+            return _find_tool_trigger(texts[-1], _THEN_START_RE, result) if rounds == 1 else None
+        if any(b.get("type") == "tool_result" for b in blocks):
+            rounds += 1
     return None
 
 
@@ -213,8 +255,12 @@ def plan_reply(body: dict[str, Any]) -> Plan:
         # prompt instead: after an interrupted tool the CLI sends the rejected tool_result,
         # "[Request interrupted by user for tool use]" and the next prompt in one message.)
         first = next(b for b in blocks if b.get("type") == "tool_result")
-        preview = _tool_result_text(first.get("content"))[:TOOL_RESULT_PREVIEW]
-        plan.text = f"tool result: {preview}"
+        result = _tool_result_text(first.get("content"))
+        if then := _chained_tool(body, result):
+            plan.tool = then
+            plan.notes.append(f"then tool_use {then[0]}")
+            return plan
+        plan.text = f"tool result: {result[:TOOL_RESULT_PREVIEW]}"
         plan.notes.append("after tool_result")
         return plan
 

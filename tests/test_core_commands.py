@@ -536,7 +536,9 @@ async def test_subscribe_pattern_and_pushed_event_shape(d: DaemonProcess, schema
         await aok(pub, schemas, "PUBLISH", {"event_type": "NOT_SHAPE"})
         await aok(pub, schemas, "PUBLISH", {"event_type": "SHAPE_TWO"})
         ev = await sub.recv()
-        assert set(ev) == EVENT_KEYS
+        # The sender is part of the live event, as of its GET_EVENTS row.
+        assert set(ev) == EVENT_KEYS | {"from_agent"}
+        assert ev["from_agent"] == "p"
         assert ev["event"] == "SHAPE_TEST"
         assert ev["data"] == {"x": [1, "é"]}
         assert ev["seq"] == published["seq"]
@@ -592,7 +594,9 @@ async def test_directed_publish_reaches_only_that_agent(d: DaemonProcess, schema
         assert marker["delivered_to"] == 3
         a1, a2 = await alice.recv(), await alice.recv()
         assert (a1["event"], a1["data"], a1["seq"]) == ("DIR_PRIVATE", {"secret": 1}, res["seq"])
-        assert set(a1) == EVENT_KEYS
+        assert set(a1) == EVENT_KEYS | {"from_agent", "to_agent"}
+        assert (a1["from_agent"], a1["to_agent"]) == ("dir-bob", "dir-alice")
+        assert set(a2) == EVENT_KEYS
         assert a2["seq"] == marker["seq"]
         b1, b2 = await bob.recv(), await bob.recv()
         assert (b1["seq"], b2["seq"]) == (to_bob["seq"], marker["seq"])

@@ -65,6 +65,8 @@ def build_argv(
         argv += ["--permission-mode", opts.permission_mode]
     if opts.max_cost_usd is not None:
         argv += ["--max-budget-usd", str(opts.max_cost_usd)]
+    if opts.mcp_config:
+        argv += _opt("--mcp-config", opts.mcp_config)
     if opts.permissions == "relay":
         # The CLI asks us (a control request on stdout) instead of deciding alone.
         argv += ["--permission-prompt-tool", "stdio"]

@@ -163,6 +163,11 @@ class ClaudeOptions(TurnOptions):
     """Id for a first turn (``--session-id``). If unset the engine picks one: a uuid4, or
     for a warm turn with default flags the id of a pre-warmed pool process."""
     include_partial_messages: bool = False
+    mcp_config: str | None = Field(
+        default=None,
+        description="--mcp-config: a file (or JSON) naming MCP servers for the turn; the "
+        "daemon's own, the KSI MCP face, is given to turns with ksi_tools",
+    )
     on_start: Callable[[StartInfo], None] | None = Field(default=None, exclude=True, repr=False)
     on_progress: Callable[[dict[str, Any]], None] | None = Field(
         default=None, exclude=True, repr=False
@@ -171,6 +176,13 @@ class ClaudeOptions(TurnOptions):
     on_permission: OnPermission | None = Field(default=None, exclude=True, repr=False)
     """With ``permissions: "relay"``: asked each time the CLI wants to run a tool its rules do
     not allow (daemon/claude/permissions.py); without it the asks get ``permission_default``."""
+
+    @field_validator("mcp_config")
+    @classmethod
+    def _check_mcp_config(cls, value: str | None) -> str | None:
+        if value is not None and "\0" in value:
+            raise ValueError("must not contain a NUL character")
+        return value
 
     @field_validator("session_id", "new_session_id")
     @classmethod

@@ -145,11 +145,10 @@ def register(r: Registry) -> None:
         # behind, say so (STORAGE_*) instead of answering "published" for an event that
         # GET_EVENTS and SUBSCRIBE since_seq would then never replay.
         await ctx.services.store.wait_writable()
-        from_agent = p.from_agent or (ctx.conn.agent_id if ctx.conn else None)
-        ev = ctx.services.bus.publish(
+        ev = ctx.publish(
             p.event_type,
             p.payload,
-            from_agent=from_agent,
+            from_agent=p.from_agent,
             to_agent=p.to_agent,
             max_bytes=ctx.services.settings.max_event_bytes,
         )

@@ -9,7 +9,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from daemon.claude.options import TurnOptions
 from daemon.commands.registry import Context, NoParams, Params, Registry, Result
-from daemon.errors import ErrorCode, InvalidParameters, NotFound
+from daemon.errors import ErrorCode, InvalidParameters, NotFound, TurnFailed
 from daemon.state.records import SessionRecord, TurnRecord
 from daemon.turns.outcome import SpawnResult
 from daemon.turns.turn import SpawnRequest
@@ -58,6 +58,11 @@ class SpawnParams(Params, TurnOptions):
         default=False,
         description="sync only: write the turn's PROCESS_PROGRESS events on this connection "
         "(each with this request's id) before the reply",
+    )
+    ksi_tools: bool | None = Field(
+        default=None,
+        description="give the turn the KSI MCP tools (mcp__ksi__publish, spawn, ...: the bus, "
+        "shared state and sub-tasks); default: on for a registered agent's turn",
     )
 
     @field_validator("prompt")
@@ -124,6 +129,31 @@ class ProcessIdParams(Params):
     process_id: str = Field(min_length=1)
 
 
+MAX_WAIT_S = 3600.0
+
+
+class WaitParams(Params):
+    process_id: str = Field(min_length=1)
+    timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=MAX_WAIT_S,
+        allow_inf_nan=False,
+        description="how long to wait for the turn to finish (0: just look)",
+    )
+
+
+class WaitResult(Result):
+    process_id: str
+    status: str
+    done: bool = Field(description="false: still queued or running (wait again)")
+    session_id: str | None = None
+    result: SpawnResult | None = Field(default=None, description="a completed turn's result")
+    error: dict[str, Any] | None = Field(
+        default=None, description="a failed turn's error: code, message, details"
+    )
+
+
 class CancelResult(Result):
     process_id: str
     status: str
@@ -172,7 +202,14 @@ def register(r: Registry) -> None:
             if ctx.conn is None or ctx.request is None:
                 raise InvalidParameters("stream: true needs a socket connection to write to")
             stream = ctx.conn.stream_progress(ctx.request)
-        agent_id = p.agent_id or (ctx.conn.agent_id if ctx.conn else None)
+        origin = ctx.origin  # a turn's spawn tool: the new turn is its sub-task
+        if origin is not None and p.session_id == origin.session_id:
+            raise InvalidParameters(
+                "a turn cannot spawn into its own session: the sub-task would wait for the "
+                "turn to end",
+                details={"parameter": "session_id"},
+            )
+        agent_id = p.agent_id if origin is not None else p.agent_id or ctx.agent_id
         req = SpawnRequest(
             prompt=p.prompt,
             mode=p.mode,
@@ -183,6 +220,9 @@ def register(r: Registry) -> None:
             max_iterations=p.max_iterations,
             idle_timeout_s=p.idle_timeout_s,
             options=TurnOptions.of(p),  # the SPAWN's own fields, validated with it
+            ksi_tools=p.ksi_tools,
+            parent_process_id=origin.process_id if origin else None,
+            depth=origin.depth + 1 if origin else 0,
         )
         result = await services.turns.submit(req, watch=stream)
         if stream is not None and stream.missed:
@@ -202,6 +242,34 @@ def register(r: Registry) -> None:
             total=len(procs),
             warm=turns.engine.warm_processes(),
             paused=turns.pauses.listing(),
+        )
+
+    @r.command(
+        "WAIT_PROCESS", params=WaitParams, result=WaitResult, long_running=True, exclude_none=True
+    )
+    async def wait_process(ctx: Context, p: WaitParams) -> WaitResult:
+        """Wait up to ``timeout_s`` for a turn (an async SPAWN's process_id) to finish: its
+        result or error with ``done: true``, else ``done: false`` and its status now. The
+        KSI MCP face's wait tool."""
+        info, outcome = await ctx.services.turns.wait(p.process_id, p.timeout_s)
+        if outcome is None:
+            return WaitResult(
+                process_id=p.process_id, status=info.status, done=False, session_id=info.session_id
+            )
+        if isinstance(outcome, TurnFailed):
+            return WaitResult(
+                process_id=p.process_id,
+                status=info.status,
+                done=True,
+                session_id=info.session_id,
+                error=outcome.to_wire(),
+            )
+        return WaitResult(
+            process_id=p.process_id,
+            status=outcome.status,
+            done=True,
+            session_id=outcome.session_id,
+            result=outcome,
         )
 
     @r.command("CANCEL_PROCESS", params=ProcessIdParams, result=CancelResult)

@@ -34,6 +34,7 @@ from daemon.protocol import Request, encode_error, encode_success
 
 if TYPE_CHECKING:
     from daemon.events.bus import EventBus
+    from daemon.events.subscriber import Event
     from daemon.server import Connection
     from daemon.settings import Settings
     from daemon.state.db import Store
@@ -83,6 +84,17 @@ class Services:
     request_shutdown: Callable[[str], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """The turn on whose behalf a command runs: a Claude turn calling a tool of the KSI MCP
+    face (daemon/mcp_face). Known from the turn's token, never from the call's arguments."""
+
+    process_id: str
+    session_id: str
+    agent_id: str | None
+    depth: int  # 0 for a turn a client started; its children's are 1, and so on
+
+
 @dataclass(slots=True)
 class Context:
     """What a handler may touch: the daemon's services and, over the socket, its connection."""
@@ -91,7 +103,36 @@ class Context:
     conn: Connection | None = None
     request: Request | None = None
     caller: str | None = None
-    """Who calls without a connection (an observer plugin: ``observer:<name>``)."""
+    """Who calls without a connection (an observer plugin: ``observer:<name>``; a turn's
+    MCP call: ``mcp:<process_id>``)."""
+    origin: Origin | None = None
+
+    @property
+    def agent_id(self) -> str | None:
+        """The calling agent: the turn's (MCP), else the one the connection registered as."""
+        if self.origin is not None:
+            return self.origin.agent_id
+        return self.conn.agent_id if self.conn is not None else None
+
+    def publish(
+        self,
+        event_type: str,
+        data: dict[str, Any],
+        *,
+        from_agent: str | None = None,
+        to_agent: str | None = None,
+        max_bytes: int | None = None,
+    ) -> Event:
+        """Publish an event this command causes, carrying who caused it: the sender (given,
+        else :attr:`agent_id`) and, for a turn's MCP call, the turn (``parent_process_id``)."""
+        return self.services.bus.publish(
+            event_type,
+            data,
+            from_agent=from_agent or self.agent_id,
+            to_agent=to_agent,
+            parent_process_id=self.origin.process_id if self.origin is not None else None,
+            max_bytes=max_bytes,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ def register(r: Registry) -> None:
         SHARED_STATE_CHANGED. If it cannot be persisted the reply is STORAGE_FULL or
         STORAGE_ERROR and nothing changed."""
         ts = await ctx.services.state.set_shared(p.key, p.value)
-        ctx.services.bus.publish("SHARED_STATE_CHANGED", {"key": p.key, "action": "set"})
+        ctx.publish("SHARED_STATE_CHANGED", {"key": p.key, "action": "set"})
         return SetResult(key=p.key, status="set", updated_at=iso_from_epoch(ts))
 
     @r.command("GET_SHARED", params=KeyParams, result=GetResult)
@@ -72,7 +72,7 @@ def register(r: Registry) -> None:
         STORAGE_ERROR if the deletion could not be persisted (the key is still there)."""
         deleted = await ctx.services.state.delete_shared(p.key)
         if deleted:
-            ctx.services.bus.publish("SHARED_STATE_CHANGED", {"key": p.key, "action": "delete"})
+            ctx.publish("SHARED_STATE_CHANGED", {"key": p.key, "action": "delete"})
         return DeleteResult(key=p.key, deleted=deleted)
 
     @r.command("LIST_SHARED", params=ListParams, result=ListResult)

@@ -36,6 +36,12 @@ class HealthResult(Result):
         description="the permission relay: pending requests now, asked and auto_allowed "
         "(by a session rule) since start",
     )
+    mcp: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the KSI MCP face: status (disabled | not_loaded | loading | ready | "
+        "failed), url, calls (tool calls served) and refused (requests without a live "
+        "turn's token)",
+    )
     orphans_ended: int = Field(
         default=0,
         description="CLI processes of an earlier run that start-up found still running and ended",

@@ -89,7 +89,8 @@ class EventBus:
         if self.store is None:
             return
         rows = await self.store.query(
-            "SELECT seq, event_type, timestamp, from_agent, to_agent, data FROM events "
+            "SELECT seq, event_type, timestamp, from_agent, to_agent, parent_process_id, data "
+            "FROM events "
             "ORDER BY seq DESC LIMIT ?",
             (self.history.maxlen,),
         )
@@ -132,6 +133,7 @@ class EventBus:
         *,
         from_agent: str | None = None,
         to_agent: str | None = None,
+        parent_process_id: str | None = None,
         max_bytes: int | None = None,
     ) -> Event:
         """Publish an event. ``max_bytes``: refuse it (``PAYLOAD_TOO_LARGE``, no seq used)
@@ -139,7 +141,15 @@ class EventBus:
         before it takes a seq."""
         seq = self.seq + 1
         ts = utc_now_iso()
-        wire = encode_event(event_type, data, seq, ts)
+        wire = encode_event(
+            event_type,
+            data,
+            seq,
+            ts,
+            from_agent=from_agent,
+            to_agent=to_agent,
+            parent_process_id=parent_process_id,
+        )
         if max_bytes is not None and len(wire) > max_bytes:
             raise DaemonError(
                 f"event of {len(wire)} bytes (as sent to subscribers) exceeds the limit of "
@@ -148,7 +158,7 @@ class EventBus:
                 details={"limit_bytes": max_bytes, "size_bytes": len(wire)},
             )
         self.seq = seq
-        ev = Event(seq, event_type, data, ts, from_agent, to_agent, wire)
+        ev = Event(seq, event_type, data, ts, from_agent, to_agent, wire, 0, parent_process_id)
         self._remember(ev.stored())
         self.published += 1
         self._persist(ev)
@@ -199,14 +209,15 @@ class EventBus:
             self._seq_reserved = ev.seq + self.SEQ_RESERVE
             self.store.write_nowait(self._RESERVE_SQL, (self._seq_reserved,))
         self.store.write_nowait(
-            "INSERT INTO events(seq, event_type, timestamp, from_agent, to_agent, data) "
-            "VALUES(?,?,?,?,?,?)",
+            "INSERT INTO events(seq, event_type, timestamp, from_agent, to_agent, "
+            "parent_process_id, data) VALUES(?,?,?,?,?,?,?)",
             (
                 ev.seq,
                 ev.event_type,
                 ev.timestamp,
                 ev.from_agent,
                 ev.to_agent,
+                ev.parent_process_id,
                 orjson.dumps(ev.data),
             ),
         )
@@ -262,7 +273,8 @@ def _scan_events(
     which SQLite's GLOB does not spell the same way ([!x] vs [^x])."""
     order = "DESC" if newest else "ASC"
     cursor = conn.execute(
-        "SELECT seq, event_type, timestamp, from_agent, to_agent, data FROM events "
+        "SELECT seq, event_type, timestamp, from_agent, to_agent, parent_process_id, data "
+        "FROM events "
         f"WHERE seq > ? ORDER BY seq {order}",
         (after,),
     )
@@ -277,7 +289,15 @@ def _scan_events(
 
 
 def _stored_from_row(row: sqlite3.Row) -> StoredEvent:
-    wire = encode_event(row["event_type"], orjson.loads(row["data"]), row["seq"], row["timestamp"])
+    wire = encode_event(
+        row["event_type"],
+        orjson.loads(row["data"]),
+        row["seq"],
+        row["timestamp"],
+        from_agent=row["from_agent"],
+        to_agent=row["to_agent"],
+        parent_process_id=row["parent_process_id"],
+    )
     return StoredEvent(
         row["seq"],
         row["event_type"],

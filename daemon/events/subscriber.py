@@ -34,6 +34,7 @@ class Event:
     to_agent: str | None = None
     wire: bytes = b""
     delivered: int = 0
+    parent_process_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -46,6 +47,8 @@ class Event:
             out["from_agent"] = self.from_agent
         if self.to_agent is not None:
             out["to_agent"] = self.to_agent
+        if self.parent_process_id is not None:
+            out["parent_process_id"] = self.parent_process_id
         return out
 
     def stored(self) -> StoredEvent:
@@ -84,11 +87,7 @@ class StoredEvent:
         return data
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = orjson.loads(self.wire)  # event, data, seq, timestamp
-        if self.from_agent is not None:
-            out["from_agent"] = self.from_agent
-        if self.to_agent is not None:
-            out["to_agent"] = self.to_agent
+        out: dict[str, Any] = orjson.loads(self.wire)  # all of it: see encode_event
         return out
 
 

@@ -140,6 +140,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 PRIMARY KEY (scope, key))""",
         ],
     ),
+    (
+        7,
+        [
+            # The turn whose MCP call caused an event (daemon/mcp_face), and the turn that
+            # spawned a turn through it: spawn trees (depth, children) are built from these.
+            "ALTER TABLE events ADD COLUMN parent_process_id TEXT",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

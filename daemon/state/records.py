@@ -108,6 +108,11 @@ class TurnRecord:
     warm: bool = False
     queue_position: int | None = None
     error: dict[str, Any] | None = None
+    parent_process_id: str | None = Field(
+        default=None, description="the turn that spawned this one (its MCP spawn tool)"
+    )
+    depth: int = Field(default=0, description="0: a client's turn; a spawned one: its parent's + 1")
+    ksi_tools: bool = Field(default=False, description="the turn has the KSI MCP tools")
 
 
 _PROCESS_JSON: TypeAdapter[TurnRecord] = TypeAdapter(TurnRecord)

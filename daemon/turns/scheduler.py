@@ -29,6 +29,7 @@ from daemon.claude.chat import cli_model
 from daemon.claude.engine import CURRENT_ENGINE, ClaudeEngine
 from daemon.claude.errors import TurnRejected
 from daemon.claude.options import ClaudeOptions, TurnOptions
+from daemon.commands.registry import Origin
 from daemon.errors import (
     Conflict,
     ErrorCode,
@@ -60,6 +61,7 @@ from daemon.turns.provider import Acompletion, ProviderLoader
 from daemon.turns.recorder import TurnRecorder
 from daemon.turns.retry import Backoff, retry_delay, slows_everyone
 from daemon.turns.slots import Slots
+from daemon.turns.tree import ConfigFor, check_child, wants_ksi_tools, with_ksi_tools
 from daemon.turns.turn import SpawnRequest, Turn, restored_turn
 
 log = structlog.get_logger("ksi.turns")
@@ -97,6 +99,8 @@ class TurnScheduler:
         # Outcomes of recent turns that carried a client_request_id (for replays).
         self._finished: OrderedDict[str, Outcome] = OrderedDict()
         self._version_probe: asyncio.Task[Any] | None = None
+        # The KSI MCP face's config files (daemon/mcp_face), set by the daemon that serves it.
+        self.mcp_config: ConfigFor | None = None
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -154,6 +158,11 @@ class TurnScheduler:
         existing = self._idempotent_hit(req.client_request_id)
         if existing is not None:
             return await self._reply_for(existing, req.mode, replay=True, watch=watch)
+        check_child(req, self.turns.values(), self.settings)
+        ksi = wants_ksi_tools(req, self.state, self.settings)
+        if ksi and self.mcp_config is None:
+            raise Unavailable("this daemon serves no MCP face", code=ErrorCode.NOT_READY)
+        req = req.model_copy(update={"ksi_tools": ksi})  # kept with it: also after a restart
         planned = await self._plan(req)
         # Planning a resume reads the session's record, so a copy of this request may have
         # registered meanwhile (planning a new session, which may take a pooled CLI, never
@@ -201,10 +210,35 @@ class TurnScheduler:
         opts = ClaudeOptions.of(
             req.options, session_id=req.session_id, **self._permission_defaults(req)
         )
+        if req.ksi_tools:
+            # Its own session id now (never a pooled CLI's: that one runs without the
+            # face's flags), so that the session's config file is part of its plan.
+            if req.session_id is None:
+                opts = opts.model_copy(update={"new_session_id": str(uuid.uuid4())})
+            opts = await self._with_ksi_tools(opts)
         try:
             return await self.engine.plan_turn(opts, cli_model(req.model))
         except TurnRejected as exc:
             raise InvalidParameters(exc.message, details=exc.details or None) from None
+
+    async def _with_ksi_tools(self, opts: ClaudeOptions) -> ClaudeOptions:
+        session_id = opts.session_id or opts.new_session_id
+        assert session_id is not None
+        assert self.mcp_config is not None
+        return await with_ksi_tools(opts, session_id, self.mcp_config)
+
+    def origin_of(self, session_id: str) -> Origin | None:
+        """The running turn of a session that has the KSI MCP tools: whom a token's call is
+        for (daemon/mcp_face). None between turns, so a token outliving its turn is refused."""
+        for turn in self.turns.values():
+            if (
+                turn.session_id == session_id
+                and turn.info.status in ("running", "awaiting_permission")
+                and turn.request.ksi_tools
+            ):
+                req = turn.request
+                return Origin(turn.info.process_id, session_id, req.agent_id, req.depth)
+        return None
 
     def _permission_defaults(self, req: SpawnRequest) -> dict[str, Any]:
         """The daemon's permission settings where the SPAWN does not say (they are part of
@@ -235,6 +269,9 @@ class TurnScheduler:
             warm=bool(
                 req.options.warm if req.options.warm is not None else self.settings.warm_default
             ),
+            parent_process_id=req.parent_process_id,
+            depth=req.depth,
+            ksi_tools=bool(req.ksi_tools),
         )
         opts = planned.model_copy(update={"cwd": req.options.cwd})
         return Turn(info, req, opts, session_id, planned.cwd)
@@ -421,6 +458,8 @@ class TurnScheduler:
             # Planned again inside the session's hold: the turns before it have settled
             # where the session lives.
             planned = turn.opts.model_copy(update=self._permission_defaults(req))
+            if req.ksi_tools:  # (again: a turn restored after a restart was planned without)
+                planned = await self._with_ksi_tools(planned)
             opts = await engine.plan_turn(planned, cli_model(req.model))
         except TurnRejected as exc:
             raise cli_failure(exc, turn.session_id) from None
@@ -601,6 +640,22 @@ class TurnScheduler:
             },
         )
         return interrupted, steer
+
+    async def wait(self, process_id: str, timeout_s: float) -> tuple[TurnRecord, Outcome | None]:
+        """A turn's record and, once it has finished (within ``timeout_s``), its outcome;
+        None while it is still queued or running."""
+        turn = self.turns.get(process_id)
+        if turn is not None:
+            with contextlib.suppress(TimeoutError):
+                # Shielded: a waiter that gives up must not cancel the turn.
+                await asyncio.wait_for(asyncio.shield(turn.done), timeout_s)
+            return turn.info, (turn.done.result() if turn.done.done() else None)
+        info = self.state.processes.get(process_id)
+        if info is None:
+            raise NotFound(f"no process {process_id!r}", code=ErrorCode.PROCESS_NOT_FOUND)
+        if info.status not in FINAL_STATUSES:
+            return info, None
+        return info, self._finished.get(process_id) or await self._recorded(process_id)
 
     # -- cancel and shutdown -------------------------------------------------------------
 

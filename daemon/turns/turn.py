@@ -33,6 +33,12 @@ class SpawnRequest(BaseModel):
     # A steering turn (INTERRUPT_SESSION with a prompt): runs before the session's other
     # queued turns.
     first: bool = False
+    # The KSI MCP face (daemon/mcp_face): whether the turn gets its tools (None: on for a
+    # registered agent's turn and for a turn another turn spawned), and, for a spawned one,
+    # which turn spawned it and how deep in the tree it is.
+    ksi_tools: bool | None = None
+    parent_process_id: str | None = None
+    depth: int = 0
 
 
 def _new_future() -> asyncio.Future[Outcome]:

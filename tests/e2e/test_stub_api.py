@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from devtools.stub_api import HOST, StubAPI
+from devtools.stub_api import HOST, TOOL_RESULT_PREVIEW, StubAPI
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RunClaude = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -159,11 +159,40 @@ def test_tool_triggers_and_tool_result(stub_api: StubAPI) -> None:
 
     result_turn = {
         "role": "user",
-        "content": [{"type": "tool_result", "tool_use_id": tool_use["id"], "content": "x" * 300}],
+        "content": [
+            {
+                "type": "tool_result",
+                "tool_use_id": tool_use["id"],
+                "content": "x" * (TOOL_RESULT_PREVIEW + 100),
+            }
+        ],
     }
     messages = [_user("[[bash:ls -l]]"), {"role": "assistant", "content": [tool_use]}, result_turn]
     with _post(stub_api, {"messages": messages, "tools": [bash]}) as r:
-        assert json.load(r)["content"][0]["text"] == "tool result: " + "x" * 200
+        assert json.load(r)["content"][0]["text"] == "tool result: " + "x" * TOOL_RESULT_PREVIEW
+
+
+def test_then_trigger_chains_a_second_tool_with_the_first_result(stub_api: StubAPI) -> None:
+    prompt = '[[tool:start:{"n": 1}]] [[then:finish:{"id": "{{result.pid}}", "t": 5}]]'
+    with _post(stub_api, {"messages": [_user(prompt)]}) as r:
+        first = json.load(r)["content"][0]
+    assert (first["name"], first["input"]) == ("start", {"n": 1})
+
+    def result_of(tool_use: dict[str, Any], content: str) -> dict[str, Any]:
+        block = {"type": "tool_result", "tool_use_id": tool_use["id"], "content": content}
+        return {"role": "user", "content": [block]}
+
+    messages = [
+        _user(prompt),
+        {"role": "assistant", "content": [first]},
+        result_of(first, '{"pid": "abc123"}'),
+    ]
+    with _post(stub_api, {"messages": messages}) as r:
+        second = json.load(r)["content"][0]
+    assert (second["name"], second["input"]) == ("finish", {"id": "abc123", "t": 5})
+    messages += [{"role": "assistant", "content": [second]}, result_of(second, "all done")]
+    with _post(stub_api, {"messages": messages}) as r:  # after the second: the answer
+        assert json.load(r)["content"][0]["text"] == "tool result: all done"
 
 
 def test_error_trigger_and_scripted_failures(stub_api: StubAPI) -> None:
