@@ -11,7 +11,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import jsonschema
 import pytest
@@ -19,7 +20,8 @@ import pytest
 from daemon.claude.permissions import PermissionAnswer, PermissionAsk, PermissionRelay
 from daemon.client import AsyncClient
 from daemon.plugins.permission_policy import decide, paths_outside
-from tests.helpers import DaemonProcess, wait_for
+from daemon.turns.permissions import PermissionBroker
+from tests.helpers import DaemonProcess, eventually, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,6 +124,76 @@ async def test_other_control_requests_get_an_error_and_aclose_cancels_open_quest
     assert cancelled.is_set()
     assert relay.pending == 0
     assert lines.written == []  # nobody is left to read an answer
+
+
+# -- the broker ---------------------------------------------------------------------------------
+
+
+def _broker_with(
+    write: Callable[..., Any], queued: list[tuple[str, Any]]
+) -> tuple[PermissionBroker, Any]:
+    """A broker over stand-ins for the store (``write`` given, ``write_nowait`` into
+    ``queued``), the state manager and the bus, and a running turn for it to ask for."""
+
+    def write_nowait(*args: Any) -> bool:
+        queued.append(args)
+        return True
+
+    store = SimpleNamespace(write=write, write_nowait=write_nowait)
+    state = SimpleNamespace(note_process=lambda info: None)
+    bus = SimpleNamespace(publish=lambda *a, **k: None)
+    broker = PermissionBroker(cast(Any, store), cast(Any, state), cast(Any, bus))
+    turn = SimpleNamespace(
+        session_id="s1",
+        info=SimpleNamespace(process_id="p1", status="running"),
+        request=SimpleNamespace(agent_id=None),
+        cwd="/tmp",
+        awaiting=0,
+    )
+    return broker, turn
+
+
+async def test_a_request_is_listed_only_once_its_row_is_committed() -> None:
+    """A client that saw a request (GET_PERMISSION_REQUESTS) must find it again after a crash,
+    so the listing may not show it before its SQLite row is committed."""
+    committed = asyncio.Event()
+    writes: list[str] = []
+
+    async def write(sql: str, params: Any = ()) -> None:
+        await committed.wait()
+        writes.append(sql)
+
+    broker, turn = _broker_with(write, queued=[])
+    ask = PermissionAsk("req-1", "Bash", {"command": "touch x"}, timeout_s=5)
+    asking = asyncio.create_task(broker.ask(turn, ask))
+    await asyncio.sleep(0.05)
+    assert broker.listing(include_decided=True, limit=10) == []
+    assert broker.stats()["pending"] == 0
+    committed.set()
+    (record,) = await eventually(lambda: broker.listing(include_decided=False, limit=10))
+    assert writes
+    assert record.tool_name == "Bash"
+    broker.respond(record.request_id, "allow", by="test")
+    assert (await asyncio.wait_for(asking, 5)).decision == "allow"
+
+
+async def test_a_turn_cancelled_while_its_request_is_written_leaves_it_cancelled() -> None:
+    never = asyncio.Event()
+
+    async def write(sql: str, params: Any = ()) -> None:
+        await never.wait()
+
+    queued: list[tuple[str, Any]] = []
+    broker, turn = _broker_with(write, queued)
+    asking = asyncio.create_task(broker.ask(turn, PermissionAsk("req-1", "Bash", {}, timeout_s=5)))
+    await asyncio.sleep(0.05)
+    asking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    ((sql, params),) = queued
+    assert "permission_requests" in sql
+    assert params[3] == "cancelled"
+    assert broker.stats()["pending"] == 0
 
 
 # -- through the daemon, with the fake CLI ---------------------------------------------------------

@@ -172,11 +172,20 @@ class PermissionBroker:
             default=ask.default,
         )
         waiting = _Waiting(record, ask)
-        self.pending[record.request_id] = waiting
         self.asked += 1
-        # Committed before anyone hears of it: a request a client saw is never lost, even if
+        # Committed before anyone hears of it, GET_PERMISSION_REQUESTS included (so it joins
+        # ``pending`` only after the commit): a request a client saw is never lost, even if
         # the daemon dies the next moment (the next start reports it expired).
-        await self.store.write(*_upsert(record))
+        try:
+            await self.store.write(*_upsert(record))
+        except asyncio.CancelledError:
+            # The row commits anyway (the store thread does not drop a queued write); the
+            # update queued behind it keeps it from looking pending until the next start.
+            record.status, record.message = "cancelled", "the turn ended before an answer"
+            record.decided_at = iso_from_epoch(time.time())
+            self._save(record)
+            raise
+        self.pending[record.request_id] = waiting
         self._set_awaiting(turn)
         self.bus.publish("PERMISSION_REQUEST", _request_event(record))
         self._progress(turn, ask, "pending", None, request_id=record.request_id)
