@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -240,3 +241,26 @@ async def test_wait_process_over_the_socket(face_daemon: DaemonProcess) -> None:
         bad = await c.call("WAIT_PROCESS", {"process_id": failed["process_id"], "timeout_s": 20})
         assert (bad["done"], bad["status"], bad["error"]["code"]) == (True, "failed", "API_ERROR")
         assert "result" not in bad
+
+
+async def test_the_face_socket_answers_without_nagle_delays() -> None:
+    """Its connections get TCP_NODELAY (as asyncio gives them to a TCP-proto socket): each
+    answer is two writes, and with Nagle on the second waited ~40 ms for an ACK."""
+    from daemon.mcp_face.http import serving
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise AssertionError("not called")
+
+    _, sock = serving(app)
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raw = writer.get_extra_info("socket")
+        accepted.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(on_client, sock=sock)
+    async with server:
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        assert await asyncio.wait_for(accepted, 5) != 0
+        writer.close()
