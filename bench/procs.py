@@ -273,19 +273,21 @@ class StubHandle:
 
 def start_stub_api(run: Run) -> StubHandle:
     """The loopback stub Messages API (devtools.stub_api) in its own process."""
-    base = short_dir("stub")
+    port, proc = start_loopback_server(
+        run, "stub API", ["-m", "devtools.stub_api", "--port", "0", "--quiet", "--port-file"]
+    )
+    return StubHandle(f"http://127.0.0.1:{port}", proc)
+
+
+def start_loopback_server(
+    run: Run, name: str, args: list[str]
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """``python *args PORT_FILE``: a server that binds a loopback port and writes it to
+    PORT_FILE; wait for that and return the port (it is stopped when the run ends)."""
+    base = short_dir("srv")
     port_file = base / "port"
     proc = subprocess.Popen(
-        [
-            str(VENV_PY),
-            "-m",
-            "devtools.stub_api",
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-            "--quiet",
-        ],
+        [str(VENV_PY), *args, str(port_file)],
         cwd=ROOT,
         env=base_env(),
         stdin=subprocess.DEVNULL,
@@ -301,11 +303,11 @@ def start_stub_api(run: Run) -> StubHandle:
     deadline = time.monotonic() + 20
     while not (port_file.exists() and port_file.read_text().strip()):
         if proc.poll() is not None:
-            raise RuntimeError(f"stub API exited with {proc.returncode}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
         if time.monotonic() > deadline:
-            raise TimeoutError("stub API did not start")
+            raise TimeoutError(f"{name} did not start")
         time.sleep(0.01)
-    return StubHandle(f"http://127.0.0.1:{int(port_file.read_text().strip())}", proc)
+    return int(port_file.read_text().strip()), proc
 
 
 def real_cli_missing() -> str | None:

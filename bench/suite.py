@@ -6,7 +6,17 @@ To add benchmarks (e.g. the warm-session set of issue 6), write a module that us
 
 from __future__ import annotations
 
-from bench import live, permissions, realcli, sockets, spawn, startup, warm
+from bench import live, mcp_face, permissions, realcli, sockets, spawn, startup, warm
 from bench.core import REGISTRY
 
-__all__ = ["REGISTRY", "live", "permissions", "realcli", "sockets", "spawn", "startup", "warm"]
+__all__ = [
+    "REGISTRY",
+    "live",
+    "mcp_face",
+    "permissions",
+    "realcli",
+    "sockets",
+    "spawn",
+    "startup",
+    "warm",
+]
