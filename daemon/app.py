@@ -32,6 +32,7 @@ import orjson
 import structlog
 
 from daemon import __version__, logs
+from daemon.agents.mailbox import Mailboxes
 from daemon.commands import build_registry
 from daemon.commands.registry import Services
 from daemon.events.bus import EventBus
@@ -68,6 +69,7 @@ class Daemon:
         self.bus = EventBus(self.store, history_size=settings.event_history)
         self.registry = build_registry()
         self.turns = TurnScheduler(settings, self.store, self.state, self.bus)
+        self.mailboxes = Mailboxes(settings, self.store, self.state, self.bus)
         self.services = Services(
             settings=settings,
             store=self.store,
@@ -77,6 +79,7 @@ class Daemon:
             registry=self.registry,
             health=self.health,
             request_shutdown=self.request_shutdown,
+            agents=self.mailboxes,
         )
         self.mcp: McpFace | None = None
         if settings.mcp:
@@ -109,6 +112,7 @@ class Daemon:
             await self.turns.limits.load()
             await self.turns.idle.load(self.store)
             await self.turns.pauses.load()
+            await self.mailboxes.load()
             # The daemon's long-lived tasks (observer loops, LiteLLM's loading, the CLI's
             # version probe) live in this group: none outlives the daemon's run, and each is
             # cancelled and awaited by its owner's stop during the teardown.
@@ -126,6 +130,7 @@ class Daemon:
                 if self.mcp is not None:
                     self.mcp.start(tasks)
                 self.turns.start(tasks)
+                self.mailboxes.start(self.services, tasks)
                 _notify_systemd(f"READY=1\nSTATUS=serving on {self.server.path}")
                 await self._shutdown.wait()
                 _notify_systemd("STOPPING=1")
@@ -149,6 +154,7 @@ class Daemon:
 
     async def _teardown(self) -> None:
         await self.server.stop_accepting()
+        await self.mailboxes.stop()  # no new answering turns; running ones end below
         grace = 0.0 if self._force else self.settings.shutdown_grace_s
         await self.turns.shutdown(grace)
         if self.mcp is not None:  # after the turns: their last tool calls are answered
@@ -257,6 +263,7 @@ class Daemon:
             "warm": turns["warm"],
             "permissions": self.turns.permissions.stats(),
             "mcp": self.mcp.status() if self.mcp is not None else {"status": "disabled"},
+            "agents": self.mailboxes.stats(),
             "storage": storage,
             "orphans_ended": self.orphans_ended,
         }

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     mcp: bool = True
     spawn_max_depth: int = Field(default=3, ge=0, le=100)
     spawn_max_children: int = Field(default=8, ge=1, le=1000)
+    # Conversations between agents that answer their messages (daemon/agents): one ends
+    # after this many answering turns, or once it has cost this much (None: no budget),
+    # unless its first message set its own limits.
+    conversation_max_turns: int = Field(default=20, ge=1, le=10_000)
+    conversation_max_cost_usd: float | None = Field(default=None, gt=0)
 
     # Cognitive observers: "package.module:factory" or an entry point name in "ksi.observers".
     observers: Annotated[list[str], NoDecode] = Field(default_factory=list)

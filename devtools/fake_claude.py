@@ -62,6 +62,7 @@ Prompt markers (anywhere in the prompt, several may combine):
   [[tool:NAME:ARG]]  simulate a tool round trip (num_turns 2); with
                      --permission-prompt-tool stdio, Bash/Write/Edit first ask the parent
                      (a can_use_tool control request) and wait for its answer
+  [[end]]            the reply ends with a line "[END]" (an agent closing its conversation)
   [[say:TEXT]]       with [[tool:...]]: the model says TEXT before its tool call
                      (--max-budget-usd: a tool turn whose first call reaches it ends
                      with an error_max_budget_usd result before its second call)
@@ -73,7 +74,7 @@ Environment:
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _TRIGGER_RE = re.compile(
     r"\[\[(sleep|pause|hang|error|max-turns|crash|bad-json|huge|stderr|ignore-sigterm|grandchild"
-    r"|pidfile|tool|flaky|say)(?::(.*?))?\]\]"
+    r"|pidfile|tool|flaky|say|end)(?::(.*?))?\]\]"
 )
 # Tool lists are "comma or space separated", but a rule like "Bash(git *)" contains a space.
 _TOOL_ENTRY_RE = re.compile(r"[^,\s(]+(?:\([^)]*\))?")
@@ -889,6 +890,8 @@ class Fake:
             reply = "x" * int(number(triggers["huge"]))
         else:
             reply = f"echo: {prompt.strip()} (turn {turn_no})"
+        if "end" in triggers:
+            reply += "\n[END]"
         in_tok = self.session.history_chars() // 4 + 3000
         out_tok = max(1, len(reply) // 4)
         message = self.model_message([{"type": "text", "text": reply}], in_tok, out_tok)

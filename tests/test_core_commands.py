@@ -409,7 +409,7 @@ def test_agent_events_are_published(d: DaemonProcess, schemas: Schemas) -> None:
     ok(d, schemas, "UNREGISTER_AGENT", {"agent_id": "ag-ev"})
     events = ok(d, schemas, "GET_EVENTS", {"since_seq": since})["events"]
     assert [(e["event"], e["data"]) for e in events] == [
-        ("AGENT_REGISTERED", {"agent_id": "ag-ev", "role": "r"}),
+        ("AGENT_REGISTERED", {"agent_id": "ag-ev", "role": "r", "respond_to_messages": False}),
         ("AGENT_UNREGISTERED", {"agent_id": "ag-ev"}),
     ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from daemon.commands.registry import Context, Params, Registry, Result
 from daemon.errors import InvalidParameters
@@ -20,6 +20,8 @@ RESERVED_PREFIXES = (
     "AGENT_REGISTERED",
     "AGENT_UNREGISTERED",
     "OBSERVER_",
+    "CONVERSATION_ENDED",
+    "AGENT_REPLY_FAILED",
 )
 
 
@@ -80,6 +82,23 @@ class PublishParams(Params):
         if not _TYPE.match(v):
             raise ValueError("letters, digits and _ . : - only")
         return v
+
+    @model_validator(mode="after")
+    def _direct_message(self) -> PublishParams:
+        """KSI names a DIRECT_MESSAGE's recipient in ``payload.to``; the limits a first
+        message may set for its conversation (daemon/agents) must be usable."""
+        if self.event_type != "DIRECT_MESSAGE":
+            return self
+        to = self.payload.get("to")
+        if self.to_agent is None and isinstance(to, str) and to:
+            self.to_agent = to
+        turns = self.payload.get("max_turns")
+        if turns is not None and (type(turns) is not int or not 1 <= turns <= 10_000):
+            raise ValueError("payload.max_turns must be an integer from 1 to 10000")
+        cost = self.payload.get("max_cost_usd")
+        if cost is not None and (type(cost) not in (int, float) or not 0 < cost <= 1e6):
+            raise ValueError("payload.max_cost_usd must be a positive number of dollars")
+        return self
 
 
 class PublishResult(Result):

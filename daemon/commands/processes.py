@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field, field_validator
 from daemon.claude.options import TurnOptions
 from daemon.commands.registry import Context, NoParams, Params, Registry, Result
 from daemon.errors import ErrorCode, InvalidParameters, NotFound, TurnFailed
-from daemon.state.records import SessionRecord, TurnRecord
+from daemon.state.records import AgentInfo, SessionRecord, TurnRecord
 from daemon.turns.outcome import SpawnResult
 from daemon.turns.turn import SpawnRequest
 
@@ -178,6 +178,15 @@ class SessionResult(Result):
     processes: list[TurnRecord]
 
 
+def with_profile(p: SpawnParams, agent: AgentInfo | None) -> SpawnParams:
+    """``p`` with the agent's profile filling what the SPAWN did not set itself (validated
+    together, as if the client had sent them)."""
+    if agent is None or agent.profile is None:
+        return p
+    defaults = agent.profile.model_dump(exclude_none=True)
+    return SpawnParams.model_validate({**defaults, **p.model_dump(exclude_unset=True)})
+
+
 def register(r: Registry) -> None:
     @r.command(
         "SPAWN",
@@ -210,6 +219,7 @@ def register(r: Registry) -> None:
                 details={"parameter": "session_id"},
             )
         agent_id = p.agent_id if origin is not None else p.agent_id or ctx.agent_id
+        p = with_profile(p, services.state.agents.get(agent_id) if agent_id else None)
         req = SpawnRequest(
             prompt=p.prompt,
             mode=p.mode,

@@ -33,6 +33,7 @@ from daemon.errors import DaemonError, InvalidParameters, UnknownCommand
 from daemon.protocol import Request, encode_error, encode_success
 
 if TYPE_CHECKING:
+    from daemon.agents.mailbox import Mailboxes
     from daemon.events.bus import EventBus
     from daemon.events.subscriber import Event
     from daemon.server import Connection
@@ -82,6 +83,7 @@ class Services:
     registry: Registry
     health: Callable[[], dict[str, Any]]
     request_shutdown: Callable[[str], None]
+    agents: Mailboxes
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,11 @@ class HealthResult(Result):
         "failed), url, calls (tool calls served) and refused (requests without a live "
         "turn's token)",
     )
+    agents: dict[str, int] = Field(
+        default_factory=dict,
+        description="direct messages held: answering (queued for agents that answer) and "
+        "offline (for agents away) now; answered, failed and delivered_offline since start",
+    )
     orphans_ended: int = Field(
         default=0,
         description="CLI processes of an earlier run that start-up found still running and ended",

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -79,6 +79,10 @@ class EventBus:
         self.memory_bytes = memory_bytes if memory_bytes is not None else self.MEMORY_BYTES
         self.history_bytes = 0  # wire bytes in self.history
         self.subscribers: set[Subscriber] = set()
+        # Told of every directed event (one with to_agent) once it is published, in order and
+        # before publish returns: the mailboxes of daemon/agents, which must not lose one to
+        # a full inbox the way a subscriber may.
+        self.on_directed: Callable[[Event], None] | None = None
         self.seq = 0
         self.published = 0
         self._since_prune = 0
@@ -168,6 +172,8 @@ class EventBus:
                     ev.delivered += 1
                 else:
                     self._overflow(sub, ev)
+        if to_agent is not None and self.on_directed is not None:
+            self.on_directed(ev)
         return ev
 
     def _remember(self, ev: StoredEvent) -> None:

@@ -476,6 +476,7 @@ class Connection(asyncio.Protocol):
             self.agent_id = agent_id
             if self.subscription is not None:
                 self.subscription.subscriber.agent_id = agent_id
+                self.services.agents.on_subscribed(self.subscription.subscriber, None)
 
     def subscribe(
         self, patterns: list[str], agent_id: str | None, since_seq: int | None = None
@@ -503,6 +504,8 @@ class Connection(asyncio.Protocol):
             self._track(subscription.pump)
             self.subscription = subscription
         subscription.subscriber.patterns.update(add=patterns)
+        # Direct messages kept while this agent was away come first (daemon/agents).
+        self.services.agents.on_subscribed(subscription.subscriber, since_seq)
         return subscription.subscriber
 
     def stream_progress(self, req: Request) -> ProgressStream:

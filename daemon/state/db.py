@@ -148,6 +148,26 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE events ADD COLUMN parent_process_id TEXT",
         ],
     ),
+    (
+        8,
+        [
+            # Agents that answer their messages (daemon/agents): how their turns run.
+            "ALTER TABLE agents ADD COLUMN profile BLOB",
+            "ALTER TABLE agents ADD COLUMN respond_to_messages INTEGER NOT NULL DEFAULT 0",
+            # Direct messages the daemon holds: to answer (a responding agent's mailbox) or
+            # to deliver (an agent that is not connected: the offline queue).
+            """CREATE TABLE agent_messages (
+                id INTEGER PRIMARY KEY, agent_id TEXT NOT NULL, kind TEXT NOT NULL,
+                seq INTEGER NOT NULL, status TEXT NOT NULL, process_id TEXT,
+                wire BLOB NOT NULL, created_at REAL NOT NULL)""",
+            "CREATE INDEX agent_messages_open ON agent_messages(status, agent_id, id)",
+            # Conversations between agents: turns and cost so far, and why one ended.
+            """CREATE TABLE conversations (
+                conversation_id TEXT PRIMARY KEY, turns INTEGER NOT NULL,
+                cost_usd REAL NOT NULL, max_turns INTEGER NOT NULL, max_cost_usd REAL,
+                ended TEXT, updated_at REAL NOT NULL)""",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

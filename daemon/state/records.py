@@ -18,9 +18,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pydantic.dataclasses import dataclass
 
+from daemon.claude.options import TurnOptions
 from daemon.errors import ErrorCode
 from daemon.protocol import iso_from_epoch
 from daemon.state.db import Store
@@ -46,6 +47,16 @@ ProcessStatus = Literal[
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out", "interrupted"})
 
 
+class AgentProfile(TurnOptions):
+    """How an agent's turns run (REGISTER_AGENT ``profile``): the defaults of every SPAWN
+    with its agent_id, the turns that answer its messages included. A SPAWN's own fields
+    win."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(default=None, description="alias or model id")
+
+
 class AgentInfo(BaseModel):
     agent_id: str
     role: str | None = None
@@ -56,6 +67,24 @@ class AgentInfo(BaseModel):
     updated_at: str
     turns: int = 0
     total_cost_usd: float = 0.0
+    profile: AgentProfile | None = None
+    respond_to_messages: bool = Field(
+        default=False,
+        description="a DIRECT_MESSAGE to it runs a turn in its session; the answer goes back "
+        "to the sender as a DIRECT_MESSAGE",
+    )
+    # Filled in by GET_AGENTS from the daemon's live state (not stored).
+    session_id: str | None = Field(default=None, description="its most recent session")
+    queued_messages: int = Field(
+        default=0, description="direct messages waiting for it (to answer, or offline)"
+    )
+    connected: bool = Field(default=False, description="a connection subscribes as it")
+    live_children: int = Field(
+        default=0, description="queued or running sub-tasks its turns spawned"
+    )
+
+
+_PROFILE_JSON: TypeAdapter[AgentProfile] = TypeAdapter(AgentProfile)
 
 
 # Sessions and processes are the records memory holds hundreds of: slotted dataclasses
@@ -150,6 +179,8 @@ class StateManager:
                 metadata=orjson.loads(row["metadata"]),
                 registered_at=iso_from_epoch(row["registered_at"]),
                 updated_at=iso_from_epoch(row["updated_at"]),
+                profile=_PROFILE_JSON.validate_json(row["profile"]) if row["profile"] else None,
+                respond_to_messages=bool(row["respond_to_messages"]),
             )
         rows = await self.store.query(
             "SELECT * FROM sessions ORDER BY last_used_at DESC LIMIT ?", (self.CACHED_SESSIONS,)
@@ -280,16 +311,25 @@ class StateManager:
     # -- agents -----------------------------------------------------------------------
 
     async def register_agent(
-        self, agent_id: str, role: str | None, capabilities: list[str], metadata: dict[str, Any]
+        self,
+        agent_id: str,
+        role: str | None,
+        capabilities: list[str],
+        metadata: dict[str, Any],
+        *,
+        profile: AgentProfile | None = None,
+        respond_to_messages: bool = False,
     ) -> AgentInfo:
         now = time.time()
         existing = self.agents.get(agent_id)
         registered = existing.registered_at if existing else iso_from_epoch(now)
         await self.store.write(
             "INSERT INTO agents(agent_id, role, capabilities, status, metadata, registered_at, "
-            "updated_at) VALUES(?,?,?,?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
+            "updated_at, profile, respond_to_messages) VALUES(?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(agent_id) DO UPDATE SET "
             "role=excluded.role, capabilities=excluded.capabilities, status=excluded.status, "
-            "metadata=excluded.metadata, updated_at=excluded.updated_at",
+            "metadata=excluded.metadata, updated_at=excluded.updated_at, "
+            "profile=excluded.profile, respond_to_messages=excluded.respond_to_messages",
             (
                 agent_id,
                 role,
@@ -298,6 +338,8 @@ class StateManager:
                 orjson.dumps(metadata),
                 now,
                 now,
+                None if profile is None else _PROFILE_JSON.dump_json(profile, exclude_none=True),
+                int(respond_to_messages),
             ),
         )
         info = AgentInfo(
@@ -308,6 +350,8 @@ class StateManager:
             metadata=metadata,
             registered_at=registered,
             updated_at=iso_from_epoch(now),
+            profile=profile,
+            respond_to_messages=respond_to_messages,
         )
         self.agents[agent_id] = self._with_costs(info)
         return self.agents[agent_id]

@@ -132,3 +132,14 @@ async def test_a_turn_spawns_a_child_and_waits_for_it_and_the_depth_limit_holds(
         assert record["ksi_tools"] is True  # a spawned turn has the tools too
         assert record["session_id"] != parent["session_id"]
         assert not [p for p in procs.values() if p["depth"] == 2]  # no grandchild ran
+        # AGENT_TREE shows who spawned what.
+        (root,) = (await c.call("AGENT_TREE", {"process_id": parent["process_id"]}))["roots"]
+        assert [n["process_id"] for n in root["children"]] == [waited["process_id"]]
+        assert (root["depth"], root["children"][0]["depth"], root["children"][0]["children"]) == (
+            0,
+            1,
+            [],
+        )
+        everything = await c.call("AGENT_TREE")
+        assert parent["process_id"] in [n["process_id"] for n in everything["roots"]]
+        assert waited["process_id"] not in [n["process_id"] for n in everything["roots"]]
