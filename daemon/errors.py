@@ -56,6 +56,7 @@ class ErrorCode(StrEnum):
     # Spawn trees: turns a turn starts through the KSI MCP face (daemon/turns/tree.py).
     SPAWN_DEPTH_EXCEEDED = "SPAWN_DEPTH_EXCEEDED"
     TOO_MANY_CHILDREN = "TOO_MANY_CHILDREN"
+    TREE_BUDGET_EXCEEDED = "TREE_BUDGET_EXCEEDED"
     # The daemon's condition.
     UNAVAILABLE = "UNAVAILABLE"
     SHUTTING_DOWN = "SHUTTING_DOWN"

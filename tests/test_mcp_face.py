@@ -215,6 +215,29 @@ async def test_spawn_tree_limits_and_wait(face_daemon: DaemonProcess) -> None:
             await c.request("CANCEL_PROCESS", {"process_id": p["process_id"]})
 
 
+async def test_a_tree_budget_caps_the_sub_tasks(face_daemon: DaemonProcess) -> None:
+    d = face_daemon
+    async with AsyncClient.connect(d.socket) as c:
+        parent = await running_turn(c, d, ksi_tools=True, tree_max_cost_usd=0.0001)
+        async with mcp_session(config_of(d, parent["session_id"])) as s:
+            err, child = await call(s, "spawn", prompt="first child")
+            assert not err
+            err, done = await call(s, "wait", process_id=child["process_id"], timeout_s=20)
+            assert done["done"] is True
+            # Its CLI was given what the tree had left, all of it (nothing had finished).
+            argvs = [a for a in cli_argvs(d) if "--max-budget-usd" in a]
+            assert [a[a.index("--max-budget-usd") + 1] for a in argvs] == ["0.0001"]
+            spent = done["result"]["cost_usd"]
+            assert spent > 0.0001  # the fake's turn costs more than the whole budget
+            err, refused = await call(s, "spawn", prompt="second child")
+            assert (err, refused["code"]) == (True, "TREE_BUDGET_EXCEEDED")
+            assert refused["details"]["root_process_id"] == parent["process_id"]
+            assert refused["details"]["spent_usd"] == pytest.approx(spent)
+        bad = await c.request("SPAWN", {"prompt": "x", "tree_max_cost_usd": 0, "cwd": str(d.work)})
+        assert bad["error"]["code"] == "INVALID_PARAMETERS"
+        await c.request("CANCEL_PROCESS", {"process_id": parent["process_id"]})
+
+
 async def wait_for_status(c: AsyncClient, process_id: str, status: str) -> None:
     for _ in range(200):
         procs = (await c.call("GET_PROCESSES"))["processes"]

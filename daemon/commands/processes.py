@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
-from daemon.claude.options import TurnOptions
+from daemon.claude.options import TurnOptions, UsdAmount
 from daemon.commands.registry import Context, NoParams, Params, Registry, Result
 from daemon.errors import ErrorCode, InvalidParameters, NotFound, TurnFailed
 from daemon.state.records import AgentInfo, SessionRecord, TurnRecord
@@ -58,6 +58,13 @@ class SpawnParams(Params, TurnOptions):
         default=False,
         description="sync only: write the turn's PROCESS_PROGRESS events on this connection "
         "(each with this request's id) before the reply",
+    )
+    tree_max_cost_usd: UsdAmount | None = Field(
+        default=None,
+        description="what this turn and every sub-task below it (spawned through the KSI MCP "
+        "face) may cost together: a sub-task that would start with the tree's finished turns "
+        "at it gets TREE_BUDGET_EXCEEDED, and each one's CLI budget is what is left. A "
+        "client's SPAWN only",
     )
     ksi_tools: bool | None = Field(
         default=None,
@@ -218,6 +225,11 @@ def register(r: Registry) -> None:
                 "turn to end",
                 details={"parameter": "session_id"},
             )
+        if origin is not None and p.tree_max_cost_usd is not None:
+            raise InvalidParameters(
+                "tree_max_cost_usd is set on a client's turn: the budget of its whole tree",
+                details={"parameter": "tree_max_cost_usd"},
+            )
         agent_id = p.agent_id if origin is not None else p.agent_id or ctx.agent_id
         p = with_profile(p, services.state.agents.get(agent_id) if agent_id else None)
         req = SpawnRequest(
@@ -233,6 +245,7 @@ def register(r: Registry) -> None:
             ksi_tools=p.ksi_tools,
             parent_process_id=origin.process_id if origin else None,
             depth=origin.depth + 1 if origin else 0,
+            tree_max_cost_usd=p.tree_max_cost_usd,
         )
         result = await services.turns.submit(req, watch=stream)
         if stream is not None and stream.missed:

@@ -142,6 +142,9 @@ class TurnRecord:
     )
     depth: int = Field(default=0, description="0: a client's turn; a spawned one: its parent's + 1")
     ksi_tools: bool = Field(default=False, description="the turn has the KSI MCP tools")
+    tree_max_cost_usd: float | None = Field(
+        default=None, description="a client's turn: what it and every turn below it may cost"
+    )
 
 
 _PROCESS_JSON: TypeAdapter[TurnRecord] = TypeAdapter(TurnRecord)

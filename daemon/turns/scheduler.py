@@ -158,7 +158,7 @@ class TurnScheduler:
         existing = self._idempotent_hit(req.client_request_id)
         if existing is not None:
             return await self._reply_for(existing, req.mode, replay=True, watch=watch)
-        check_child(req, self.turns.values(), self.settings)
+        req = check_child(req, self.turns.values(), self.settings, self.state.processes)
         ksi = wants_ksi_tools(req, self.state, self.settings)
         if ksi and self.mcp_config is None:
             raise Unavailable("this daemon serves no MCP face", code=ErrorCode.NOT_READY)
@@ -272,6 +272,7 @@ class TurnScheduler:
             parent_process_id=req.parent_process_id,
             depth=req.depth,
             ksi_tools=bool(req.ksi_tools),
+            tree_max_cost_usd=req.tree_max_cost_usd,
         )
         opts = planned.model_copy(update={"cwd": req.options.cwd})
         return Turn(info, req, opts, session_id, planned.cwd)

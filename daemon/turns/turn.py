@@ -39,6 +39,9 @@ class SpawnRequest(BaseModel):
     ksi_tools: bool | None = None
     parent_process_id: str | None = None
     depth: int = 0
+    # What the whole spawn tree a client's turn starts may cost (its own cost included);
+    # set on the root only (daemon/turns/tree.py).
+    tree_max_cost_usd: float | None = None
 
 
 def _new_future() -> asyncio.Future[Outcome]:
