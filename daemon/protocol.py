@@ -232,10 +232,18 @@ def encode_event(
     to_agent: str | None = None,
     parent_process_id: str | None = None,
 ) -> bytes:
-    """An event's wire line. Who sent it (``from_agent``), to whom (``to_agent``) and which
-    turn caused it (``parent_process_id``: a turn's MCP call, daemon/mcp_face) are keys of
-    the line when known, so a live subscriber sees them as GET_EVENTS does."""
-    line: dict[str, Any] = {"event": event_type, "data": data, "seq": seq, "timestamp": timestamp}
+    """An event's wire line (``event`` and, for KSI's clients, ``type``). Who sent it
+    (``from_agent``), to whom (``to_agent``) and which turn caused it (``parent_process_id``:
+    a turn's MCP call, daemon/mcp_face) are keys of the line when known, so a live subscriber
+    sees them as GET_EVENTS does."""
+    # ``type`` repeats ``event``: the original KSI's clients dispatch pushed messages on it.
+    line: dict[str, Any] = {
+        "event": event_type,
+        "type": event_type,
+        "data": data,
+        "seq": seq,
+        "timestamp": timestamp,
+    }
     if from_agent is not None:
         line["from_agent"] = from_agent
     if to_agent is not None:

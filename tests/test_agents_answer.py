@@ -70,7 +70,7 @@ async def test_an_answering_agent_answers_its_sender_in_its_own_session(
     argv = runs[0]["argv"]
     assert argv[argv.index("--append-system-prompt") + 1] == "You are Bob."
     assert argv[argv.index("--model") + 1].endswith("haiku") or "haiku" in " ".join(argv)
-    (bob,) = [a for a in d.result("GET_AGENTS")["agents"] if a["agent_id"] == "bob"]
+    bob = d.result("GET_AGENTS")["agents"]["bob"]
     assert (bob["session_id"], bob["turns"], bob["queued_messages"]) == (
         data["session_id"],
         2,

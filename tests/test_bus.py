@@ -66,6 +66,7 @@ def test_seq_is_monotonic_and_events_are_encoded_once() -> None:
     ev = bus.history[-1]
     assert orjson.loads(ev.wire) == {
         "event": "T",
+        "type": "T",
         "data": {"i": 49},
         "seq": 50,
         "timestamp": ev.timestamp,

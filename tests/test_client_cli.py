@@ -289,7 +289,7 @@ def test_cli_subscribe_streams_events(d: DaemonProcess) -> None:
             published[0]["seq"],
         )
         assert (second["event"], second["seq"]) == ("OTHER_EXACT", published[2]["seq"])
-        assert set(first) == {"event", "data", "seq", "timestamp"}
+        assert set(first) == {"event", "type", "data", "seq", "timestamp"}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 130
         assert proc.stderr is not None

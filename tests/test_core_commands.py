@@ -40,7 +40,8 @@ CORE_COMMANDS = {
     "GET_SESSION",
     "GET_PROCESSES",
 }
-EVENT_KEYS = {"event", "data", "seq", "timestamp"}
+# ``type`` repeats ``event``: the name the original KSI's clients dispatch on.
+EVENT_KEYS = {"event", "type", "data", "seq", "timestamp"}
 
 
 class Schemas:
@@ -368,7 +369,7 @@ def test_register_get_unregister_agent(d: DaemonProcess, schemas: Schemas) -> No
     assert ISO_Z.match(agent["updated_at"])
     listed = ok(d, schemas, "GET_AGENTS")
     assert listed["total"] == len(listed["agents"])
-    assert agent in listed["agents"]
+    assert listed["agents"]["ag-1"] == agent  # keyed by id, as KSI's clients read it
 
     # Re-registering updates role and capabilities but keeps registered_at.
     again = ok(d, schemas, "REGISTER_AGENT", {"agent_id": "ag-1", "role": "writer"})["agent"]
@@ -376,14 +377,13 @@ def test_register_get_unregister_agent(d: DaemonProcess, schemas: Schemas) -> No
     assert again["updated_at"] >= agent["updated_at"]
     assert again["role"] == "writer"
     assert again["capabilities"] == []
-    ids = [a["agent_id"] for a in ok(d, schemas, "GET_AGENTS")["agents"]]
-    assert ids.count("ag-1") == 1
+    assert ok(d, schemas, "GET_AGENTS")["agents"]["ag-1"] == again  # one entry, updated
 
     assert ok(d, schemas, "UNREGISTER_AGENT", {"agent_id": "ag-1"}) == {
         "status": "unregistered",
         "agent_id": "ag-1",
     }
-    assert "ag-1" not in [a["agent_id"] for a in ok(d, schemas, "GET_AGENTS")["agents"]]
+    assert "ag-1" not in ok(d, schemas, "GET_AGENTS")["agents"]
 
 
 def test_capabilities_as_comma_string(d: DaemonProcess, schemas: Schemas) -> None:

@@ -165,7 +165,7 @@ def test_queued_async_turns_run_after_a_restart(
     blocker = spawn(d, prompt=f"[[pidfile:{pidfile}]][[sleep:120]] blocker", mode="async")
     pids.append(read_pid(pidfile))
     queued = [spawn(d, prompt=f"queued {i}", mode="async")["result"] for i in range(3)]
-    assert all(q["status"] == "queued" for q in queued)
+    assert all((q["status"], q["state"]) == ("started", "queued") for q in queued)
     cancelled = queued.pop()
     assert (
         d.result("CANCEL_PROCESS", {"process_id": cancelled["process_id"]})["status"] == "cancelled"

@@ -83,8 +83,8 @@ def test_state_survives_a_restart(base: Path) -> None:
             assert got["value"] == value
         assert d.result("GET_SHARED", {"key": "p/deleted"})["found"] is False
         agents = d.result("GET_AGENTS")["agents"]
-        assert [a["agent_id"] for a in agents] == ["keeper"]
-        assert agents[0] == agent  # same role, capabilities, metadata and timestamps
+        assert list(agents) == ["keeper"]
+        assert agents["keeper"] == agent  # same role, capabilities, metadata and timestamps
 
         after = d.result("GET_EVENTS", {"limit": 1000})
         assert after["events"] == before["events"]
@@ -134,7 +134,7 @@ def test_acknowledged_writes_survive_sigkill(base: Path) -> None:
         assert pid_file(d).read_text().strip() == str(d.pid) != str(old_pid)
         assert any(e["event"] == "daemon.stale_socket_removed" for e in d.log_events())
         assert d.result("GET_SHARED", {"key": "durable"})["value"] == [1, 2, 3]
-        assert [a["agent_id"] for a in d.result("GET_AGENTS")["agents"]] == ["durable-agent"]
+        assert list(d.result("GET_AGENTS")["agents"]) == ["durable-agent"]
     finally:
         d.cleanup()
 

@@ -223,6 +223,7 @@ def test_encode_event_shape() -> None:
     ev = decode(encode_event("PROCESS_COMPLETE", {"process_id": "p"}, 17, "2024-01-01T00:00:00Z"))
     assert ev == {
         "event": "PROCESS_COMPLETE",
+        "type": "PROCESS_COMPLETE",  # what KSI's clients dispatch on
         "data": {"process_id": "p"},
         "seq": 17,
         "timestamp": "2024-01-01T00:00:00Z",

@@ -128,7 +128,7 @@ async def test_queued_turns_run_in_fifo_order_under_the_cap(h: Harness) -> None:
     accepted = [
         await h.turns.submit(request(f"[[sleep:0.2]] job {i}", mode="async")) for i in range(3)
     ]
-    assert [a.status for a in accepted] == ["queued"] * 3
+    assert [(a.status, a.state) for a in accepted] == [("started", "queued")] * 3
     await _until(lambda: h.turns.slots.queued == 2)
     assert h.turns.slots.running == 1
     await _until(lambda: len(h.completed()) == 3)

@@ -129,7 +129,7 @@ async def test_slow_subscribers_are_dropped_and_nobody_else_waits(d: DaemonProce
         got = await asyncio.to_thread(_read_to_eof, slow_later)
         notice = got[-1]
         assert notice["event"] == "SUBSCRIBER_DROPPED", notice
-        assert set(notice) == {"event", "data", "seq", "timestamp"}
+        assert set(notice) == {"event", "type", "data", "seq", "timestamp"}
         assert notice["data"]["reason"] == "slow_consumer"
         assert notice["data"]["queue_limit"] == QUEUE
         delivered = [m["seq"] for m in got[:-1]]

@@ -280,7 +280,9 @@ async def test_async_spawn_announces_started_and_complete(make_daemon: Any) -> N
     async with AsyncClient.connect(d.socket, agent_id="watcher") as c:
         await c.subscribe(["PROCESS_STARTED", "PROCESS_COMPLETE"])
         reply = await c.call("SPAWN", {"prompt": "later", "mode": "async", "cwd": str(d.work)})
-        assert reply["status"] in ("queued", "running")
+        # KSI's shape: "started" (and type "claude"); where it is now is in state.
+        assert (reply["status"], reply["type"], reply["mode"]) == ("started", "claude", "async")
+        assert reply["state"] in ("queued", "running")
         assert "text" not in reply
         started = await c.next_event(timeout=20)
         complete = await c.next_event(timeout=20)
@@ -448,7 +450,7 @@ def test_costs_are_recorded_per_session_and_per_agent_across_restart(make_daemon
     assert spawn(d, prompt="[[error:500]]", agent_id="writer")["status"] == "error"
     expected = a["cost_usd"] + b["cost_usd"]
     for _ in range(2):  # before and after a restart
-        (agent,) = d.result("GET_AGENTS")["agents"]
+        (agent,) = d.result("GET_AGENTS")["agents"].values()
         assert agent["turns"] == 2  # the failed turn cost nothing and is not counted
         assert agent["total_cost_usd"] == pytest.approx(expected)
         session = d.result("GET_SESSION", {"session_id": a["session_id"]})

@@ -54,7 +54,7 @@ class UnregisterResult(Result):
 
 
 class AgentsResult(Result):
-    agents: list[AgentInfo]
+    agents: dict[str, AgentInfo] = Field(description="by agent id (KSI's shape)")
     total: int
 
 
@@ -134,18 +134,16 @@ def register(r: Registry) -> None:
             parent = owner.get(t.request.parent_process_id or "")
             if parent is not None:
                 children[parent] = children.get(parent, 0) + 1
-        agents = []
+        agents: dict[str, AgentInfo] = {}
         for info in services.state.agent_list():
             sessions = await services.state.list_sessions(info.agent_id, 1)
-            agents.append(
-                info.model_copy(
-                    update={
-                        "session_id": sessions[0].session_id if sessions else None,
-                        "queued_messages": services.agents.queued(info.agent_id),
-                        "connected": info.agent_id in connected,
-                        "live_children": children.get(info.agent_id, 0),
-                    }
-                )
+            agents[info.agent_id] = info.model_copy(
+                update={
+                    "session_id": sessions[0].session_id if sessions else None,
+                    "queued_messages": services.agents.queued(info.agent_id),
+                    "connected": info.agent_id in connected,
+                    "live_children": children.get(info.agent_id, 0),
+                }
             )
         return AgentsResult(agents=agents, total=len(agents))
 

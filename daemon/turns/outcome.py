@@ -29,7 +29,13 @@ class SpawnResult(Result):
     """What SPAWN answers: a completed turn (sync), or the accepted one (async)."""
 
     process_id: str
-    status: ProcessStatus
+    status: ProcessStatus | Literal["started"] = Field(
+        description='a sync turn: how it ended; an accepted async one: "started" (as KSI '
+        "answered; where it is now is in state), or how it ended if a replay found it done"
+    )
+    state: ProcessStatus | None = Field(
+        default=None, description="async: the turn's status now (queued, paused, running, ...)"
+    )
     session_id: str | None = None
     mode: Literal["async"] | None = None
     replayed: bool = Field(
@@ -52,6 +58,28 @@ class SpawnResult(Result):
         description="stream: true only: progress events not written because the client "
         "left too much unread (GET_EVENTS has them)",
     )
+    # The CLI's own JSON result fields, at the top level as the original KSI daemon answered
+    # (its clients read result.result): set for a turn that answered, next to ours above.
+    type: Literal["result", "claude"] | None = Field(
+        default=None, description="the CLI's 'result' for an answer; 'claude' for an async accept"
+    )
+    subtype: str | None = Field(default=None, description="the CLI's: 'success', ...")
+    result: str | None = Field(default=None, description="the CLI's answer text (= text)")
+    total_cost_usd: float | None = Field(default=None, description="the CLI's (= cost_usd)")
+    duration_api_ms: int | None = None
+
+    def with_cli_fields(self) -> SpawnResult:
+        """This result with the CLI's JSON fields copied to the top level (KSI's shape)."""
+        raw = self.raw or {}
+        return self.model_copy(
+            update={
+                "type": "result",
+                "subtype": raw.get("subtype") or "success",
+                "result": self.text,
+                "total_cost_usd": self.cost_usd,
+                "duration_api_ms": raw.get("duration_api_ms"),
+            }
+        )
 
 
 Outcome: TypeAlias = SpawnResult | TurnFailed
@@ -132,7 +160,7 @@ def recorded_outcome(info: TurnRecord | None, process_id: str, log_path: Path | 
             "log_path": str(log_path),
             "raw": raw,
         }
-    )
+    ).with_cli_fields()
 
 
 def _logged_result(path: Path, process_id: str) -> dict[str, Any] | None:

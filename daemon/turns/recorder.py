@@ -137,7 +137,7 @@ class TurnRecorder:
             warm=info.warm,
             log_path=str(self.turnlog.path_for(turn.session_id)),
             raw=result.raw,
-        )
+        ).with_cli_fields()
 
     async def finished(self, turn: Turn, outcome: Outcome) -> None:
         """Record the turn's end (and its session's new state), then announce it."""

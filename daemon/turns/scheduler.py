@@ -335,9 +335,12 @@ class TurnScheduler:
             turn.watchers.append(watch)
         if mode == "async":
             info = turn.info if turn else self.state.processes.get(process_id)
+            now = info.status if info else "completed"
             return SpawnResult(
                 process_id=process_id,
-                status=info.status if info else "completed",
+                status=now if now in FINAL_STATUSES else "started",
+                state=now,
+                type="claude",
                 mode="async",
                 session_id=turn.session_id if turn else (info.session_id if info else None),
                 replayed=replay,
