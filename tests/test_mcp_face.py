@@ -101,7 +101,13 @@ async def test_registered_agents_turns_get_the_tools_others_do_not(
         agent = await c.call("SPAWN", {"prompt": "agent", "cwd": str(d.work), "agent_id": "tooled"})
         off = await c.call(
             "SPAWN",
-            {"prompt": "off", "cwd": str(d.work), "agent_id": "tooled", "ksi_tools": False},
+            {
+                "prompt": "off",
+                "cwd": str(d.work),
+                "agent_id": "tooled",
+                "ksi_tools": False,
+                "new_session": True,  # else it would continue the agent's session
+            },
         )
         health = await c.call("HEALTH_CHECK")
     argvs = cli_argvs(d)

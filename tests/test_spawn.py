@@ -447,7 +447,8 @@ def test_costs_are_recorded_per_session_and_per_agent_across_restart(make_daemon
     d.result("REGISTER_AGENT", {"agent_id": "writer", "role": "author"})
     a = spawn(d, prompt="one", agent_id="writer")["result"]
     b = spawn(d, prompt="two", agent_id="writer", session_id=a["session_id"])["result"]
-    assert spawn(d, prompt="[[error:500]]", agent_id="writer")["status"] == "error"
+    failed = spawn(d, prompt="[[error:500]]", agent_id="writer", new_session=True)
+    assert failed["status"] == "error"
     expected = a["cost_usd"] + b["cost_usd"]
     for _ in range(2):  # before and after a restart
         (agent,) = d.result("GET_AGENTS")["agents"].values()
@@ -496,3 +497,20 @@ def test_a_turn_log_that_cannot_be_written_does_not_fail_the_turn(make_daemon: A
     assert session["turns"] == 1
     wait_for(lambda: "turnlog.write_failed" in d.stderr(), timeout=5)
     assert d.result("HEALTH_CHECK")["status"] == "healthy"
+
+
+def test_an_agents_spawn_continues_its_latest_session(spawn_daemon: DaemonProcess) -> None:
+    d = spawn_daemon
+    first = d.result("SPAWN", {"prompt": "one", "agent_id": "keeper"})
+    second = d.result("SPAWN", {"prompt": "two", "agent_id": "keeper"})
+    assert second["session_id"] == first["session_id"]
+    assert second["text"].endswith("(turn 2)")
+    fresh = d.result("SPAWN", {"prompt": "three", "agent_id": "keeper", "new_session": True})
+    assert fresh["session_id"] != first["session_id"]
+    # Now the fresh one is the agent's latest.
+    assert (
+        d.result("SPAWN", {"prompt": "four", "agent_id": "keeper"})["session_id"]
+        == (fresh["session_id"])
+    )
+    both = d.call("SPAWN", {"prompt": "x", "new_session": True, "session_id": first["session_id"]})
+    assert both["error"]["code"] == "INVALID_PARAMETERS"

@@ -161,7 +161,7 @@ async def test_logs_state_and_events_identical_in_both_modes(make_daemon: Any) -
     runs: dict[bool, dict[str, Any]] = {}
     try:
         for mode in (False, True):
-            r1, st1 = await s.turn(prompt="one", warm=mode, agent_id="a")
+            r1, st1 = await s.turn(prompt="one", warm=mode, agent_id="a", new_session=True)
             sid = r1["session_id"]
             r2, st2 = await s.turn(prompt="two", warm=mode, session_id=sid, agent_id="a")
             err = await s.spawn(prompt="[[error:500]]", warm=mode, session_id=sid)

@@ -26,7 +26,14 @@ class SpawnParams(Params, TurnOptions):
     prompt: str = Field(min_length=1, description="sent to the CLI on stdin, never argv")
     mode: Literal["sync", "async"] = "sync"
     type: Literal["claude"] = Field(default="claude", description="KSI compatibility")
-    session_id: str | None = Field(default=None, description="resume this session")
+    session_id: str | None = Field(
+        default=None,
+        description="resume this session; without it, a client's SPAWN with agent_id "
+        "continues that agent's most recent session (unless new_session)",
+    )
+    new_session: bool = Field(
+        default=False, description="with agent_id: start a new session instead of continuing"
+    )
     model: str | None = Field(
         default=None,
         description="alias (sonnet, opus, haiku), a full "
@@ -232,10 +239,21 @@ def register(r: Registry) -> None:
             )
         agent_id = p.agent_id if origin is not None else p.agent_id or ctx.agent_id
         p = with_profile(p, services.state.agents.get(agent_id) if agent_id else None)
+        session_id = p.session_id
+        if p.new_session and session_id is not None:
+            raise InvalidParameters(
+                "new_session and session_id contradict each other",
+                details={"parameter": "new_session"},
+            )
+        if session_id is None and agent_id and not p.new_session and origin is None:
+            # KSI's rule: an agent's turns form one conversation unless asked otherwise. Not
+            # for a turn's sub-task: the agent's session may be the very one waiting for it.
+            last = await services.state.list_sessions(agent_id, 1)
+            session_id = last[0].session_id if last else None
         req = SpawnRequest(
             prompt=p.prompt,
             mode=p.mode,
-            session_id=p.session_id,
+            session_id=session_id,
             model=p.model or services.settings.default_model,
             agent_id=agent_id,
             client_request_id=p.client_request_id,
