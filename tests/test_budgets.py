@@ -174,7 +174,9 @@ def test_bad_budget_parameters_are_typed_errors(
 
 
 def test_budget_results_match_the_schemas(d: DaemonProcess) -> None:
-    specs = {x["command"]: x for x in d.result("GET_COMMANDS")["commands"]}
+    specs = {
+        x["command"]: x for x in d.result("GET_COMMANDS", {"include_results": True})["commands"]
+    }
     set_reply = d.result("SET_BUDGET", {"agent_id": "schema-check", "max_cost_usd": 2.5})
     jsonschema.Draft202012Validator(specs["SET_BUDGET"]["result"]).validate(set_reply)
     listing = d.result("GET_BUDGETS")

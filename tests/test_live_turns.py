@@ -198,7 +198,8 @@ def test_a_client_that_does_not_read_gets_a_bounded_stream(make_daemon: Any) -> 
 
 def test_get_commands_documents_stream(make_daemon: Any) -> None:
     d = make_daemon()
-    spawn = next(c for c in d.result("GET_COMMANDS")["commands"] if c["command"] == "SPAWN")
+    listing = d.result("GET_COMMANDS", {"include_results": True})["commands"]
+    spawn = next(c for c in listing if c["command"] == "SPAWN")
     props = spawn["parameters"]["properties"]
     assert props["stream"]["type"] == "boolean"
     assert "PROCESS_PROGRESS" in props["stream"]["description"]

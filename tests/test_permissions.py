@@ -303,7 +303,10 @@ def test_bad_permission_parameters_are_typed_errors(
 async def test_results_match_the_schemas_get_commands_publishes(make_daemon: Any) -> None:
     d = make_daemon()
     async with AsyncClient.connect(d.socket) as c:
-        specs = {x["command"]: x for x in (await c.call("GET_COMMANDS"))["commands"]}
+        specs = {
+            x["command"]: x
+            for x in (await c.call("GET_COMMANDS", {"include_results": True}))["commands"]
+        }
 
         def check(name: str, result: Any) -> None:
             jsonschema.Draft202012Validator(specs[name]["result"]).validate(result)

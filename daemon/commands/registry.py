@@ -274,18 +274,22 @@ class Registry:
             req, DaemonError("internal error while running the command; see the daemon log")
         )
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [
-            {
+    def describe(self, *, results: bool = True) -> list[dict[str, Any]]:
+        """Every command with its description and parameter schema (and, with ``results``,
+        its result schema)."""
+        out = []
+        for spec in self.commands.values():
+            entry: dict[str, Any] = {
                 "command": spec.name,
                 "description": spec.description,
                 "aliases": list(spec.aliases),
                 "long_running": spec.long_running,
                 "parameters": spec.params.model_json_schema(),
-                "result": spec.result.model_json_schema(),
             }
-            for spec in self.commands.values()
-        ]
+            if results:
+                entry["result"] = spec.result.model_json_schema()
+            out.append(entry)
+        return out
 
 
 def invalid_parameters(exc: ValidationError) -> InvalidParameters:

@@ -53,6 +53,15 @@ class HealthResult(Result):
     )
 
 
+class CommandsParams(Params):
+    include_results: bool = Field(
+        default=False,
+        description="also each command's result schema (a reply of ~70 KB; without it the "
+        "reply stays under the 64 KiB line a default asyncio reader takes, as KSI's "
+        "clients read it)",
+    )
+
+
 class CommandsResult(Result):
     commands: list[dict[str, Any]]
     total: int
@@ -88,11 +97,11 @@ def register(r: Registry) -> None:
         # probe, called often.
         return ctx.services.health()
 
-    @r.command("GET_COMMANDS", params=NoParams, result=CommandsResult)
-    def get_commands(ctx: Context, p: NoParams) -> CommandsResult:
-        """Every command with its description and the JSON Schema of its parameters and
-        result."""
-        commands = ctx.services.registry.describe()
+    @r.command("GET_COMMANDS", params=CommandsParams, result=CommandsResult)
+    def get_commands(ctx: Context, p: CommandsParams) -> CommandsResult:
+        """Every command with its description and the JSON Schema of its parameters (and,
+        with ``include_results``, of its result)."""
+        commands = ctx.services.registry.describe(results=p.include_results)
         return CommandsResult(commands=commands, total=len(commands))
 
     @r.command("SHUTDOWN", params=NoParams, result=ShutdownResult)
