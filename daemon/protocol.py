@@ -253,6 +253,25 @@ def encode_event(
     return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
 
 
+def ksi_shaped(wire: bytes) -> bytes:
+    """An event line as the original KSI's bus also wrote it, for its clients: the payload's
+    fields at the top level (never over the line's own keys) and ``from``; a
+    PROCESS_COMPLETE's ``status`` is KSI's ``success`` / ``error`` (ours stays in ``data``)
+    and its ``error`` the message. Everything of our own shape is kept."""
+    line: dict[str, Any] = orjson.loads(wire)
+    data = line.get("data")
+    if isinstance(data, dict):
+        for key, value in data.items():
+            line.setdefault(key, value)
+        if line.get("event") == "PROCESS_COMPLETE":
+            line["status"] = "success" if data.get("status") == "completed" else "error"
+            error = data.get("error")
+            if isinstance(error, dict):
+                line["error"] = error.get("message", "")
+    line.setdefault("from", line.get("from_agent") or "daemon")
+    return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+
+
 def with_echo(wire: bytes, req: Request) -> bytes:
     """An encoded event line with the ``id`` (and ``request_id``) of the request it answers
     to spliced in: a sync SPAWN's streamed progress, told apart from subscribed events on

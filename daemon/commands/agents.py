@@ -42,6 +42,10 @@ class RegisterParams(Params):
 class RegisterResult(Result):
     status: Literal["registered"]
     agent: AgentInfo
+    # KSI's reply named these at the top level.
+    agent_id: str
+    role: str | None = None
+    capabilities: list[str] = Field(default_factory=list)
 
 
 class AgentIdParams(Params):
@@ -104,7 +108,13 @@ def register(r: Registry) -> None:
             },
         )
         ctx.services.agents.on_registered(p.agent_id)
-        return RegisterResult(status="registered", agent=info)
+        return RegisterResult(
+            status="registered",
+            agent=info,
+            agent_id=info.agent_id,
+            role=info.role,
+            capabilities=info.capabilities,
+        )
 
     @r.command("UNREGISTER_AGENT", params=AgentIdParams, result=UnregisterResult)
     async def unregister_agent(ctx: Context, p: AgentIdParams) -> UnregisterResult:

@@ -128,6 +128,7 @@ def register(r: Registry) -> None:
         if ctx.conn is None:
             raise InvalidParameters("AGENT_CONNECTION only makes sense over the socket")
         if p.action == "connect":
+            ctx.conn.ksi_events = True  # a KSI client: it reads pushed events flat
             ctx.conn.make_persistent(p.agent_id)
             return ConnectResult(status="connected", agent_id=p.agent_id, connection_id=ctx.conn.id)
         ctx.conn.unsubscribe(None)

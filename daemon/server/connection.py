@@ -75,6 +75,9 @@ class Connection(asyncio.Protocol):
         self.peer_pid: int | None = None
         self.persistent = False
         self.agent_id: str | None = None
+        # Pushed events in the original KSI's shape too (payload fields at the top level,
+        # ``from``): set by KSI's AGENT_CONNECTION, which only its clients send.
+        self.ksi_events = False
         self.subscription: Subscription | None = None
         self.closed = False
         self.tasks: set[asyncio.Task[Any]] = set()

@@ -21,7 +21,7 @@ import structlog
 
 from daemon.events.bus import EventBus
 from daemon.events.subscriber import Event, StoredEvent, Subscriber
-from daemon.protocol import Request, encode_event, utc_now_iso, with_echo
+from daemon.protocol import Request, encode_event, ksi_shaped, utc_now_iso, with_echo
 
 if TYPE_CHECKING:
     from daemon.server.connection import Connection
@@ -102,9 +102,11 @@ class Subscription:
         what a slow peer leaves unread stays countable in the inbox, not in the transport."""
         chunk: list[bytes] = []
         size = 0
+        ksi = self.conn.ksi_events
         for ev in events:
-            chunk.append(ev.wire)
-            size += len(ev.wire)
+            wire = ksi_shaped(ev.wire) if ksi else ev.wire
+            chunk.append(wire)
+            size += len(wire)
             if size >= FLUSH_BYTES:
                 await self._push(chunk, ev.seq)
                 chunk = []
