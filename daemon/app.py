@@ -80,6 +80,7 @@ class Daemon:
             health=self.health,
             request_shutdown=self.request_shutdown,
             agents=self.mailboxes,
+            reload_observer=lambda name: self.observers.reload(name),
         )
         self.mcp: McpFace | None = None
         if settings.mcp:

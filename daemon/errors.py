@@ -11,8 +11,9 @@ turns exceptions into error replies; anything that is not a ``DaemonError`` beco
     ├── ProtocolError        INVALID_JSON, INVALID_REQUEST, INVALID_UTF8, LINE_TOO_LONG, ...
     ├── UnknownCommand       UNKNOWN_COMMAND
     ├── InvalidParameters    INVALID_PARAMETERS
-    ├── NotFound             SESSION_NOT_FOUND, PROCESS_NOT_FOUND, AGENT_NOT_FOUND
-    ├── Conflict             PROCESS_FINISHED (cancel of a finished process)
+    ├── NotFound             SESSION_NOT_FOUND, PROCESS_NOT_FOUND, AGENT_NOT_FOUND,
+    │                        IDENTITY_NOT_FOUND
+    ├── Conflict             PROCESS_FINISHED (cancel of a finished process), IDENTITY_EXISTS
     ├── Unavailable          SHUTTING_DOWN, NOT_READY
     ├── PermissionDenied     PERMISSION_DENIED
     ├── StorageError         STORAGE_FULL, STORAGE_ERROR, STORAGE_BUSY
@@ -45,8 +46,10 @@ class ErrorCode(StrEnum):
     SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
     PROCESS_NOT_FOUND = "PROCESS_NOT_FOUND"
     AGENT_NOT_FOUND = "AGENT_NOT_FOUND"
+    IDENTITY_NOT_FOUND = "IDENTITY_NOT_FOUND"
     CONFLICT = "CONFLICT"
     PROCESS_FINISHED = "PROCESS_FINISHED"
+    IDENTITY_EXISTS = "IDENTITY_EXISTS"
     PERMISSION_NOT_FOUND = "PERMISSION_NOT_FOUND"
     PERMISSION_ALREADY_DECIDED = "PERMISSION_ALREADY_DECIDED"
     PERMISSION_EXPIRED = "PERMISSION_EXPIRED"
@@ -57,6 +60,8 @@ class ErrorCode(StrEnum):
     SPAWN_DEPTH_EXCEEDED = "SPAWN_DEPTH_EXCEEDED"
     TOO_MANY_CHILDREN = "TOO_MANY_CHILDREN"
     TREE_BUDGET_EXCEEDED = "TREE_BUDGET_EXCEEDED"
+    OBSERVER_NOT_FOUND = "OBSERVER_NOT_FOUND"
+    RELOAD_FAILED = "RELOAD_FAILED"
     # The daemon's condition.
     UNAVAILABLE = "UNAVAILABLE"
     SHUTTING_DOWN = "SHUTTING_DOWN"

@@ -13,6 +13,8 @@ def build_registry() -> Registry:
         agents,
         budgets,
         events,
+        identities,
+        maintenance,
         pauses,
         permissions,
         processes,
@@ -21,6 +23,17 @@ def build_registry() -> Registry:
     )
 
     registry = Registry()
-    for module in (system, shared, agents, events, processes, permissions, budgets, pauses):
+    for module in (
+        system,
+        shared,
+        agents,
+        identities,
+        events,
+        processes,
+        permissions,
+        budgets,
+        pauses,
+        maintenance,
+    ):
         module.register(registry)
     return registry

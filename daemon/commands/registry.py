@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -84,6 +84,8 @@ class Services:
     health: Callable[[], dict[str, Any]]
     request_shutdown: Callable[[str], None]
     agents: Mailboxes
+    # RELOAD_MODULE: (module, observer specs restarted) once the named plugin runs anew.
+    reload_observer: Callable[[str], Awaitable[tuple[str, list[str]]]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from typing import Any
 import structlog
 
 from daemon.commands.registry import Context, Services
+from daemon.errors import DaemonError, ErrorCode, NotFound
 from daemon.events.subscriber import Subscriber
 
 log = structlog.get_logger("ksi.observers")
@@ -67,9 +68,11 @@ class ObserverHost:
         self.settings = services.settings
         self.bus = services.bus
         self.running: dict[str, RunningObserver] = {}
+        self._tasks: asyncio.TaskGroup | None = None
 
     async def start(self, tasks: asyncio.TaskGroup) -> None:
         """Load the configured observers; their loops run in ``tasks`` (the daemon's)."""
+        self._tasks = tasks
         for spec in self.settings.observers:
             try:
                 await self.add(spec, load_factory(spec), tasks)
@@ -128,24 +131,85 @@ class ObserverHost:
                         event_type=event.event_type,
                     )
 
+    async def reload(self, name: str) -> tuple[str, list[str]]:
+        """Re-import the module of the configured observers ``name`` names (a spec, its
+        module, or the module's last name) and restart them on the new code. The new code is
+        imported and built before the old observers stop: if it fails, they keep running."""
+        specs = [s for s in self.settings.observers if name in _names_of(s)]
+        if not specs:
+            raise NotFound(
+                f"no configured observer comes from {name!r}",
+                code=ErrorCode.OBSERVER_NOT_FOUND,
+                details={"observers": list(self.settings.observers)},
+            )
+        assert self._tasks is not None, "observers are not started"
+        module = _module_of(specs[0])
+        try:
+            importlib.reload(importlib.import_module(module))
+            factories = {spec: load_factory(spec) for spec in specs}
+        except Exception as exc:
+            log.exception("observer.reload_failed", module=module)
+            raise DaemonError(
+                f"reloading {module} failed ({type(exc).__name__}: {exc}); the running "
+                "observers keep their old code",
+                code=ErrorCode.RELOAD_FAILED,
+            ) from None
+        for spec, factory in factories.items():
+            old = self.running.get(spec)
+            if old is not None:
+                await self._stop_one(old)
+            try:
+                await self.add(spec, factory, self._tasks)
+            except Exception as exc:
+                log.exception("observer.reload_failed", observer=spec)
+                if old is not None:  # the old plugin object again, as it was
+                    await self.add(spec, lambda api, plugin=old.plugin: plugin, self._tasks)
+                raise DaemonError(
+                    f"observer {spec} failed to start on the new code "
+                    f"({type(exc).__name__}: {exc}); the old one runs again",
+                    code=ErrorCode.RELOAD_FAILED,
+                ) from None
+        log.info("observer.reloaded", module=module, observers=specs)
+        return module, specs
+
+    async def _stop_one(self, obs: RunningObserver) -> None:
+        self.bus.remove(obs.subscriber)
+        self.running.pop(obs.name, None)
+        if obs.task is not None:
+            obs.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await obs.task
+        stopper = getattr(obs.plugin, "stop", None)
+        if stopper is not None:
+            try:
+                await asyncio.wait_for(stopper(), self.settings.observer_timeout_s)
+            except Exception:
+                log.exception("observer.stop_failed", observer=obs.name)
+
     def stats(self) -> dict[str, int]:
         """HEALTH_CHECK's count of observers (each one's own counters are in its record)."""
         return {"observers": len(self.running)}
 
     async def stop(self) -> None:
-        for obs in self.running.values():
-            self.bus.remove(obs.subscriber)
-            if obs.task is not None:
-                obs.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await obs.task
-            stopper = getattr(obs.plugin, "stop", None)
-            if stopper is not None:
-                try:
-                    await asyncio.wait_for(stopper(), self.settings.observer_timeout_s)
-                except Exception:
-                    log.exception("observer.stop_failed", observer=obs.name)
+        for obs in list(self.running.values()):
+            await self._stop_one(obs)
         self.running.clear()
+
+
+def _module_of(spec: str) -> str:
+    if ":" in spec:
+        return spec.partition(":")[0]
+    for ep in entry_points(group="ksi.observers"):
+        if ep.name == spec:
+            return ep.value.partition(":")[0]
+    return spec
+
+
+def _names_of(spec: str) -> set[str]:
+    """What RELOAD_MODULE may call an observer by: its spec, its module, the module's last
+    name."""
+    module = _module_of(spec)
+    return {spec, module, module.rsplit(".", 1)[-1]}
 
 
 def load_factory(spec: str) -> Any:

@@ -168,6 +168,17 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 ended TEXT, updated_at REAL NOT NULL)""",
         ],
     ),
+    (
+        9,
+        [
+            # Agent identities (CREATE_IDENTITY ... REMOVE_IDENTITY, daemon/commands/
+            # identities.py): KSI's persona records, kept as one JSON record per agent so
+            # that they survive restarts; commands read them from the table, not memory.
+            """CREATE TABLE identities (
+                agent_id TEXT PRIMARY KEY, record BLOB NOT NULL,
+                created_at REAL NOT NULL, updated_at REAL NOT NULL)""",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -410,6 +410,24 @@ class StateManager:
         # Cached objects match their rows: every write was queued ahead of this query.
         return [self._sessions.get(row["session_id"]) or _session_from_row(row) for row in rows]
 
+    async def forget_sessions(self, busy: set[str], cutoff: float) -> tuple[int, int]:
+        """Delete the records of sessions last used before ``cutoff`` (epoch seconds) that
+        are not ``busy`` (CLEANUP sessions); (how many went, how many busy ones stayed)."""
+        rows = await self.store.query(
+            "SELECT session_id FROM sessions WHERE last_used_at <= ?", (cutoff,)
+        )
+        ids = [row["session_id"] for row in rows]
+        gone = [(sid,) for sid in ids if sid not in busy]
+        if gone:
+            await self.store.call(
+                lambda c: c.executemany("DELETE FROM sessions WHERE session_id=?", gone),
+                write=True,
+            )
+        for (sid,) in gone:
+            self._sessions.pop(sid, None)
+        self.session_count = max(0, self.session_count - len(gone))
+        return len(gone), len(ids) - len(gone)
+
     def _cache_session(self, info: SessionRecord) -> SessionRecord:
         self._sessions[info.session_id] = info
         self._sessions.move_to_end(info.session_id)
