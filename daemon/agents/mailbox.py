@@ -23,6 +23,8 @@ from daemon.state.records import StateManager
 log = structlog.get_logger("ksi.agents")
 
 DIRECT_MESSAGE = "DIRECT_MESSAGE"
+# The directed events an agent's mailbox holds: messages, and tasks ROUTE_TASK assigns.
+KINDS = {DIRECT_MESSAGE: "direct message", "TASK_ASSIGNMENT": "task assignment"}
 END_MARKERS = frozenset({"[END]", "[TERMINATE]"})
 NO_RESPONSE = "[NO_RESPONSE]"
 EndReason = Literal["end_marker", "turn_limit", "budget"]
@@ -44,6 +46,10 @@ class Letter:
     def event(self) -> dict[str, Any]:
         ev: dict[str, Any] = orjson.loads(self.wire)
         return ev
+
+    @property
+    def event_type(self) -> str:
+        return str(self.event().get("event", DIRECT_MESSAGE))
 
 
 @dataclass(slots=True)
@@ -72,11 +78,11 @@ def ends_conversation(text: str) -> bool:
     return last in END_MARKERS or last.endswith("[END]")
 
 
-def frame(agent_id: str, sender: str | None, content: str, conv: Conversation) -> str:
+def frame(agent_id: str, sender: str | None, content: str, conv: Conversation, kind: str) -> str:
     """The prompt of an answering turn: who wrote, in which conversation, and how to end it."""
     who = sender or "a program without an agent id"
     return (
-        f"[KSI direct message to you ({agent_id}) from {who}; conversation "
+        f"[KSI {KINDS.get(kind, 'direct message')} to you ({agent_id}) from {who}; conversation "
         f"{conv.conversation_id}, turn {conv.turns + 1} of at most {conv.max_turns}]\n\n"
         f"{content}\n\n"
         f"[Your answer is sent to {who} as a direct message. When the conversation is done, "
@@ -139,7 +145,7 @@ class Mailboxes:
     def on_directed(self, ev: Event) -> None:
         """The bus published an event with ``to_agent`` (called before publish returns)."""
         to = ev.to_agent
-        if ev.event_type != DIRECT_MESSAGE or to is None or to == ev.from_agent:
+        if ev.event_type not in KINDS or to is None or to == ev.from_agent:
             return
         agent = self.state.agents.get(to)
         if agent is not None and agent.respond_to_messages:
@@ -183,15 +189,20 @@ class Mailboxes:
         """A connection subscribes as ``sub.agent_id``: hand it the messages kept for it,
         oldest first (those a ``since_seq`` replay brings anyway are only marked delivered)."""
         agent_id = sub.agent_id
-        if agent_id is None or sub.dropped or not sub.patterns.match(DIRECT_MESSAGE):
+        if agent_id is None or sub.dropped or agent_id not in self.offline:
             return
-        kept = self.offline.pop(agent_id, [])
+        kept: list[Letter] = []
+        later: list[Letter] = []
+        for letter in self.offline.pop(agent_id):
+            (kept if sub.patterns.match(letter.event_type) else later).append(letter)
+        if later:  # kinds it does not subscribe to wait for a subscription that does
+            self.offline[agent_id] = later
         for i, letter in enumerate(kept):
             if since_seq is None or letter.seq <= since_seq:
                 ev = letter.event()
                 event = Event(
                     letter.seq,
-                    DIRECT_MESSAGE,
+                    letter.event_type,
                     ev.get("data") or {},
                     ev.get("timestamp", ""),
                     ev.get("from_agent"),
@@ -199,7 +210,7 @@ class Mailboxes:
                     letter.wire,
                 )
                 if not sub.offer(event):  # its inbox is full: keep the rest for next time
-                    self.offline[agent_id] = kept[i:]
+                    self.offline[agent_id] = kept[i:] + later
                     return
             self.delivered_offline += 1
             self._set(letter, "delivered")
@@ -216,6 +227,10 @@ class Mailboxes:
                 "UPDATE agent_messages SET kind='answer' WHERE id=?", (letter.id,)
             )
         self._wake(agent_id)
+
+    def queued_offline(self, agent_id: str, seq: int) -> bool:
+        """Whether the event ``seq`` for ``agent_id`` waits in the offline queue."""
+        return any(letter.seq == seq for letter in self.offline.get(agent_id, ()))
 
     def queued(self, agent_id: str) -> int:
         return len(self.answering.get(agent_id, ())) + len(self.offline.get(agent_id, ()))
@@ -281,7 +296,7 @@ class Mailboxes:
                 )
                 return "queued"
             params: dict[str, Any] = {
-                "prompt": frame(letter.agent_id, sender, _content(data), conv),
+                "prompt": frame(letter.agent_id, sender, _content(data), conv, letter.event_type),
                 "agent_id": letter.agent_id,
                 "mode": "async",
                 # A crash between this SPAWN and the row's update below: the same id after
@@ -427,5 +442,7 @@ def _content(data: dict[str, Any]) -> str:
     for key in ("content", "message"):
         if isinstance(value := data.get(key), str) and value.strip():
             return value
+    if isinstance(task := data.get("task"), str) and task.strip():  # a bare TASK_ASSIGNMENT
+        return task
     rest = {k: v for k, v in data.items() if k not in ("to", "conversation_id")}
     return orjson.dumps(rest).decode()

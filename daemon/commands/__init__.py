@@ -20,6 +20,7 @@ def build_registry() -> Registry:
         processes,
         shared,
         system,
+        tasks,
     )
 
     registry = Registry()
@@ -34,6 +35,7 @@ def build_registry() -> Registry:
         budgets,
         pauses,
         maintenance,
+        tasks,
     ):
         module.register(registry)
     return registry

@@ -87,7 +87,7 @@ class PublishParams(Params):
     def _direct_message(self) -> PublishParams:
         """KSI names a DIRECT_MESSAGE's recipient in ``payload.to``; the limits a first
         message may set for its conversation (daemon/agents) must be usable."""
-        if self.event_type != "DIRECT_MESSAGE":
+        if self.event_type not in ("DIRECT_MESSAGE", "TASK_ASSIGNMENT"):
             return self
         to = self.payload.get("to")
         if self.to_agent is None and isinstance(to, str) and to:
