@@ -173,3 +173,23 @@ async def test_an_agents_spawns_continue_its_session(d: DaemonProcess) -> None:
     two = await once(d, "SPAWN", {"mode": "sync", "prompt": "two", "agent_id": "keeper"})
     assert two["session_id"] == one["session_id"]
     assert two["result"].endswith("(turn 2)")
+
+
+async def test_load_state_takes_ksis_hand_over(d: DaemonProcess) -> None:
+    state = {
+        "shared_state": {"plan": {"step": 2}, "notes": "x"},
+        "agents": {"old-1": {"role": "writer", "capabilities": ["prose"], "status": "active"}},
+        "sessions": {"s-1": {"result": "earlier output"}},
+    }
+    loaded = await once(d, "LOAD_STATE", {"state_data": state})
+    assert (loaded["status"], sorted(loaded["state_keys"])) == (
+        "loaded",
+        ["agents", "sessions", "shared_state"],
+    )
+    assert loaded["loaded"] == {"shared_state": 2, "agents": 1, "sessions": 1}
+    assert (await once(d, "GET_SHARED", {"key": "plan"}))["value"] == {"step": 2}
+    agents = (await once(d, "GET_AGENTS"))["agents"]
+    assert (agents["old-1"]["role"], agents["old-1"]["capabilities"]) == ("writer", ["prose"])
+    bad = d.call("LOAD_STATE", {"state_data": {"agents": {"a": {"capabilities": "x"}}}})
+    assert bad["error"]["code"] == "INVALID_PARAMETERS"
+    assert (await once(d, "GET_SHARED", {"key": "a"}))["found"] is False

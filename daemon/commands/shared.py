@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, field_validator
 
 from daemon.commands.registry import Context, Params, Registry, Result
 from daemon.protocol import iso_from_epoch
@@ -48,6 +48,42 @@ class ListResult(Result):
     total: int
 
 
+class LoadedAgent(Params):
+    model_config = ConfigDict(extra="allow")  # KSI's records carried more; they are kept
+
+    role: str | None = Field(default=None, max_length=256)
+    capabilities: list[str] = Field(default_factory=list)
+
+
+class StateData(Params):
+    shared_state: dict[str, Any] = Field(default_factory=dict)
+    agents: dict[str, LoadedAgent] = Field(default_factory=dict)
+    sessions: dict[str, Any] = Field(
+        default_factory=dict,
+        description="KSI's last CLI output per session: accepted, not kept (the daemon's "
+        "sessions come from the turns it runs)",
+    )
+
+    @field_validator("shared_state", "agents")
+    @classmethod
+    def _keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not 1 <= len(key) <= 1024:
+                raise ValueError("keys must be 1 to 1024 characters")
+        return value
+
+
+class LoadStateParams(Params):
+    state_data: StateData
+
+
+class LoadStateResult(Result):
+    status: Literal["loaded"]
+    message: str
+    state_keys: list[str] = Field(description="the parts of state_data that were loaded")
+    loaded: dict[str, int]
+
+
 def register(r: Registry) -> None:
     @r.command("SET_SHARED", params=SetParams, result=SetResult)
     async def set_shared(ctx: Context, p: SetParams) -> SetResult:
@@ -80,3 +116,35 @@ def register(r: Registry) -> None:
         """List keys (sorted), optionally only those starting with ``prefix``."""
         keys = sorted(k for k in ctx.services.state.shared if k.startswith(p.prefix))
         return ListResult(keys=keys, total=len(keys))
+
+    @r.command("LOAD_STATE", params=LoadStateParams, result=LoadStateResult)
+    async def load_state(ctx: Context, p: LoadStateParams) -> LoadStateResult:
+        """KSI's state hand-over: set every ``shared_state`` key and register every agent of
+        ``agents`` (role, capabilities; the rest of each record kept as its metadata), each
+        durable as with SET_SHARED / REGISTER_AGENT. ``sessions`` are accepted and counted,
+        not kept. Validated whole before anything is written."""
+        data = p.state_data
+        state = ctx.services.state
+        for key, value in data.shared_state.items():
+            await state.set_shared(key, value)
+            ctx.publish("SHARED_STATE_CHANGED", {"key": key, "action": "set"})
+        for agent_id, agent in data.agents.items():
+            extra = dict(agent.model_extra or {})
+            await state.register_agent(agent_id, agent.role, agent.capabilities, extra)
+            ctx.publish(
+                "AGENT_REGISTERED",
+                {"agent_id": agent_id, "role": agent.role, "respond_to_messages": False},
+            )
+        loaded = {
+            "shared_state": len(data.shared_state),
+            "agents": len(data.agents),
+            "sessions": len(data.sessions),
+        }
+        keys = [k for k, n in loaded.items() if n]
+        return LoadStateResult(
+            status="loaded",
+            message=f"loaded {loaded['shared_state']} shared key(s) and "
+            f"{loaded['agents']} agent(s); {loaded['sessions']} session(s) not kept",
+            state_keys=keys,
+            loaded=loaded,
+        )
