@@ -35,9 +35,11 @@ from daemon import __version__, logs
 from daemon.agents.mailbox import Mailboxes
 from daemon.commands import build_registry
 from daemon.commands.registry import Services
+from daemon.errors import ErrorCode, Unavailable
 from daemon.events.bus import EventBus
 from daemon.events.observers import ObserverHost
 from daemon.fsmodes import private_dir, socket_files
+from daemon.handover import Takeover, start_successor, wait_for_lock
 from daemon.mcp_face import McpFace
 from daemon.protocol import iso_from_epoch
 from daemon.server import Server
@@ -81,6 +83,7 @@ class Daemon:
             request_shutdown=self.request_shutdown,
             agents=self.mailboxes,
             reload_observer=lambda name: self.observers.reload(name),
+            reload_daemon=lambda: self.reload_daemon(),
         )
         self.mcp: McpFace | None = None
         if settings.mcp:
@@ -94,14 +97,29 @@ class Daemon:
         self._pid_fd: int | None = None
         self._state_fd: int | None = None
         self.orphans_ended = 0
+        # Set in a successor RELOAD_DAEMON started; set in the old daemon once it hands over.
+        self.takeover = Takeover.from_env()
+        self.handing_over = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def run(self) -> int:
         self._shutdown = asyncio.Event()
-        self._acquire_pidfile()
+        if self.takeover is not None:
+            # Built: tell the old daemon to stop, then wait for it to let go of its locks.
+            self.takeover.prepared()
+            # Under systemd (NotifyAccess=all) this process is the service from now on.
+            _notify_systemd(f"MAINPID={os.getpid()}")
+            deadline = time.monotonic() + self.settings.shutdown_grace_s + 60
+            await asyncio.to_thread(wait_for_lock, self._acquire_pidfile, deadline)
+        else:
+            self._acquire_pidfile()
         try:
-            self._lock_state()
+            if self.takeover is not None:
+                deadline = time.monotonic() + 30
+                await asyncio.to_thread(wait_for_lock, self._lock_state, deadline)
+            else:
+                self._lock_state()
             await self.store.open()
             await self.state.load(idempotency_window_s=self.settings.idempotency_window_s)
             # Before any turn can run: CLIs of an earlier run that died under them would
@@ -120,7 +138,9 @@ class Daemon:
             async with _task_group() as tasks:
                 await self.observers.start(tasks)
                 self._install_signals()
-                await self.server.start()
+                await self.server.start(
+                    self.takeover.listening_socket() if self.takeover is not None else None
+                )
                 log.info(
                     "daemon.ready",
                     socket=str(self.server.path),
@@ -134,7 +154,8 @@ class Daemon:
                 self.mailboxes.start(self.services, tasks)
                 _notify_systemd(f"READY=1\nSTATUS=serving on {self.server.path}")
                 await self._shutdown.wait()
-                _notify_systemd("STOPPING=1")
+                if not self.handing_over:  # else the service goes on, in the successor
+                    _notify_systemd("STOPPING=1")
                 await self._teardown()
         finally:
             self._release_pidfile()
@@ -164,8 +185,9 @@ class Daemon:
         await self.server.close_all()
         await self.bus.close()
         await self.store.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.server.path.unlink()
+        if not self.handing_over:  # else the successor listens on it
+            with contextlib.suppress(FileNotFoundError):
+                self.server.path.unlink()
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -191,6 +213,10 @@ class Daemon:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
+            if self.takeover is not None:
+                raise  # the old daemon still runs: wait_for_lock tries again
+            fd = _open_private(pid_path)
             other = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             healthy = probe_health(self.settings.socket_path)
@@ -199,7 +225,7 @@ class Daemon:
                 f"another daemon (pid {other}) {state} on {self.settings.socket_path}"
             ) from None
         sock = self.settings.socket_path
-        if sock.exists() or sock.is_symlink():
+        if self.takeover is None and (sock.exists() or sock.is_symlink()):
             log.warning("daemon.stale_socket_removed", socket=str(sock))
             sock.unlink()
         os.ftruncate(fd, 0)
@@ -215,6 +241,8 @@ class Daemon:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            if self.takeover is not None:
+                raise  # the old daemon still runs: wait_for_lock tries again
             raise AlreadyRunning(
                 f"another daemon uses the state directory {self.settings.state_path}"
             ) from None
@@ -226,10 +254,29 @@ class Daemon:
             self._state_fd = None
         if self._pid_fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            self.settings.pid_path.unlink()
+        if not self.handing_over:  # else the successor waits to lock this very file
+            with contextlib.suppress(FileNotFoundError):
+                self.settings.pid_path.unlink()
         os.close(self._pid_fd)
         self._pid_fd = None
+
+    # -- RELOAD_DAEMON ----------------------------------------------------------------------
+
+    async def reload_daemon(self) -> int:
+        """Start a successor and, once it is prepared, hand over to it (daemon/handover.py);
+        the successor's pid. RELOAD_FAILED, with this daemon still serving, if it fails."""
+        if threading.current_thread() is not threading.main_thread():
+            raise Unavailable(
+                "RELOAD_DAEMON needs the daemon to run as its own process",
+                code=ErrorCode.RELOAD_FAILED,
+            )
+        if self.stopping or self.handing_over:
+            raise Unavailable("the daemon is shutting down", code=ErrorCode.SHUTTING_DOWN)
+        pid = await start_successor(self.server.listening_socket(), timeout_s=60)
+        self.handing_over = True
+        # Scheduled, not awaited: the reply is written before the shutdown starts closing.
+        asyncio.get_running_loop().call_soon(self.request_shutdown, "RELOAD_DAEMON")
+        return pid
 
     # -- health ---------------------------------------------------------------------------
 

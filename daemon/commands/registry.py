@@ -86,6 +86,8 @@ class Services:
     agents: Mailboxes
     # RELOAD_MODULE: (module, observer specs restarted) once the named plugin runs anew.
     reload_observer: Callable[[str], Awaitable[tuple[str, list[str]]]]
+    # RELOAD_DAEMON: the successor's pid, once it is prepared to take over.
+    reload_daemon: Callable[[], Awaitable[int]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,12 @@ class ShutdownResult(Result):
     message: str
 
 
+class ReloadDaemonResult(Result):
+    status: Literal["reloading"]
+    new_pid: int = Field(description="the successor, prepared to take over")
+    message: str
+
+
 class ConnectParams(Params):
     agent_id: str | None = Field(default=None, min_length=1, max_length=256)
 
@@ -110,6 +116,21 @@ def register(r: Registry) -> None:
         # Scheduled, not awaited: the reply is written before the shutdown starts closing.
         asyncio.get_running_loop().call_soon(ctx.services.request_shutdown, "SHUTDOWN command")
         return ShutdownResult(status="shutting_down", message="daemon is shutting down")
+
+    @r.command("RELOAD_DAEMON", params=NoParams, result=ReloadDaemonResult, long_running=True)
+    async def reload_daemon(ctx: Context, p: NoParams) -> ReloadDaemonResult:
+        """Restart without downtime: a new daemon process (the same command line, the code
+        on disk now) is started and, once it has loaded, this one stops accepting (new
+        clients wait in the socket's backlog for the new one), finishes its running turns,
+        keeps queued ones for it, and exits; the new one then serves the same socket and
+        state. Live connections close: persistent clients reconnect. If the new process
+        fails to start, this daemon keeps serving and the reply is RELOAD_FAILED."""
+        pid = await ctx.services.reload_daemon()
+        return ReloadDaemonResult(
+            status="reloading",
+            new_pid=pid,
+            message=f"pid {pid} takes over once this daemon's turns are done",
+        )
 
     @r.command("CONNECT", params=ConnectParams, result=ConnectResult)
     def connect(ctx: Context, p: ConnectParams) -> ConnectResult:

@@ -54,19 +54,32 @@ class Server:
     def path_str(self) -> str:
         return str(self.settings.socket_path)
 
-    async def start(self) -> None:
+    async def start(self, inherited: socket.socket | None = None) -> None:
+        """Listen on the socket path, or (a RELOAD_DAEMON successor) on the listening socket
+        the old daemon handed over, with the clients waiting in its backlog."""
         path = self.path
+        loop = asyncio.get_running_loop()
+        if inherited is not None:
+            self._server = await loop.create_unix_server(
+                lambda: Connection(self, next(self._ids)), sock=inherited
+            )
+            return
         private_dir(path.parent, socket_files(path))
         # The umask makes the socket 0600 from birth: no window in which others could connect.
         old = os.umask(0o177)
         try:
-            loop = asyncio.get_running_loop()
             self._server = await loop.create_unix_server(
                 lambda: Connection(self, next(self._ids)), path=str(path)
             )
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+
+    def listening_socket(self) -> socket.socket:
+        """The socket this daemon accepts on (RELOAD_DAEMON hands a duplicate over)."""
+        assert self._server is not None, "not listening"
+        assert self._server.sockets, "not listening"
+        return self._server.sockets[0]
 
     def admit(self, conn: Connection, transport: asyncio.Transport) -> Refusal | None:
         """Register a new connection, or refuse its peer (see the module's docstring)."""
