@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -126,13 +127,13 @@ def _read_line(fd: int) -> bytes:
     return out
 
 
-def wait_for_lock(open_fd: object, deadline: float) -> None:
-    """Retry ``open_fd`` (a callable that opens and locks, raising BlockingIOError while
-    the old daemon holds the lock) until it succeeds or ``deadline`` (monotonic) passes."""
-    assert callable(open_fd)
+def wait_for_lock(take: Callable[[], None], deadline: float) -> None:
+    """Retry ``take`` (opens and locks a file, raising BlockingIOError while the old daemon
+    holds the lock) until it succeeds or ``deadline`` (monotonic) passes. Blocking: run it
+    in a thread."""
     while True:
         try:
-            open_fd()
+            take()
             return
         except BlockingIOError:
             if time.monotonic() > deadline:
