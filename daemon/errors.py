@@ -10,10 +10,13 @@ turns exceptions into error replies; anything that is not a ``DaemonError`` beco
     DaemonError
     ├── ProtocolError        INVALID_JSON, INVALID_REQUEST, INVALID_UTF8, LINE_TOO_LONG, ...
     ├── UnknownCommand       UNKNOWN_COMMAND
-    ├── InvalidParameters    INVALID_PARAMETERS
+    ├── InvalidParameters    INVALID_PARAMETERS, CONTEXT_VALIDATION_ERROR (a composition's
+    │                        variables missing from COMPOSE_PROMPT's context)
     ├── NotFound             SESSION_NOT_FOUND, PROCESS_NOT_FOUND, AGENT_NOT_FOUND,
-    │                        IDENTITY_NOT_FOUND
-    ├── Conflict             PROCESS_FINISHED (cancel of a finished process), IDENTITY_EXISTS
+    │                        IDENTITY_NOT_FOUND, COMPOSITION_NOT_FOUND, DIRECTORY_NOT_FOUND
+    ├── Conflict             PROCESS_FINISHED (cancel of a finished process), IDENTITY_EXISTS,
+    │                        COMPOSITION_EXISTS, COMPOSITION_READ_ONLY
+    ├── CompositionInvalid   COMPOSITION_INVALID (a recipe or component that cannot be used)
     ├── Unavailable          SHUTTING_DOWN, NOT_READY
     ├── PermissionDenied     PERMISSION_DENIED
     ├── StorageError         STORAGE_FULL, STORAGE_ERROR, STORAGE_BUSY
@@ -50,6 +53,13 @@ class ErrorCode(StrEnum):
     CONFLICT = "CONFLICT"
     PROCESS_FINISHED = "PROCESS_FINISHED"
     IDENTITY_EXISTS = "IDENTITY_EXISTS"
+    # Prompt compositions (daemon/compositions.py, daemon/commands/compositions.py).
+    COMPOSITION_NOT_FOUND = "COMPOSITION_NOT_FOUND"
+    DIRECTORY_NOT_FOUND = "DIRECTORY_NOT_FOUND"
+    COMPOSITION_EXISTS = "COMPOSITION_EXISTS"
+    COMPOSITION_READ_ONLY = "COMPOSITION_READ_ONLY"
+    COMPOSITION_INVALID = "COMPOSITION_INVALID"
+    CONTEXT_VALIDATION_ERROR = "CONTEXT_VALIDATION_ERROR"
     PERMISSION_NOT_FOUND = "PERMISSION_NOT_FOUND"
     PERMISSION_ALREADY_DECIDED = "PERMISSION_ALREADY_DECIDED"
     PERMISSION_EXPIRED = "PERMISSION_EXPIRED"
@@ -145,6 +155,13 @@ class NotFound(DaemonError):
 
 class Conflict(DaemonError):
     code = ErrorCode.CONFLICT
+
+
+class CompositionInvalid(DaemonError):
+    """A prompt composition (its YAML, a component's path or template, a condition) cannot
+    be used; ``details`` name the composition and what is wrong."""
+
+    code = ErrorCode.COMPOSITION_INVALID
 
 
 class Unavailable(DaemonError):

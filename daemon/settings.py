@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     socket: Path = Path("sockets/claude_daemon.sock")
     state_dir: Path = Path("state")
     log_dir: Path = Path("claude_logs")
+    # Prompt compositions (daemon/compositions.py): YAML recipes in <prompts_dir>/compositions/
+    # and the markdown components they assemble in <prompts_dir>/components/ (KSI's layout).
+    prompts_dir: Path = Path("prompts")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -157,3 +160,7 @@ class Settings(BaseSettings):
     @property
     def log_path(self) -> Path:
         return self.resolve(self.log_dir)
+
+    @property
+    def prompts_path(self) -> Path:
+        return self.resolve(self.prompts_dir)

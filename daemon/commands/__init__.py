@@ -12,6 +12,7 @@ def build_registry() -> Registry:
     from daemon.commands import (
         agents,
         budgets,
+        compositions,
         events,
         identities,
         maintenance,
@@ -29,6 +30,7 @@ def build_registry() -> Registry:
         shared,
         agents,
         identities,
+        compositions,
         events,
         processes,
         permissions,

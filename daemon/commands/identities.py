@@ -14,10 +14,8 @@ own fields, as those answered).
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-import weakref
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -52,17 +50,6 @@ _ROLE_DEFAULTS: dict[str, tuple[list[str], str, str, str]] = {
 }
 _ROLE_DEFAULTS["coder"] = _ROLE_DEFAULTS["developer"]
 _ROLE_DEFAULTS["orchestrator"] = _ROLE_DEFAULTS["coordinator"]
-
-# Identity mutations of one daemon (one store) run one at a time: an update reads the
-# record, changes it and writes it back, and two at once must not lose one of them.
-_locks: weakref.WeakKeyDictionary[Store, asyncio.Lock] = weakref.WeakKeyDictionary()
-
-
-def _lock(store: Store) -> asyncio.Lock:
-    lock = _locks.get(store)
-    if lock is None:
-        lock = _locks[store] = asyncio.Lock()
-    return lock
 
 
 class Identity(Result):
@@ -230,7 +217,7 @@ def register(r: Registry) -> None:
         (defaults from the role), counters, preferences. Persisted; publishes
         IDENTITY_CREATED. IDENTITY_EXISTS if the agent has one (UPDATE_IDENTITY changes it)."""
         store = ctx.services.store
-        async with _lock(store):
+        async with store.section("identities"):
             existing = await _load(store, p.agent_id)
             if existing is not None:
                 raise Conflict(
@@ -272,7 +259,7 @@ def register(r: Registry) -> None:
         IDENTITY_NOT_FOUND if the agent has none."""
         store = ctx.services.store
         updates = p.updates.model_dump(exclude_unset=True)
-        async with _lock(store):
+        async with store.section("identities"):
             current = await _require(store, p.agent_id)
             old = current.model_dump()
             changes = [k for k, v in updates.items() if old[k] != v]
@@ -339,7 +326,7 @@ def register(r: Registry) -> None:
         """Delete an agent's identity; the reply carries what was removed. Publishes
         IDENTITY_REMOVED. IDENTITY_NOT_FOUND if the agent has none."""
         store = ctx.services.store
-        async with _lock(store):
+        async with store.section("identities"):
             identity = await _require(store, p.agent_id)
             await store.write("DELETE FROM identities WHERE agent_id=?", (p.agent_id,))
         ctx.publish(

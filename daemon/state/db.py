@@ -179,6 +179,17 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 created_at REAL NOT NULL, updated_at REAL NOT NULL)""",
         ],
     ),
+    (
+        10,
+        [
+            # Prompt compositions saved by clients (SAVE_COMPOSITION ... REMOVE_COMPOSITION,
+            # daemon/commands/compositions.py): one validated JSON recipe per name. Those in
+            # the prompts directory's files are read from there, never copied here.
+            """CREATE TABLE compositions (
+                name TEXT PRIMARY KEY, record BLOB NOT NULL,
+                created_at REAL NOT NULL, updated_at REAL NOT NULL)""",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -220,6 +231,7 @@ class Store:
         self._bytes_in = 0
         self._bytes_out = 0
         self._room_wanted = False  # a writer waits for the queue to shrink (set by the loop)
+        self._sections: dict[str, asyncio.Lock] = {}
         self._room_waiters: list[asyncio.Future[None]] = []
         self._probe_queued = False
         self.failure: StorageError | None = None
@@ -245,6 +257,14 @@ class Store:
         self._thread = None
 
     # -- public API -------------------------------------------------------------------
+
+    def section(self, name: str) -> asyncio.Lock:
+        """A lock for one kind of read-then-write (e.g. an update that reads a record,
+        changes it and writes it back): two at once would lose one of the changes."""
+        lock = self._sections.get(name)
+        if lock is None:
+            lock = self._sections[name] = asyncio.Lock()
+        return lock
 
     async def write(self, sql: str, params: Sequence[Any] = ()) -> None:
         """Run a write and wait until it is committed (first, while the queue is over its
