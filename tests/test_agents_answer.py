@@ -233,3 +233,16 @@ async def test_kept_messages_are_answered_once_their_agent_answers(
         answer = await _until(alice, "DIRECT_MESSAGE")
     assert answer["from_agent"] == "erin"
     assert answer["data"]["in_reply_to"] == sent["seq"]
+
+
+async def test_an_answer_to_a_program_without_an_agent_id_is_an_agent_reply(
+    make_daemon: Callable[..., DaemonProcess],
+) -> None:
+    d = make_daemon()
+    d.result("REGISTER_AGENT", {"agent_id": "bob", "respond_to_messages": True})
+    async with AsyncClient.connect(d.socket) as program:
+        await program.subscribe(["AGENT_REPLY"])
+        sent = await program.call("PUBLISH", message("bob", "anonymous question", sender=None))
+        reply = await _until(program, "AGENT_REPLY")
+    assert (reply["from_agent"], reply["data"]["in_reply_to"]) == ("bob", sent["seq"])
+    assert "a program without an agent id" in reply["data"]["content"]

@@ -193,3 +193,10 @@ async def test_load_state_takes_ksis_hand_over(d: DaemonProcess) -> None:
     bad = d.call("LOAD_STATE", {"state_data": {"agents": {"a": {"capabilities": "x"}}}})
     assert bad["error"]["code"] == "INVALID_PARAMETERS"
     assert (await once(d, "GET_SHARED", {"key": "a"}))["found"] is False
+
+
+@pytest.mark.parametrize("event_type", ["DIRECT_MESSAGE", "TASK_ASSIGNMENT"])
+def test_a_directed_event_without_a_recipient_is_refused(d: DaemonProcess, event_type: str) -> None:
+    reply = d.call("PUBLISH", {"event_type": event_type, "payload": {"content": "to whom?"}})
+    assert reply["error"]["code"] == "INVALID_PARAMETERS"
+    assert "recipient" in reply["error"]["message"]

@@ -330,8 +330,10 @@ class Mailboxes:
                 "turn": conv.turns,
                 "end": reason is not None,
             }
+            # A sender without an agent id cannot be messaged: the answer is an AGENT_REPLY
+            # for whoever subscribes to those.
             self.bus.publish(
-                DIRECT_MESSAGE,
+                DIRECT_MESSAGE if sender is not None else "AGENT_REPLY",
                 payload,
                 from_agent=letter.agent_id,
                 to_agent=sender,

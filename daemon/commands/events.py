@@ -22,6 +22,7 @@ RESERVED_PREFIXES = (
     "OBSERVER_",
     "CONVERSATION_ENDED",
     "AGENT_REPLY_FAILED",
+    "AGENT_REPLY",
 )
 
 
@@ -92,6 +93,11 @@ class PublishParams(Params):
         to = self.payload.get("to")
         if self.to_agent is None and isinstance(to, str) and to:
             self.to_agent = to
+        if self.to_agent is None:  # KSI refused these too
+            raise ValueError(
+                f"a {self.event_type} needs its recipient: to_agent, or payload.to"
+                + (" (ROUTE_TASK picks one by capability)" if "TASK" in self.event_type else "")
+            )
         turns = self.payload.get("max_turns")
         if turns is not None and (type(turns) is not int or not 1 <= turns <= 10_000):
             raise ValueError("payload.max_turns must be an integer from 1 to 10000")
