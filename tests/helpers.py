@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import orjson
 
 from daemon.claude.auth import CREDENTIAL_ENV
@@ -267,3 +268,34 @@ def spawn(d: DaemonProcess, **params: Any) -> dict[str, Any]:
     """SPAWN on ``d``, in its work directory unless ``cwd`` is given."""
     params.setdefault("cwd", str(d.work))
     return d.call("SPAWN", params)
+
+
+class PublishedSchemas:
+    """The parameter and result schemas a daemon publishes (GET_COMMANDS with
+    ``include_results``), per command, to check live replies against."""
+
+    def __init__(self, d: DaemonProcess) -> None:
+        listing = d.result("GET_COMMANDS", {"include_results": True})["commands"]
+        self.specs = {c["command"]: c for c in listing}
+        self.params = {
+            n: jsonschema.Draft202012Validator(c["parameters"]) for n, c in self.specs.items()
+        }
+        self.results = {
+            n: jsonschema.Draft202012Validator(c["result"]) for n, c in self.specs.items()
+        }
+
+    def ok(self, d: DaemonProcess, command: str, params: dict[str, Any] | None = None) -> Any:
+        """A success reply's result, validated against the published result schema."""
+        reply = d.call(command, params)
+        assert reply["status"] == "success", reply
+        self.results[command].validate(reply["result"])
+        return reply["result"]
+
+
+def error_of(reply: dict[str, Any], code: str) -> dict[str, Any]:
+    """The error of an error reply with this code (and a message)."""
+    assert reply["status"] == "error", reply
+    assert reply["error"]["code"] == code, reply
+    assert reply["error"]["message"]
+    error: dict[str, Any] = reply["error"]
+    return error

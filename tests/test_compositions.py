@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from tests.helpers import DaemonProcess
+from tests.helpers import DaemonProcess, PublishedSchemas, error_of
 from tests.inproc import InProcessDaemon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,33 +88,6 @@ def make_prompts(base: Path) -> tuple[Path, Path]:
     return prompts, outside
 
 
-class Schemas:
-    """The parameter and result schemas a daemon publishes, per command."""
-
-    def __init__(self, d: DaemonProcess) -> None:
-        listing = d.result("GET_COMMANDS", {"include_results": True})["commands"]
-        self.specs = {c["command"]: c for c in listing}
-        self.params = {
-            n: jsonschema.Draft202012Validator(c["parameters"]) for n, c in self.specs.items()
-        }
-        self.results = {
-            n: jsonschema.Draft202012Validator(c["result"]) for n, c in self.specs.items()
-        }
-
-    def ok(self, d: DaemonProcess, command: str, params: dict[str, Any] | None = None) -> Any:
-        reply = d.call(command, params)
-        assert reply["status"] == "success", reply
-        self.results[command].validate(reply["result"])
-        return reply["result"]
-
-
-def error(reply: dict[str, Any], code: str) -> dict[str, Any]:
-    assert reply["status"] == "error", reply
-    assert reply["error"]["code"] == code, reply
-    assert reply["error"]["message"]
-    return reply["error"]
-
-
 @pytest.fixture(scope="module")
 def base() -> Iterator[Path]:
     where = Path(tempfile.mkdtemp(prefix="ksi-prompts-"))
@@ -135,14 +108,14 @@ def d(base: Path) -> Iterator[DaemonProcess]:
 
 
 @pytest.fixture(scope="module")
-def s(d: DaemonProcess) -> Schemas:
-    return Schemas(d)
+def s(d: DaemonProcess) -> PublishedSchemas:
+    return PublishedSchemas(d)
 
 
 # -- discovery -------------------------------------------------------------------------------
 
 
-def test_the_commands_are_published_with_descriptions_and_schemas(s: Schemas) -> None:
+def test_the_commands_are_published_with_descriptions_and_schemas(s: PublishedSchemas) -> None:
     for name in COMMANDS:
         spec = s.specs[name]
         assert len(spec["description"]) > 40, name
@@ -157,7 +130,7 @@ def test_the_commands_are_published_with_descriptions_and_schemas(s: Schemas) ->
 # -- from files ------------------------------------------------------------------------------
 
 
-def test_list_compositions_from_files(d: DaemonProcess, s: Schemas) -> None:
+def test_list_compositions_from_files(d: DaemonProcess, s: PublishedSchemas) -> None:
     listed = s.ok(d, "GET_COMPOSITIONS")
     by_name = {i["name"]: i for i in listed["items"]}
     # linked reads as a recipe (its component is what is wrong: GET_COMPOSITION says so).
@@ -183,7 +156,7 @@ def test_list_compositions_from_files(d: DaemonProcess, s: Schemas) -> None:
     assert s.ok(d, "GET_COMPOSITIONS", {"category": "agent"})["items"] == []
 
 
-def test_get_composition(d: DaemonProcess, s: Schemas) -> None:
+def test_get_composition(d: DaemonProcess, s: PublishedSchemas) -> None:
     got = s.ok(d, "GET_COMPOSITION", {"name": "greeter"})
     assert got["name"] == "greeter"
     assert got["origin"] == "file"
@@ -196,7 +169,7 @@ def test_get_composition(d: DaemonProcess, s: Schemas) -> None:
     assert got["validation"]["has_issues"] is False
 
 
-def test_compose_with_conditions(d: DaemonProcess, s: Schemas) -> None:
+def test_compose_with_conditions(d: DaemonProcess, s: PublishedSchemas) -> None:
     plain = s.ok(d, "COMPOSE_PROMPT", {"composition": "greeter", "context": {"person": "Ada"}})
     assert plain["prompt"] == "# Hi\n\nHello, Ada!"
     assert plain["composed_successfully"] is True
@@ -227,13 +200,13 @@ def test_compose_with_conditions(d: DaemonProcess, s: Schemas) -> None:
     assert "Countess" not in casual["prompt"]
 
 
-def test_missing_variables_are_named(d: DaemonProcess, s: Schemas) -> None:
-    err = error(d.call("COMPOSE_PROMPT", {"composition": "greeter"}), "CONTEXT_VALIDATION_ERROR")
+def test_missing_variables_are_named(d: DaemonProcess, s: PublishedSchemas) -> None:
+    err = error_of(d.call("COMPOSE_PROMPT", {"composition": "greeter"}), "CONTEXT_VALIDATION_ERROR")
     assert "person" in err["message"]
     assert err["details"]["missing"] == ["person"]
     # A variable only a component needs (title, once style is formal) is named too, with
     # the component that needs it; one under "is defined" (mood) is not.
-    err = error(
+    err = error_of(
         d.call(
             "COMPOSE_PROMPT",
             {"composition": "greeter", "context": {"person": "Ada", "style": "formal"}},
@@ -270,19 +243,19 @@ def test_not_found(d: DaemonProcess) -> None:
         ("COMPOSE_PROMPT", {"composition": "nope_greeter", "context": {}}),
         ("REMOVE_COMPOSITION", {"name": "nope_greeter"}),
     ):
-        err = error(d.call(command, params), "COMPOSITION_NOT_FOUND")
+        err = error_of(d.call(command, params), "COMPOSITION_NOT_FOUND")
         assert "greeter" in err["message"], err  # a similar name is suggested
-    error(d.call("REMOVE_COMPOSITION", {"name": "greeter"}), "COMPOSITION_READ_ONLY")
+    error_of(d.call("REMOVE_COMPOSITION", {"name": "greeter"}), "COMPOSITION_READ_ONLY")
 
 
-def test_broken_files_are_typed(d: DaemonProcess, s: Schemas) -> None:
-    error(d.call("GET_COMPOSITION", {"name": "broken"}), "COMPOSITION_INVALID")
-    error(d.call("COMPOSE_PROMPT", {"composition": "escape"}), "COMPOSITION_INVALID")
+def test_broken_files_are_typed(d: DaemonProcess, s: PublishedSchemas) -> None:
+    error_of(d.call("GET_COMPOSITION", {"name": "broken"}), "COMPOSITION_INVALID")
+    error_of(d.call("COMPOSE_PROMPT", {"composition": "escape"}), "COMPOSITION_INVALID")
     # A source that is a symlink out of the prompts directory is never read.
     got = s.ok(d, "GET_COMPOSITION", {"name": "linked"})
     assert got["validation"]["has_issues"] is True
     assert "missing_components" in got["validation"]["structural_issues"]
-    err = error(d.call("COMPOSE_PROMPT", {"composition": "linked"}), "COMPOSITION_INVALID")
+    err = error_of(d.call("COMPOSE_PROMPT", {"composition": "linked"}), "COMPOSITION_INVALID")
     assert "SECRET" not in str(err)
     v = s.ok(d, "VALIDATE_COMPOSITION", {"name": "linked"})
     assert v["valid"] is False
@@ -292,7 +265,7 @@ def test_broken_files_are_typed(d: DaemonProcess, s: Schemas) -> None:
 # -- components ------------------------------------------------------------------------------
 
 
-def test_list_components(d: DaemonProcess, s: Schemas) -> None:
+def test_list_components(d: DaemonProcess, s: PublishedSchemas) -> None:
     listed = s.ok(d, "LIST_COMPONENTS")
     # link.md and away/ lead out of the prompts directory: skipped; notes.txt is no component.
     assert [i["path"] for i in listed["items"]] == ["hello.md", "history.md", "style/formal.md"]
@@ -311,22 +284,22 @@ def test_list_components(d: DaemonProcess, s: Schemas) -> None:
     assert [i["path"] for i in only["items"]] == ["style/formal.md"]
     assert s.ok(d, "LIST_COMPONENTS", {"directory": "style/"})["total"] == 1
 
-    err = error(d.call("LIST_COMPONENTS", {"directory": "nothing_here"}), "DIRECTORY_NOT_FOUND")
+    err = error_of(d.call("LIST_COMPONENTS", {"directory": "nothing_here"}), "DIRECTORY_NOT_FOUND")
     assert "style" in err["message"]
 
 
 def test_paths_never_escape_the_prompts_directory(d: DaemonProcess) -> None:
     for bad in ("..", "../outside", "style/../..", "/etc", "~", "a\\b", ""):
-        error(d.call("LIST_COMPONENTS", {"directory": bad}), "INVALID_PARAMETERS")
-    error(d.call("LIST_COMPONENTS", {"directory": "away"}), "PERMISSION_DENIED")
+        error_of(d.call("LIST_COMPONENTS", {"directory": bad}), "INVALID_PARAMETERS")
+    error_of(d.call("LIST_COMPONENTS", {"directory": "away"}), "PERMISSION_DENIED")
     for name in ("../greeter", "a/b", "/abs", ".hidden", ""):
-        error(d.call("GET_COMPOSITION", {"name": name}), "INVALID_PARAMETERS")
+        error_of(d.call("GET_COMPOSITION", {"name": name}), "INVALID_PARAMETERS")
     for source in ("../outside.md", "/etc/passwd.md", "components/../../outside.md"):
         recipe = {"name": "esc", "components": [{"name": "x", "source": source}]}
-        err = error(d.call("SAVE_COMPOSITION", {"composition": recipe}), "INVALID_PARAMETERS")
+        err = error_of(d.call("SAVE_COMPOSITION", {"composition": recipe}), "INVALID_PARAMETERS")
         assert "source" in err["message"]
     recipe = {"name": "esc", "components": [{"name": "x", "source": "components/link.md"}]}
-    error(d.call("SAVE_COMPOSITION", {"composition": recipe}), "COMPOSITION_INVALID")
+    error_of(d.call("SAVE_COMPOSITION", {"composition": recipe}), "COMPOSITION_INVALID")
 
 
 # -- saved compositions ----------------------------------------------------------------------
@@ -336,7 +309,7 @@ def inline(name: str, text: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "components": [{"name": "body", "content": text}], **extra}
 
 
-def test_save_compose_and_remove(d: DaemonProcess, s: Schemas) -> None:
+def test_save_compose_and_remove(d: DaemonProcess, s: PublishedSchemas) -> None:
     recipe = {
         "name": "stored_one",
         "version": "2.0",
@@ -353,7 +326,7 @@ def test_save_compose_and_remove(d: DaemonProcess, s: Schemas) -> None:
     assert saved["created"] is True
     assert saved["shadows_file"] is False
     assert saved["composition"]["required_context"] == {"task": ""}
-    error(d.call("SAVE_COMPOSITION", {"composition": recipe}), "COMPOSITION_EXISTS")
+    error_of(d.call("SAVE_COMPOSITION", {"composition": recipe}), "COMPOSITION_EXISTS")
 
     items = {i["name"]: i for i in s.ok(d, "GET_COMPOSITIONS")["items"]}
     assert items["stored_one"]["origin"] == "store"
@@ -381,7 +354,7 @@ def test_save_compose_and_remove(d: DaemonProcess, s: Schemas) -> None:
     assert removed["deleted"] is True
     assert removed["composition"]["version"] == "3"
     assert removed["file_remains"] is False
-    error(d.call("GET_COMPOSITION", {"name": "stored_one"}), "COMPOSITION_NOT_FOUND")
+    error_of(d.call("GET_COMPOSITION", {"name": "stored_one"}), "COMPOSITION_NOT_FOUND")
     events = d.result("GET_EVENTS", {"event_types": ["COMPOSITION_*"], "limit": 100})["events"]
     assert [e["event"] for e in events if e["data"]["name"] == "stored_one"] == [
         "COMPOSITION_SAVED",
@@ -390,7 +363,7 @@ def test_save_compose_and_remove(d: DaemonProcess, s: Schemas) -> None:
     ]
 
 
-def test_a_saved_composition_shadows_a_file(d: DaemonProcess, s: Schemas) -> None:
+def test_a_saved_composition_shadows_a_file(d: DaemonProcess, s: PublishedSchemas) -> None:
     saved = s.ok(d, "SAVE_COMPOSITION", {"composition": inline("greeter", "Yo {{ person }}")})
     assert saved["shadows_file"] is True
     out = s.ok(d, "COMPOSE_PROMPT", {"composition": "greeter", "context": {"person": "B"}})
@@ -401,15 +374,15 @@ def test_a_saved_composition_shadows_a_file(d: DaemonProcess, s: Schemas) -> Non
     assert out["prompt"] == "# Hi\n\nHello, B!"
 
 
-def test_templates_are_sandboxed_and_strict(d: DaemonProcess, s: Schemas) -> None:
+def test_templates_are_sandboxed_and_strict(d: DaemonProcess, s: PublishedSchemas) -> None:
     s.ok(d, "SAVE_COMPOSITION", {"composition": inline("sneaky", "{{ ''.__class__.__mro__ }}")})
-    error(d.call("COMPOSE_PROMPT", {"composition": "sneaky"}), "COMPOSITION_INVALID")
+    error_of(d.call("COMPOSE_PROMPT", {"composition": "sneaky"}), "COMPOSITION_INVALID")
     s.ok(d, "REMOVE_COMPOSITION", {"name": "sneaky"})
     # A condition is an expression, not Python: no builtins, no dunder attributes.
     recipe = inline("cond", "shown")
     recipe["components"][0]["condition"] = "__import__('os')"
     s.ok(d, "SAVE_COMPOSITION", {"composition": recipe})
-    err = error(d.call("COMPOSE_PROMPT", {"composition": "cond"}), "COMPOSITION_INVALID")
+    err = error_of(d.call("COMPOSE_PROMPT", {"composition": "cond"}), "COMPOSITION_INVALID")
     assert "__import__" in err["message"]
     recipe["components"][0]["condition"] = "().__class__"  # unsafe: undefined, so false
     s.ok(d, "SAVE_COMPOSITION", {"composition": recipe, "overwrite": True})
@@ -455,9 +428,9 @@ def test_bad_input_is_typed(d: DaemonProcess) -> None:
             },
         ),
     ):
-        err = error(d.call(command, params), "INVALID_PARAMETERS")
+        err = error_of(d.call(command, params), "INVALID_PARAMETERS")
         assert err["message"], (command, params)
-    error(d.call("GET_COMPOSITION", {"name": "x"}), "COMPOSITION_NOT_FOUND")
+    error_of(d.call("GET_COMPOSITION", {"name": "x"}), "COMPOSITION_NOT_FOUND")
 
 
 # -- persistence and the shipped example -----------------------------------------------------
@@ -468,25 +441,25 @@ def test_saved_compositions_survive_a_restart(
 ) -> None:
     env = {"KSI_PROMPTS_DIR": str(tmp_path / "empty")}
     first = make_daemon(process=True, env=env)
-    s = Schemas(first)
+    s = PublishedSchemas(first)
     s.ok(first, "SAVE_COMPOSITION", {"composition": inline("kept", "Kept {{ who }}")})
     s.ok(first, "SAVE_COMPOSITION", {"composition": inline("gone", "Gone")})
     s.ok(first, "REMOVE_COMPOSITION", {"name": "gone"})
     first.stop()
 
     again = make_daemon(process=True, base=first.base, env=env)
-    s = Schemas(again)
+    s = PublishedSchemas(again)
     assert [i["name"] for i in s.ok(again, "GET_COMPOSITIONS")["items"]] == ["kept"]
     out = s.ok(again, "COMPOSE_PROMPT", {"composition": "kept", "context": {"who": "me"}})
     assert out["prompt"] == "Kept me"
-    error(again.call("GET_COMPOSITION", {"name": "gone"}), "COMPOSITION_NOT_FOUND")
+    error_of(again.call("GET_COMPOSITION", {"name": "gone"}), "COMPOSITION_NOT_FOUND")
     # No prompts directory at all is no error: no files, no components.
     assert s.ok(again, "LIST_COMPONENTS")["total"] == 0
 
 
 def test_the_shipped_example(make_daemon: Callable[..., DaemonProcess]) -> None:
     d = make_daemon()  # prompts_dir: the default, prompts/ of the checkout
-    s = Schemas(d)
+    s = PublishedSchemas(d)
     names = [i["name"] for i in s.ok(d, "GET_COMPOSITIONS")["items"]]
     assert "daemon_agent" in names
     assert s.ok(d, "GET_COMPOSITION", {"name": "daemon_agent"})["validation"]["has_issues"] is False

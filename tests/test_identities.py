@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 
 from daemon.protocol import iso_from_epoch
-from tests.helpers import DaemonProcess
+from tests.helpers import DaemonProcess, PublishedSchemas, error_of
 from tests.inproc import InProcessDaemon
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -43,34 +43,6 @@ KSI_FIELDS = {
 }
 
 
-class Schemas:
-    """The parameter and result schemas a daemon publishes, per command."""
-
-    def __init__(self, d: DaemonProcess) -> None:
-        listing = d.result("GET_COMMANDS", {"include_results": True})["commands"]
-        self.specs = {c["command"]: c for c in listing}
-        self.params = {
-            n: jsonschema.Draft202012Validator(c["parameters"]) for n, c in self.specs.items()
-        }
-        self.results = {
-            n: jsonschema.Draft202012Validator(c["result"]) for n, c in self.specs.items()
-        }
-
-    def ok(self, d: DaemonProcess, command: str, params: dict[str, Any] | None = None) -> Any:
-        """A success reply's result, validated against the published result schema."""
-        reply = d.call(command, params)
-        assert reply["status"] == "success", reply
-        self.results[command].validate(reply["result"])
-        return reply["result"]
-
-
-def error(reply: dict[str, Any], code: str) -> dict[str, Any]:
-    assert reply["status"] == "error", reply
-    assert reply["error"]["code"] == code, reply
-    assert reply["error"]["message"]
-    return reply["error"]
-
-
 @pytest.fixture(scope="module")
 def d() -> Iterator[DaemonProcess]:
     dp = InProcessDaemon().start()
@@ -81,8 +53,8 @@ def d() -> Iterator[DaemonProcess]:
 
 
 @pytest.fixture(scope="module")
-def s(d: DaemonProcess) -> Schemas:
-    return Schemas(d)
+def s(d: DaemonProcess) -> PublishedSchemas:
+    return PublishedSchemas(d)
 
 
 def identity_events(d: DaemonProcess, agent_id: str) -> list[tuple[str, dict[str, Any]]]:
@@ -93,7 +65,7 @@ def identity_events(d: DaemonProcess, agent_id: str) -> list[tuple[str, dict[str
 # -- discovery -------------------------------------------------------------------------------
 
 
-def test_the_commands_are_published_with_descriptions_and_schemas(s: Schemas) -> None:
+def test_the_commands_are_published_with_descriptions_and_schemas(s: PublishedSchemas) -> None:
     for name in COMMANDS:
         spec = s.specs[name]
         assert len(spec["description"]) > 40, name
@@ -110,9 +82,9 @@ def test_the_commands_are_published_with_descriptions_and_schemas(s: Schemas) ->
 # -- the round trip --------------------------------------------------------------------------
 
 
-def test_create_get_list_update_remove_round_trip(d: DaemonProcess, s: Schemas) -> None:
+def test_create_get_list_update_remove_round_trip(d: DaemonProcess, s: PublishedSchemas) -> None:
     agent = "rt-agent-0042"
-    error(d.call("GET_IDENTITY", {"agent_id": agent}), "IDENTITY_NOT_FOUND")
+    error_of(d.call("GET_IDENTITY", {"agent_id": agent}), "IDENTITY_NOT_FOUND")
 
     created = s.ok(
         d,
@@ -204,9 +176,9 @@ def test_create_get_list_update_remove_round_trip(d: DaemonProcess, s: Schemas) 
     assert removed["deleted"] is True
     assert removed["agent_id"] == agent
     assert removed["identity"] == new
-    error(d.call("GET_IDENTITY", {"agent_id": agent}), "IDENTITY_NOT_FOUND")
-    error(d.call("REMOVE_IDENTITY", {"agent_id": agent}), "IDENTITY_NOT_FOUND")
-    error(
+    error_of(d.call("GET_IDENTITY", {"agent_id": agent}), "IDENTITY_NOT_FOUND")
+    error_of(d.call("REMOVE_IDENTITY", {"agent_id": agent}), "IDENTITY_NOT_FOUND")
+    error_of(
         d.call("UPDATE_IDENTITY", {"agent_id": agent, "updates": {"display_name": "x"}}),
         "IDENTITY_NOT_FOUND",
     )
@@ -234,7 +206,7 @@ def test_create_get_list_update_remove_round_trip(d: DaemonProcess, s: Schemas) 
     ]
 
 
-def test_defaults_come_from_the_role(d: DaemonProcess, s: Schemas) -> None:
+def test_defaults_come_from_the_role(d: DaemonProcess, s: PublishedSchemas) -> None:
     plain = s.ok(d, "CREATE_IDENTITY", {"agent_id": "defaults-abcd"})["identity"]
     assert plain["role"] == "general"
     assert plain["display_name"] == "General-abcd"
@@ -299,7 +271,7 @@ def test_the_shapes_ksi_migrated_commands_test_reads(d: DaemonProcess) -> None:
     """tests/test_migrated_commands.py's identity section, step by step."""
     agent = "test_identity_001"
     initial = d.result("LIST_IDENTITIES")["total"]
-    error(d.call("GET_IDENTITY", {"agent_id": agent}), "IDENTITY_NOT_FOUND")
+    error_of(d.call("GET_IDENTITY", {"agent_id": agent}), "IDENTITY_NOT_FOUND")
     created = d.result(
         "CREATE_IDENTITY",
         {
@@ -310,7 +282,7 @@ def test_the_shapes_ksi_migrated_commands_test_reads(d: DaemonProcess) -> None:
         },
     )
     assert set(created["identity"]) >= KSI_FIELDS
-    error(
+    error_of(
         d.call("CREATE_IDENTITY", {"agent_id": agent, "display_name": "Duplicate Test"}),
         "IDENTITY_EXISTS",
     )
@@ -335,8 +307,8 @@ def test_the_shapes_ksi_migrated_commands_test_reads(d: DaemonProcess) -> None:
     assert [i["agent_id"] for i in filtered["items"]] == [agent]
     removed = d.result("REMOVE_IDENTITY", {"agent_id": agent})
     assert removed["identity"]["display_name"] == "Updated Test Identity"
-    error(d.call("REMOVE_IDENTITY", {"agent_id": agent}), "IDENTITY_NOT_FOUND")
-    error(
+    error_of(d.call("REMOVE_IDENTITY", {"agent_id": agent}), "IDENTITY_NOT_FOUND")
+    error_of(
         d.call("UPDATE_IDENTITY", {"agent_id": agent, "updates": {"display_name": "Should fail"}}),
         "IDENTITY_NOT_FOUND",
     )
@@ -347,7 +319,7 @@ def test_the_shapes_ksi_migrated_commands_test_reads(d: DaemonProcess) -> None:
 
 def test_a_second_create_is_identity_exists_and_changes_nothing(d: DaemonProcess) -> None:
     first = d.result("CREATE_IDENTITY", {"agent_id": "dup-1", "display_name": "First"})
-    err = error(
+    err = error_of(
         d.call("CREATE_IDENTITY", {"agent_id": "dup-1", "display_name": "Second"}),
         "IDENTITY_EXISTS",
     )
@@ -361,12 +333,12 @@ def test_a_second_create_is_identity_exists_and_changes_nothing(d: DaemonProcess
 
 
 def test_not_found_names_identities_that_exist(daemon: DaemonProcess) -> None:
-    err = error(daemon.call("GET_IDENTITY", {"agent_id": "ghost"}), "IDENTITY_NOT_FOUND")
+    err = error_of(daemon.call("GET_IDENTITY", {"agent_id": "ghost"}), "IDENTITY_NOT_FOUND")
     assert "no identities exist yet" in err["message"]
     assert err["details"] == {"agent_id": "ghost", "known_identities": []}
     for n in range(7):
         daemon.result("CREATE_IDENTITY", {"agent_id": f"known-{n}"})
-    err = error(daemon.call("GET_IDENTITY", {"agent_id": "ghost"}), "IDENTITY_NOT_FOUND")
+    err = error_of(daemon.call("GET_IDENTITY", {"agent_id": "ghost"}), "IDENTITY_NOT_FOUND")
     assert err["details"]["known_identities"] == [f"known-{n}" for n in range(5)]
     assert "(and 2 more)" in err["message"]
     assert "LIST_IDENTITIES" in err["message"]
@@ -396,7 +368,7 @@ def test_protected_fields_are_refused_and_nothing_changes(
     if d.call("GET_IDENTITY", {"agent_id": agent})["status"] == "error":
         d.result("CREATE_IDENTITY", {"agent_id": agent})
     before = d.result("GET_IDENTITY", {"agent_id": agent})["identity"]
-    err = error(
+    err = error_of(
         d.call("UPDATE_IDENTITY", {"agent_id": agent, "updates": updates}), "INVALID_PARAMETERS"
     )
     assert "cannot be updated" in err["message"]
@@ -453,9 +425,9 @@ def test_protected_fields_are_refused_and_nothing_changes(
     ],
 )
 def test_bad_parameters_are_invalid_parameters_naming_the_field(
-    d: DaemonProcess, s: Schemas, command: str, params: dict[str, Any], field: str
+    d: DaemonProcess, s: PublishedSchemas, command: str, params: dict[str, Any], field: str
 ) -> None:
-    err = error(d.call(command, params), "INVALID_PARAMETERS")
+    err = error_of(d.call(command, params), "INVALID_PARAMETERS")
     assert field in [e["field"] for e in err["details"]["errors"]], err
     # The published schema refuses them too, but for what only the daemon's validators
     # check (a null update, a timestamp's form).
@@ -464,7 +436,9 @@ def test_bad_parameters_are_invalid_parameters_naming_the_field(
     assert d.call("GET_IDENTITY", {"agent_id": "bad"})["error"]["code"] == "IDENTITY_NOT_FOUND"
 
 
-def test_an_update_that_changes_nothing_writes_nothing(d: DaemonProcess, s: Schemas) -> None:
+def test_an_update_that_changes_nothing_writes_nothing(
+    d: DaemonProcess, s: PublishedSchemas
+) -> None:
     ident = s.ok(d, "CREATE_IDENTITY", {"agent_id": "noop-1", "role": "writer"})["identity"]
     same = s.ok(d, "UPDATE_IDENTITY", {"agent_id": "noop-1", "updates": {"role": "writer"}})
     assert same["updated"] is False
@@ -514,7 +488,7 @@ def test_concurrent_updates_and_creates_lose_nothing(d: DaemonProcess) -> None:
 
 
 def test_list_sorts_and_filters(daemon: DaemonProcess) -> None:
-    s = Schemas(daemon)
+    s = PublishedSchemas(daemon)
     empty = s.ok(daemon, "LIST_IDENTITIES")
     assert empty["items"] == empty["identities"] == []
     assert empty["total"] == 0
@@ -571,7 +545,7 @@ def test_list_sorts_and_filters(daemon: DaemonProcess) -> None:
 
 def test_identities_survive_a_restart(make_daemon: Callable[..., DaemonProcess]) -> None:
     d = make_daemon(process=True)
-    s = Schemas(d)
+    s = PublishedSchemas(d)
     s.ok(d, "CREATE_IDENTITY", {"agent_id": "keeper", "role": "teacher"})
     kept = s.ok(
         d,
@@ -583,18 +557,18 @@ def test_identities_survive_a_restart(make_daemon: Callable[..., DaemonProcess])
     d.stop()
 
     again = make_daemon(process=True, base=d.base)
-    s = Schemas(again)
+    s = PublishedSchemas(again)
     assert s.ok(again, "GET_IDENTITY", {"agent_id": "keeper"})["identity"] == kept
     assert s.ok(again, "LIST_IDENTITIES")["items"] == [kept]
-    error(again.call("GET_IDENTITY", {"agent_id": "goner"}), "IDENTITY_NOT_FOUND")
-    error(again.call("CREATE_IDENTITY", {"agent_id": "keeper"}), "IDENTITY_EXISTS")
+    error_of(again.call("GET_IDENTITY", {"agent_id": "goner"}), "IDENTITY_NOT_FOUND")
+    error_of(again.call("CREATE_IDENTITY", {"agent_id": "keeper"}), "IDENTITY_EXISTS")
     # Still writable after the restart.
     s.ok(again, "UPDATE_IDENTITY", {"agent_id": "keeper", "updates": {"role": "writer"}})
     assert s.ok(again, "REMOVE_IDENTITY", {"agent_id": "keeper"})["identity"]["role"] == "writer"
     assert s.ok(again, "LIST_IDENTITIES")["total"] == 0
 
 
-def test_traits_as_ksis_daemon_client_sent_them(d: DaemonProcess, s: Schemas) -> None:
+def test_traits_as_ksis_daemon_client_sent_them(d: DaemonProcess, s: PublishedSchemas) -> None:
     # DaemonClient.create_identity passed an object of traits; their names are kept.
     params = {"agent_id": "traits-obj", "personality_traits": {"curious": 0.9, "shy": 0}}
     ident = s.ok(d, "CREATE_IDENTITY", params)["identity"]
