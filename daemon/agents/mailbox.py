@@ -177,6 +177,12 @@ class Mailboxes:
             return self.answering.setdefault(letter.agent_id, deque())
         return self.offline.setdefault(letter.agent_id, [])
 
+    def _move(self, letter: Letter, kind: Literal["answer", "offline"]) -> None:
+        """Put ``letter`` in its agent's other queue (in memory and in its row)."""
+        letter.kind = kind
+        self._queue_of(letter).append(letter)
+        self.store.write_nowait("UPDATE agent_messages SET kind=? WHERE id=?", (kind, letter.id))
+
     def _set(self, letter: Letter, status: str, **columns: Any) -> None:
         sets = ", ".join(f"{name}=?" for name in ("status", *columns))
         self.store.write_nowait(
@@ -221,11 +227,7 @@ class Mailboxes:
         if agent is None or not agent.respond_to_messages or agent_id not in self.offline:
             return
         for letter in self.offline.pop(agent_id):
-            letter.kind = "answer"
-            self._queue_of(letter).append(letter)
-            self.store.write_nowait(
-                "UPDATE agent_messages SET kind='answer' WHERE id=?", (letter.id,)
-            )
+            self._move(letter, "answer")
         self._wake(agent_id)
 
     def queued_offline(self, agent_id: str, seq: int) -> bool:
@@ -289,11 +291,7 @@ class Mailboxes:
             agent = self.state.agents.get(letter.agent_id)
             if agent is None or not agent.respond_to_messages:
                 # Unregistered, or no longer answering, while the message waited: keep it.
-                letter.kind = "offline"
-                self.offline.setdefault(letter.agent_id, []).append(letter)
-                self.store.write_nowait(
-                    "UPDATE agent_messages SET kind='offline' WHERE id=?", (letter.id,)
-                )
+                self._move(letter, "offline")
                 return "queued"
             params: dict[str, Any] = {
                 "prompt": frame(letter.agent_id, sender, _content(data), conv, letter.event_type),
@@ -303,9 +301,7 @@ class Mailboxes:
                 # the restart returns the same turn instead of paying for a second one.
                 "client_request_id": f"ksi-answer:{letter.agent_id}:{letter.seq}",
             }
-            sessions = await self.state.list_sessions(letter.agent_id, 1)
-            if sessions:
-                params["session_id"] = sessions[0].session_id
+            # No session_id: SPAWN continues the agent's latest session (its agent_id rule).
             ctx = Context(services, caller=f"agent:{letter.agent_id}")
             accepted = await services.registry.call(ctx, "SPAWN", params)
             letter.process_id = accepted["process_id"]
