@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from daemon.commands.registry import Context, NoParams, Params, Registry, Result
+from daemon.commands.registry import Context, NoParams, Params, Registry, Result, comma_list
 from daemon.errors import ErrorCode, NotFound
 from daemon.state.records import AgentInfo, AgentProfile, TurnRecord
 
@@ -30,13 +30,7 @@ class RegisterParams(Params):
         "answer goes back to the sender as a DIRECT_MESSAGE",
     )
 
-    @field_validator("capabilities", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        # KSI clients send either a list or a comma-separated string.
-        if isinstance(value, str):
-            return [c.strip() for c in value.split(",") if c.strip()]
-        return value
+    _caps = field_validator("capabilities", mode="before")(comma_list)
 
 
 class RegisterResult(Result):

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from daemon.commands.registry import Context, Params, Registry, Result
+from daemon.commands.registry import Context, Params, Registry, Result, comma_list
 from daemon.errors import Conflict, ErrorCode, NotFound
 from daemon.protocol import iso_from_epoch
 from daemon.state.db import Store
@@ -75,11 +75,9 @@ class Identity(Result):
 def _split_traits(value: Any) -> Any:
     # As REGISTER_AGENT's capabilities: a list, or a comma-separated string; KSI's
     # DaemonClient sent an object of traits (e.g. {"curious": 0.9}): its names are kept.
-    if isinstance(value, str):
-        return [t.strip() for t in value.split(",") if t.strip()]
     if isinstance(value, dict):
         return [str(name) for name, on in value.items() if on]
-    return value
+    return comma_list(value)
 
 
 def _normalise_time(value: str | None) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, field_validator
 
 from daemon.claude.options import TurnOptions, UsdAmount
-from daemon.commands.registry import Context, NoParams, Params, Registry, Result
+from daemon.commands.registry import Context, NoParams, Params, Registry, Result, comma_list
 from daemon.errors import ErrorCode, InvalidParameters, NotFound, TurnFailed
 from daemon.state.records import AgentInfo, SessionRecord, TurnRecord
 from daemon.turns.outcome import SpawnResult
@@ -112,13 +112,8 @@ class SpawnParams(Params, TurnOptions):
             )
         return v
 
-    @field_validator("allowed_tools", "disallowed_tools", mode="before")
-    @classmethod
-    def _tools(cls, v: Any) -> Any:
-        # KSI clients sometimes send "Bash,Read" instead of a list.
-        if isinstance(v, str):
-            return [t.strip() for t in v.split(",") if t.strip()]
-        return v
+    # KSI clients sometimes send "Bash,Read" instead of a list.
+    _tools = field_validator("allowed_tools", "disallowed_tools", mode="before")(comma_list)
 
 
 class ProcessesResult(Result):

@@ -62,6 +62,14 @@ class NoParams(Params):
     pass
 
 
+def comma_list(value: Any) -> Any:
+    """A list parameter as KSI's clients also sent it, a comma-separated string, as a list
+    (a ``mode="before"`` validator; anything else is left for the field's own type)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
 _NO_PARAMS = NoParams()
 
 

@@ -16,15 +16,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from daemon.commands.registry import Context, Params, Registry, Result
+from daemon.commands.registry import Context, Params, Registry, Result, comma_list
 from daemon.state.records import AgentInfo, AgentProfile
-
-
-def _split(value: Any) -> Any:
-    # As REGISTER_AGENT's capabilities: a list, or a comma-separated string.
-    if isinstance(value, str):
-        return [c.strip() for c in value.split(",") if c.strip()]
-    return value
 
 
 class SpawnAgentParams(Params):
@@ -40,7 +33,7 @@ class SpawnAgentParams(Params):
     capabilities: list[str] = Field(default_factory=list)
     model: str | None = Field(default=None, description="default: the profile's, or sonnet")
 
-    _caps = field_validator("capabilities", mode="before")(_split)
+    _caps = field_validator("capabilities", mode="before")(comma_list)
 
 
 class SpawnedAgent(Result):
@@ -77,7 +70,7 @@ class RouteParams(Params):
         default=None, description="who asks (the answer goes there); default: the caller"
     )
 
-    _caps = field_validator("required_capabilities", mode="before")(_split)
+    _caps = field_validator("required_capabilities", mode="before")(comma_list)
 
 
 class AssignedAgent(Result):
