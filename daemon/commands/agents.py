@@ -138,12 +138,12 @@ def register(r: Registry) -> None:
             parent = owner.get(t.request.parent_process_id or "")
             if parent is not None:
                 children[parent] = children.get(parent, 0) + 1
+        latest = await services.state.latest_sessions()
         agents: dict[str, AgentInfo] = {}
         for info in services.state.agent_list():
-            sessions = await services.state.list_sessions(info.agent_id, 1)
             agents[info.agent_id] = info.model_copy(
                 update={
-                    "session_id": sessions[0].session_id if sessions else None,
+                    "session_id": latest.get(info.agent_id),
                     "queued_messages": services.agents.queued(info.agent_id),
                     "connected": info.agent_id in connected,
                     "live_children": children.get(info.agent_id, 0),

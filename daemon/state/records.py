@@ -428,6 +428,16 @@ class StateManager:
         self.session_count = max(0, self.session_count - len(gone))
         return len(gone), len(ids) - len(gone)
 
+    async def latest_sessions(self) -> dict[str, str]:
+        """Each agent's most recently used session (as ``list_sessions(agent, 1)`` picks
+        it), in one query."""
+        rows = await self.store.query(
+            "SELECT agent_id, session_id FROM (SELECT agent_id, session_id, ROW_NUMBER() OVER "
+            "(PARTITION BY agent_id ORDER BY last_used_at DESC, rowid DESC) AS n FROM sessions "
+            "WHERE agent_id IS NOT NULL) WHERE n = 1"
+        )
+        return {row["agent_id"]: row["session_id"] for row in rows}
+
     def _cache_session(self, info: SessionRecord) -> SessionRecord:
         self._sessions[info.session_id] = info
         self._sessions.move_to_end(info.session_id)
