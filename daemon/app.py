@@ -213,10 +213,9 @@ class Daemon:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
             if self.takeover is not None:
+                os.close(fd)
                 raise  # the old daemon still runs: wait_for_lock tries again
-            fd = _open_private(pid_path)
             other = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             healthy = probe_health(self.settings.socket_path)

@@ -3,6 +3,7 @@ observer plugin without a restart (RELOAD_MODULE, and RELOAD as KSI's clients sp
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Literal
@@ -93,11 +94,11 @@ def _clean_logs(log_dir: Path, busy: set[str], cutoff: float) -> tuple[int, int]
     return removed, kept
 
 
-def _clean_sockets(socket: Path, keep: set[Path]) -> int:
+def _clean_sockets(sock_path: Path, keep: set[Path]) -> int:
     """Files beside the socket that nothing owns: sockets no daemon listens on, and leftovers
     (``*.new``, ``*.tmp``). The live socket and the pid file stay."""
     removed = 0
-    for path in socket.parent.iterdir():
+    for path in sock_path.parent.iterdir():
         if path in keep or path.is_dir():
             continue
         if path.suffix in (".new", ".tmp", ".old") or (path.is_socket() and not _listening(path)):
@@ -107,8 +108,6 @@ def _clean_sockets(socket: Path, keep: set[Path]) -> int:
 
 
 def _listening(path: Path) -> bool:
-    import socket
-
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(0.2)
     try:
