@@ -15,7 +15,7 @@ turns exceptions into error replies; anything that is not a ``DaemonError`` beco
     ├── NotFound             SESSION_NOT_FOUND, PROCESS_NOT_FOUND, AGENT_NOT_FOUND,
     │                        IDENTITY_NOT_FOUND, COMPOSITION_NOT_FOUND, DIRECTORY_NOT_FOUND
     ├── Conflict             PROCESS_FINISHED (cancel of a finished process), IDENTITY_EXISTS,
-    │                        COMPOSITION_EXISTS, COMPOSITION_READ_ONLY
+    │                        COMPOSITION_EXISTS, COMPOSITION_READ_ONLY, SESSION_EXISTS
     ├── CompositionInvalid   COMPOSITION_INVALID (a recipe or component that cannot be used)
     ├── Unavailable          SHUTTING_DOWN, NOT_READY
     ├── PermissionDenied     PERMISSION_DENIED
@@ -53,6 +53,7 @@ class ErrorCode(StrEnum):
     CONFLICT = "CONFLICT"
     PROCESS_FINISHED = "PROCESS_FINISHED"
     IDENTITY_EXISTS = "IDENTITY_EXISTS"
+    SESSION_EXISTS = "SESSION_EXISTS"
     # Prompt compositions (daemon/compositions.py, daemon/commands/compositions.py).
     COMPOSITION_NOT_FOUND = "COMPOSITION_NOT_FOUND"
     DIRECTORY_NOT_FOUND = "DIRECTORY_NOT_FOUND"

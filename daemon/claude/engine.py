@@ -47,6 +47,7 @@ from daemon.claude.backends import ColdBackend, StreamState, TurnBackend, TurnRe
 from daemon.claude.child import killpg_quiet
 from daemon.claude.errors import ClaudeCLIError, ErrorCode, TurnRejected
 from daemon.claude.locate import claude_version, locate_claude
+from daemon.claude.mcp_servers import McpConfigFiles
 from daemon.claude.options import ClaudeOptions, StartInfo
 from daemon.claude.results import TurnResult
 from daemon.claude.sessions import RememberedCwds, SessionDirectory, SessionHolds
@@ -82,6 +83,9 @@ class EngineConfig:
     warm_close_grace_s: float = defaults.WARM_CLOSE_GRACE_S
     permissions: Literal["cli", "relay"] = "cli"
     """What turns that do not say use: pool processes are started with these flags."""
+    mcp_dir: Path | None = None
+    """Where the ``--mcp-config`` files of turns with ``mcp_servers`` go (default: a new
+    private temporary directory; :mod:`daemon.claude.mcp_servers`)."""
 
 
 class ClaudeEngine:
@@ -96,6 +100,7 @@ class ClaudeEngine:
         self._warm = WarmBackend(config, self._pool_spec)
         self._holds = SessionHolds()
         self._transcripts = Transcripts(self.cli_env())
+        self._mcp_files = McpConfigFiles(config.mcp_dir)
         self._running: dict[int, str] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -107,7 +112,7 @@ class ClaudeEngine:
         self, prompt: str, *, model: str | None = None, opts: ClaudeOptions | None = None
     ) -> TurnResult:
         """Run one turn to its result; raise ClaudeCLIError on failure."""
-        opts = opts or ClaudeOptions()
+        opts = self._resolved(opts or ClaudeOptions())
         session_id, resume = self._session_for(opts, model)
         backend = self._backend_for(opts)
         async with self.hold_session(session_id):
@@ -128,6 +133,7 @@ class ClaudeEngine:
         Raises :class:`TurnRejected` (nothing ran): a resume asking for another directory than
         the session's, or a cwd that is not a directory (any more).
         """
+        opts = self._resolved(opts)
         session_id, resume = self._session_for(opts, model)
         cwd = await self._cwd_for(opts, session_id, resume)
         ids = (session_id, None) if resume else (None, session_id)
@@ -145,7 +151,7 @@ class ClaudeEngine:
         self, prompt: str, *, model: str | None = None, opts: ClaudeOptions | None = None
     ) -> TurnStream:
         """Start a stream-json turn; iterate the result, and always ``aclose()`` it."""
-        opts = opts or ClaudeOptions()
+        opts = self._resolved(opts or ClaudeOptions())
         session_id, resume = self._session_for(opts, model)
         state = StreamState()
         gen = self._stream(prompt, model, opts, session_id, resume, state)
@@ -211,6 +217,7 @@ class ClaudeEngine:
         """
         if opts.session_id is not None or self._backend_for(opts) is not self._warm:
             return None
+        opts = self._resolved(opts)
         spec = self._spec(model, opts, opts.cwd or str(self.config.default_cwd))
         return None if spec is None else self._warm.take_pooled(spec)
 
@@ -310,6 +317,14 @@ class ClaudeEngine:
                 async with aclosing(backend.stream(req, state)) as items:
                     async for item in items:
                         yield item
+
+    def _resolved(self, opts: ClaudeOptions) -> ClaudeOptions:
+        """``opts`` with its ``mcp_servers`` in its ``--mcp-config`` file: before anything
+        compares flags (a pool process has none of them)."""
+        if not opts.mcp_servers:
+            return opts
+        path = self._mcp_files.config_for(opts.mcp_servers, opts.mcp_config)
+        return opts.model_copy(update={"mcp_config": path})
 
     def _session_for(self, opts: ClaudeOptions, model: str | None) -> tuple[str, bool]:
         if opts.session_id is not None:

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from daemon.claude.mcp_servers import McpServers, mcp_servers_validator
 from daemon.claude.permissions import OnPermission
 
 PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan"]
@@ -112,6 +113,17 @@ class TurnOptions(BaseModel):
         "checked after each model call; the turn then fails with BUDGET_EXCEEDED). A turn "
         "with a budget runs cold: the CLI counts a budget per process, not per turn",
     )
+
+    mcp_servers: McpServers | None = Field(
+        default=None,
+        description="MCP servers for the turn, by name, in the CLI's mcpServers shape: "
+        '{"command", "args", "env"} (a local server the CLI starts) or {"type": "http" | '
+        '"sse", "url", "headers"}; written to a private --mcp-config file (never argv). The '
+        "tools are offered as mcp__<name>__<tool>; a session keeps its servers' CLI warm "
+        "while they stay the same",
+    )
+
+    _mcp_names = mcp_servers_validator
 
     @field_validator("cwd")
     @classmethod

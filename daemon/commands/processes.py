@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from pydantic import ConfigDict, Field, field_validator
 
 from daemon.claude.options import TurnOptions, UsdAmount
 from daemon.commands.registry import Context, NoParams, Params, Registry, Result, comma_list
-from daemon.errors import ErrorCode, InvalidParameters, NotFound, TurnFailed
+from daemon.errors import Conflict, ErrorCode, InvalidParameters, NotFound, TurnFailed
 from daemon.state.records import AgentInfo, SessionRecord, TurnRecord
 from daemon.turns.outcome import SpawnResult
 from daemon.turns.turn import SpawnRequest
@@ -33,6 +36,12 @@ class SpawnParams(Params, TurnOptions):
     )
     new_session: bool = Field(
         default=False, description="with agent_id: start a new session instead of continuing"
+    )
+    new_session_id: str | None = Field(
+        default=None,
+        description="start a new session with this id (a UUID the client chose, e.g. to "
+        "name the session before its first turn: the ACP face); an id the daemon already "
+        "knows is refused with SESSION_EXISTS",
     )
     model: str | None = Field(
         default=None,
@@ -86,7 +95,7 @@ class SpawnParams(Params, TurnOptions):
             raise ValueError("must not be blank")
         return v
 
-    @field_validator("session_id")
+    @field_validator("session_id", "new_session_id")
     @classmethod
     def _uuid(cls, v: str | None) -> str | None:
         if v is not None:
@@ -187,6 +196,62 @@ class SessionResult(Result):
     processes: list[TurnRecord]
 
 
+class HistoryParams(Params):
+    session_id: str = Field(min_length=1)
+    limit: int = Field(
+        default=1000, ge=1, le=100_000, description="at most this many entries, the newest"
+    )
+
+
+class HistoryEntry(Result):
+    role: Literal["user", "assistant", "error"]
+    text: str
+    timestamp: str | None = None
+    process_id: str | None = None
+    agent_id: str | None = Field(default=None, description="user entries: who asked")
+
+
+class HistoryResult(Result):
+    session_id: str
+    entries: list[HistoryEntry] = Field(description="oldest first")
+    total: int = Field(description="entries in the session's log (before the limit)")
+
+
+def _history_entry(line: dict[str, Any]) -> HistoryEntry | None:
+    kind = line.get("type")
+    stamp = {"timestamp": line.get("timestamp"), "process_id": line.get("process_id")}
+    if kind == "human":
+        return HistoryEntry(
+            role="user", text=str(line.get("content", "")), agent_id=line.get("agent_id"), **stamp
+        )
+    if kind == "claude":
+        return HistoryEntry(role="assistant", text=str(line.get("result") or ""), **stamp)
+    if kind == "error":
+        error = line.get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+        return HistoryEntry(role="error", text=str(message or ""), **stamp)
+    return None
+
+
+def read_history(path: Path) -> list[HistoryEntry]:
+    """A session's turns from its JSONL log (``daemon/state/turnlog.py``); a line that is
+    not whole JSON (a log someone edited) is skipped, not fatal."""
+    entries = []
+    try:
+        with path.open("rb") as f:
+            for raw in f:
+                try:
+                    line = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    continue
+                entry = _history_entry(line) if isinstance(line, dict) else None
+                if entry is not None:
+                    entries.append(entry)
+    except FileNotFoundError:
+        pass  # removed by CLEANUP: the session has no history to show
+    return entries
+
+
 def with_profile(p: SpawnParams, agent: AgentInfo | None) -> SpawnParams:
     """``p`` with the agent's profile filling what the SPAWN did not set itself (validated
     together, as if the client had sent them)."""
@@ -194,6 +259,23 @@ def with_profile(p: SpawnParams, agent: AgentInfo | None) -> SpawnParams:
         return p
     defaults = agent.profile.model_dump(exclude_none=True)
     return SpawnParams.model_validate({**defaults, **p.model_dump(exclude_unset=True)})
+
+
+async def _check_new_id(ctx: Context, p: SpawnParams) -> None:
+    if p.session_id is not None or p.new_session:
+        raise InvalidParameters(
+            "new_session_id starts a session: it goes with neither session_id nor new_session",
+            details={"parameter": "new_session_id"},
+        )
+    assert p.new_session_id is not None
+    if await ctx.services.state.session(p.new_session_id) is not None or any(
+        x.session_id == p.new_session_id for x in ctx.services.state.processes.values()
+    ):
+        raise Conflict(
+            f"session {p.new_session_id} exists already: resume it with session_id",
+            code=ErrorCode.SESSION_EXISTS,
+            details={"parameter": "new_session_id", "session_id": p.new_session_id},
+        )
 
 
 def register(r: Registry) -> None:
@@ -240,7 +322,9 @@ def register(r: Registry) -> None:
                 "new_session and session_id contradict each other",
                 details={"parameter": "new_session"},
             )
-        if session_id is None and agent_id and not p.new_session and origin is None:
+        if p.new_session_id is not None:
+            await _check_new_id(ctx, p)
+        elif session_id is None and agent_id and not p.new_session and origin is None:
             # KSI's rule: an agent's turns form one conversation unless asked otherwise. Not
             # for a turn's sub-task: the agent's session may be the very one waiting for it.
             last = await services.state.list_sessions(agent_id, 1)
@@ -249,6 +333,7 @@ def register(r: Registry) -> None:
             prompt=p.prompt,
             mode=p.mode,
             session_id=session_id,
+            new_session_id=p.new_session_id,
             model=p.model or services.settings.default_model,
             agent_id=agent_id,
             client_request_id=p.client_request_id,
@@ -322,6 +407,23 @@ def register(r: Registry) -> None:
             for s in await ctx.services.state.list_sessions(p.agent_id, p.limit)
         ]
         return SessionsResult(sessions=sessions, total=len(sessions))
+
+    @r.command("GET_SESSION_HISTORY", params=HistoryParams, result=HistoryResult)
+    async def get_session_history(ctx: Context, p: HistoryParams) -> HistoryResult:
+        """A session's conversation from its log in claude_logs/: each turn's prompt
+        (``user``) and answer (``assistant``, or ``error`` for a failed turn), oldest first.
+        The ACP face replays it on ``session/load``."""
+        info = await ctx.services.state.session(p.session_id)
+        if info is None:
+            raise NotFound(
+                f"no session {p.session_id!r} is known to the daemon",
+                code=ErrorCode.SESSION_NOT_FOUND,
+            )
+        path = ctx.services.turns.turnlog.path_for(info.session_id)
+        entries = await asyncio.to_thread(read_history, path)
+        return HistoryResult(
+            session_id=info.session_id, entries=entries[-p.limit :], total=len(entries)
+        )
 
     @r.command("GET_SESSION", params=SessionIdParams, result=SessionResult)
     async def get_session(ctx: Context, p: SessionIdParams) -> SessionResult:

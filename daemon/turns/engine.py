@@ -45,6 +45,7 @@ def build_engine(settings: Settings, state: StateManager) -> ClaudeEngine:
         permissions=settings.permissions,
         warm_idle_s=settings.warm_idle_s,
         warm_pool_size=settings.pool_size,
+        mcp_dir=settings.state_path / "mcp-servers",
         **warm_max,
     )
     return ClaudeEngine(config, RecordedCwds(state))

@@ -208,12 +208,15 @@ class TurnScheduler:
         client's error before anything is queued, and a warm first turn may take a
         pre-warmed CLI, whose own id then is the session's from the first event on."""
         opts = ClaudeOptions.of(
-            req.options, session_id=req.session_id, **self._permission_defaults(req)
+            req.options,
+            session_id=req.session_id,
+            new_session_id=req.new_session_id,
+            **self._permission_defaults(req),
         )
         if req.ksi_tools:
             # Its own session id now (never a pooled CLI's: that one runs without the
             # face's flags), so that the session's config file is part of its plan.
-            if req.session_id is None:
+            if opts.session_id is None and opts.new_session_id is None:
                 opts = opts.model_copy(update={"new_session_id": str(uuid.uuid4())})
             opts = await self._with_ksi_tools(opts)
         try:

@@ -24,6 +24,7 @@ class SpawnRequest(BaseModel):
     prompt: str
     mode: Literal["sync", "async"]
     session_id: str | None = None
+    new_session_id: str | None = None  # a new session's id, chosen by the client
     model: str
     agent_id: str | None = None
     client_request_id: str | None = None
