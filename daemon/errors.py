@@ -15,7 +15,8 @@ turns exceptions into error replies; anything that is not a ``DaemonError`` beco
     ├── NotFound             SESSION_NOT_FOUND, PROCESS_NOT_FOUND, AGENT_NOT_FOUND,
     │                        IDENTITY_NOT_FOUND, COMPOSITION_NOT_FOUND, DIRECTORY_NOT_FOUND
     ├── Conflict             PROCESS_FINISHED (cancel of a finished process), IDENTITY_EXISTS,
-    │                        COMPOSITION_EXISTS, COMPOSITION_READ_ONLY, SESSION_EXISTS
+    │                        COMPOSITION_EXISTS, COMPOSITION_READ_ONLY, SESSION_EXISTS,
+    │                        AGENT_NOT_CONNECTED (SUBSCRIBE as an agent this connection is not)
     ├── CompositionInvalid   COMPOSITION_INVALID (a recipe or component that cannot be used)
     ├── Unavailable          SHUTTING_DOWN, NOT_READY
     ├── PermissionDenied     PERMISSION_DENIED
@@ -49,6 +50,9 @@ class ErrorCode(StrEnum):
     SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
     PROCESS_NOT_FOUND = "PROCESS_NOT_FOUND"
     AGENT_NOT_FOUND = "AGENT_NOT_FOUND"
+    # SUBSCRIBE as an agent that is not this connection's: another agent's connection, or
+    # an agent neither registered nor connected anywhere (KSI's code for it).
+    AGENT_NOT_CONNECTED = "AGENT_NOT_CONNECTED"
     IDENTITY_NOT_FOUND = "IDENTITY_NOT_FOUND"
     CONFLICT = "CONFLICT"
     PROCESS_FINISHED = "PROCESS_FINISHED"

@@ -44,7 +44,8 @@ async def test_an_answering_agent_answers_its_sender_in_its_own_session(
     d = make_daemon()
     profile = {"model": "haiku", "append_system_prompt": "You are Bob.", "cwd": str(d.work)}
     registered = d.result(
-        "REGISTER_AGENT", {"agent_id": "bob", "respond_to_messages": True, "profile": profile}
+        "REGISTER_AGENT",
+        {"agent_id": "bob", "role": "assistant", "respond_to_messages": True, "profile": profile},
     )
     assert registered["agent"]["profile"]["append_system_prompt"] == "You are Bob."
     async with AsyncClient.connect(d.socket, agent_id="alice") as alice:
@@ -82,7 +83,9 @@ async def test_a_burst_of_messages_is_answered_in_order(
     make_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = make_daemon()
-    d.result("REGISTER_AGENT", {"agent_id": "bob", "respond_to_messages": True})
+    d.result(
+        "REGISTER_AGENT", {"agent_id": "bob", "role": "assistant", "respond_to_messages": True}
+    )
     async with AsyncClient.connect(d.socket, agent_id="alice") as alice:
         await alice.subscribe(["DIRECT_MESSAGE"], agent_id="alice")
         seqs = [(await alice.call("PUBLISH", message("bob", f"m{i}")))["seq"] for i in range(5)]
@@ -146,7 +149,9 @@ async def test_a_conversation_between_two_answering_agents_stops(
 ) -> None:
     d = make_daemon()
     for agent in ("alice", "bob"):
-        d.result("REGISTER_AGENT", {"agent_id": agent, "respond_to_messages": True})
+        d.result(
+            "REGISTER_AGENT", {"agent_id": agent, "role": "assistant", "respond_to_messages": True}
+        )
     async with AsyncClient.connect(d.socket) as watcher:
         await watcher.subscribe(["CONVERSATION_ENDED", "DIRECT_MESSAGE"])
         limits = {k: v for k, v in payload.items() if k != "content"}
@@ -171,9 +176,12 @@ async def test_a_conversation_between_two_answering_agents_stops(
         ("PUBLISH", message("bob", "x", max_turns="many")),
         ("PUBLISH", message("bob", "x", max_turns=0)),
         ("PUBLISH", message("bob", "x", max_cost_usd=-1)),
-        ("REGISTER_AGENT", {"agent_id": "bob", "respond_to_messages": "yes"}),
-        ("REGISTER_AGENT", {"agent_id": "bob", "profile": {"colour": "blue"}}),
-        ("REGISTER_AGENT", {"agent_id": "bob", "profile": {"cwd": "relative/dir"}}),
+        ("REGISTER_AGENT", {"agent_id": "bob", "role": "assistant", "respond_to_messages": "yes"}),
+        ("REGISTER_AGENT", {"agent_id": "bob", "role": "assistant", "profile": {"colour": "blue"}}),
+        (
+            "REGISTER_AGENT",
+            {"agent_id": "bob", "role": "assistant", "profile": {"cwd": "relative/dir"}},
+        ),
         ("PUBLISH", {"event_type": "CONVERSATION_ENDED", "payload": {}}),
     ],
 )
@@ -188,7 +196,7 @@ def test_bad_agent_input_is_a_typed_error(
 def test_a_profile_sets_the_defaults_of_the_agents_spawns(spawn_daemon: DaemonProcess) -> None:
     d = spawn_daemon
     profile = {"model": "opus", "append_system_prompt": "Be brief.", "max_turns": 3}
-    d.result("REGISTER_AGENT", {"agent_id": "writer", "profile": profile})
+    d.result("REGISTER_AGENT", {"agent_id": "writer", "role": "writer", "profile": profile})
     own = d.result("SPAWN", {"prompt": "a", "agent_id": "writer", "model": "haiku"})
     assert own["model"] != "opus"  # the SPAWN's own field wins
     default = d.result("SPAWN", {"prompt": "b", "agent_id": "writer"})
@@ -202,7 +210,9 @@ def test_an_answer_whose_turn_was_cut_by_a_crash_is_not_run_again(
     make_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = make_daemon(process=True)
-    d.result("REGISTER_AGENT", {"agent_id": "bob", "respond_to_messages": True})
+    d.result(
+        "REGISTER_AGENT", {"agent_id": "bob", "role": "assistant", "respond_to_messages": True}
+    )
     d.result("PUBLISH", message("bob", "[[sleep:30]] slow question"))
     wait_for(lambda: [r for r in fake_runs(d) if "turn_prompt" in r], timeout=20)
     d.stop(signal.SIGKILL)
@@ -229,7 +239,9 @@ async def test_kept_messages_are_answered_once_their_agent_answers(
         await alice.subscribe(["DIRECT_MESSAGE"], agent_id="alice")
         sent = await alice.call("PUBLISH", message("erin", "are you there?"))
         assert (await alice.call("HEALTH_CHECK"))["agents"]["offline"] == 1
-        await alice.call("REGISTER_AGENT", {"agent_id": "erin", "respond_to_messages": True})
+        await alice.call(
+            "REGISTER_AGENT", {"agent_id": "erin", "role": "assistant", "respond_to_messages": True}
+        )
         answer = await _until(alice, "DIRECT_MESSAGE")
     assert answer["from_agent"] == "erin"
     assert answer["data"]["in_reply_to"] == sent["seq"]
@@ -239,7 +251,9 @@ async def test_an_answer_to_a_program_without_an_agent_id_is_an_agent_reply(
     make_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = make_daemon()
-    d.result("REGISTER_AGENT", {"agent_id": "bob", "respond_to_messages": True})
+    d.result(
+        "REGISTER_AGENT", {"agent_id": "bob", "role": "assistant", "respond_to_messages": True}
+    )
     async with AsyncClient.connect(d.socket) as program:
         await program.subscribe(["AGENT_REPLY"])
         sent = await program.call("PUBLISH", message("bob", "anonymous question", sender=None))

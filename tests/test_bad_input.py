@@ -149,7 +149,14 @@ def test_unknown_command_with_suggestion(d: DaemonProcess) -> None:
         ("GET_EVENTS", {"limit": "many"}, "limit", "int_parsing"),
         ("GET_EVENTS", {"since_seq": -5}, "since_seq", "greater_than_equal"),
         ("GET_EVENTS", {"event_types": "X"}, "event_types", "list_type"),
-        ("REGISTER_AGENT", {"agent_id": "a", "metadata": []}, "metadata", "dict_type"),
+        (
+            "REGISTER_AGENT",
+            {"agent_id": "a", "role": "tester", "metadata": []},
+            "metadata",
+            "dict_type",
+        ),
+        ("REGISTER_AGENT", {"agent_id": "a"}, "role", "missing"),  # KSI required it too
+        ("REGISTER_AGENT", {"agent_id": "a", "role": ""}, "role", "string_too_short"),
         ("PUBLISH", {"event_type": "OK", "payload": "text"}, "payload", "dict_type"),
         ("SUBSCRIBE", {"event_types": ["A"], "agent_id": ""}, "agent_id", "string_too_short"),
         ("HEALTH_CHECK", {"verbose": True}, "verbose", "extra_forbidden"),

@@ -162,7 +162,7 @@ def test_refused_credentials_degrade_health_until_a_turn_succeeds(make_daemon: A
 def test_health_counts_follow_state(d: DaemonProcess, schemas: Schemas) -> None:
     before = ok(d, schemas, "HEALTH_CHECK")["counts"]
     ok(d, schemas, "SET_SHARED", {"key": "counts:k", "value": 1})
-    ok(d, schemas, "REGISTER_AGENT", {"agent_id": "counts-agent"})
+    ok(d, schemas, "REGISTER_AGENT", {"agent_id": "counts-agent", "role": "tester"})
     after = ok(d, schemas, "HEALTH_CHECK")["counts"]
     assert after["shared_keys"] == before["shared_keys"] + 1
     assert after["agents"] == before["agents"] + 1
@@ -400,13 +400,13 @@ def test_capabilities_as_comma_string(d: DaemonProcess, schemas: Schemas) -> Non
         d,
         schemas,
         "REGISTER_AGENT",
-        {"agent_id": "ag-csv", "capabilities": "code, review,,  test "},
+        {"agent_id": "ag-csv", "role": "reviewer", "capabilities": "code, review,,  test "},
     )
     assert res["agent"]["capabilities"] == ["code", "review", "test"]
 
 
 def test_unregister_unknown_agent(d: DaemonProcess, schemas: Schemas) -> None:
-    ok(d, schemas, "REGISTER_AGENT", {"agent_id": "ag-known"})
+    ok(d, schemas, "REGISTER_AGENT", {"agent_id": "ag-known", "role": "tester"})
     err = error(d.call("UNREGISTER_AGENT", {"agent_id": "ag-nobody"}), "AGENT_NOT_FOUND")
     assert "ag-nobody" in err["message"]
     assert "ag-known" in err["details"]["known_agents"]
@@ -427,7 +427,8 @@ def test_agent_parameter_validation(d: DaemonProcess) -> None:
     err = error(d.call("REGISTER_AGENT", {"role": "x"}), "INVALID_PARAMETERS")
     assert err["details"]["errors"][0]["field"] == "agent_id"
     err = error(
-        d.call("REGISTER_AGENT", {"agent_id": "x", "capabilities": 5}), "INVALID_PARAMETERS"
+        d.call("REGISTER_AGENT", {"agent_id": "x", "role": "tester", "capabilities": 5}),
+        "INVALID_PARAMETERS",
     )
     assert "capabilities" in err["message"]
 
@@ -561,7 +562,7 @@ async def test_star_subscription_sees_daemon_events(d: DaemonProcess, schemas: S
     async with await Wire.open(d.socket) as sub:
         await aok(sub, schemas, "SUBSCRIBE", {"event_types": ["*"]})
         ok(d, schemas, "SET_SHARED", {"key": "star:k", "value": 1})
-        ok(d, schemas, "REGISTER_AGENT", {"agent_id": "star-agent"})
+        ok(d, schemas, "REGISTER_AGENT", {"agent_id": "star-agent", "role": "tester"})
         ok(d, schemas, "PUBLISH", {"event_type": "STAR_CUSTOM"})
         got = [await sub.recv() for _ in range(3)]
         assert [e["event"] for e in got] == [
@@ -574,6 +575,8 @@ async def test_star_subscription_sees_daemon_events(d: DaemonProcess, schemas: S
 
 
 async def test_directed_publish_reaches_only_that_agent(d: DaemonProcess, schemas: Schemas) -> None:
+    # A connection of no agent may SUBSCRIBE as a registered one: it becomes that agent's.
+    ok(d, schemas, "REGISTER_AGENT", {"agent_id": "dir-alice", "role": "tester"})
     async with (
         await Wire.open(d.socket) as alice,
         await persistent(d.socket, "dir-bob") as bob,
@@ -614,6 +617,41 @@ async def test_directed_publish_reaches_only_that_agent(d: DaemonProcess, schema
         hist = ok(d, schemas, "GET_EVENTS", {"since_seq": res["seq"] - 1, "limit": 1})
         assert hist["events"][0]["to_agent"] == "dir-alice"
         assert hist["events"][0]["from_agent"] == "dir-bob"
+
+
+async def test_subscribe_names_only_this_connections_agent(
+    d: DaemonProcess, schemas: Schemas
+) -> None:
+    """daemon/client.py's AsyncClient: CONNECT with agent_id, then SUBSCRIBE with it."""
+    async with (
+        await persistent(d.socket, "own-a") as a,
+        await Wire.open(d.socket) as anon,
+        await Wire.open(d.socket) as late,
+    ):
+        res = await aok(a, schemas, "SUBSCRIBE", {"event_types": ["X"], "agent_id": "own-a"})
+        assert res["agent_id"] == "own-a"
+        other = error(
+            await a.call("SUBSCRIBE", {"event_types": ["X"], "agent_id": "own-b"}),
+            "AGENT_NOT_CONNECTED",
+        )
+        assert (other["details"]["agent_id"], other["details"]["connection_agent_id"]) == (
+            "own-b",
+            "own-a",
+        )
+        # The refusal changed nothing: the connection is still own-a's, with its pattern.
+        again = await aok(a, schemas, "SUBSCRIBE", {"event_types": ["Y"], "agent_id": "own-a"})
+        assert again["subscribed_to"] == ["X", "Y"]
+        ghost = error(
+            d.call("SUBSCRIBE", {"event_types": ["X"], "agent_id": "own-ghost"}),
+            "AGENT_NOT_CONNECTED",
+        )
+        assert "own-a" in ghost["details"]["connected_agents"]
+        assert "CONNECT" in ghost["message"]
+        # Without an agent_id it subscribes as no agent, as before.
+        assert (await aok(anon, schemas, "SUBSCRIBE", {"event_types": ["X"]}))["agent_id"] is None
+        # own-a is connected on a, so another connection may subscribe as it.
+        res = await aok(late, schemas, "SUBSCRIBE", {"event_types": ["X"], "agent_id": "own-a"})
+        assert res["agent_id"] == "own-a"
 
 
 async def test_publish_from_agent_defaults_to_the_connection(

@@ -539,7 +539,7 @@ async def test_subscribe_since_seq_replays_then_goes_live(d: DaemonProcess) -> N
         await pub.result("PUBLISH", {"event_type": "REPLAY", "to_agent": "someone-else"})
         mine = await pub.result("PUBLISH", {"event_type": "REPLAY", "to_agent": "me"})
         await pub.result("PUBLISH", {"event_type": "OTHER"})
-        async with await Wire.open(d.socket) as sub:
+        async with await persistent(d.socket, agent_id="me") as sub:
             res = await sub.result(
                 "SUBSCRIBE", {"event_types": ["REPLAY"], "agent_id": "me", "since_seq": seqs[1]}
             )

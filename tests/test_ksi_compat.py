@@ -21,15 +21,20 @@ def command(name: str, parameters: dict[str, Any] | None = None) -> bytes:
     return (json.dumps(line) + "\n").encode()
 
 
-async def once(d: DaemonProcess, name: str, parameters: dict[str, Any] | None = None) -> Any:
+async def reply_of(d: DaemonProcess, name: str, parameters: dict[str, Any] | None = None) -> Any:
     """KSI's one-shot call: connect, send, read one line (default reader limit), close."""
     reader, writer = await asyncio.open_unix_connection(str(d.socket))
     try:
         writer.write(command(name, parameters))
         await writer.drain()
-        reply = json.loads(await asyncio.wait_for(reader.readline(), 30))
+        return json.loads(await asyncio.wait_for(reader.readline(), 30))
     finally:
         writer.close()
+
+
+async def once(d: DaemonProcess, name: str, parameters: dict[str, Any] | None = None) -> Any:
+    """A one-shot call that must succeed: its result."""
+    reply = await reply_of(d, name, parameters)
     assert reply["status"] == "success", reply
     return reply["result"]
 
@@ -200,3 +205,36 @@ def test_a_directed_event_without_a_recipient_is_refused(d: DaemonProcess, event
     reply = d.call("PUBLISH", {"event_type": event_type, "payload": {"content": "to whom?"}})
     assert reply["error"]["code"] == "INVALID_PARAMETERS"
     assert "recipient" in reply["error"]["message"]
+
+
+async def test_register_agent_without_a_role_is_refused(d: DaemonProcess) -> None:
+    # KSI's tests/test_migrated_commands.py test_error_cases: "Missing required 'role'".
+    reply = await reply_of(d, "REGISTER_AGENT", {"agent_id": "error_test"})
+    assert reply["status"] == "error"
+    assert reply["error"]["code"] == "INVALID_PARAMETERS"
+    assert [e["field"] for e in reply["error"]["details"]["errors"]] == ["role"]
+    assert "error_test" not in (await once(d, "GET_AGENTS"))["agents"]
+
+
+async def test_subscribe_as_an_agent_that_is_not_connected_is_refused(d: DaemonProcess) -> None:
+    # KSI's test_error_cases: a one-shot connection subscribing for an agent nobody connected.
+    reply = await reply_of(
+        d, "SUBSCRIBE", {"agent_id": "non_existent_agent", "event_types": ["BROADCAST"]}
+    )
+    assert reply["status"] == "error"
+    assert reply["error"]["code"] == "AGENT_NOT_CONNECTED"
+    assert "CONNECT" in reply["error"]["message"]
+    async with agent(d, "alice", ["BROADCAST"]) as alice:
+        # alice's connection is hers: it cannot subscribe as bob.
+        await alice.send("SUBSCRIBE", {"agent_id": "bob", "event_types": ["BROADCAST"]})
+        refused = json.loads(await asyncio.wait_for(alice.reader.readline(), 30))
+        assert refused["error"]["code"] == "AGENT_NOT_CONNECTED"
+        assert refused["error"]["details"]["connection_agent_id"] == "alice"
+        # While alice is connected, a connection of no agent may subscribe as her (KSI's
+        # DaemonClient.subscribe_events does, on a one-shot connection).
+        subscribed = await once(d, "SUBSCRIBE", {"agent_id": "alice", "event_types": ["X"]})
+        assert (subscribed["status"], subscribed["agent_id"]) == ("active", "alice")
+    # So may it as a registered agent.
+    await once(d, "REGISTER_AGENT", {"agent_id": "carol", "role": "reviewer"})
+    subscribed = await once(d, "SUBSCRIBE", {"agent_id": "carol", "event_types": ["X"]})
+    assert subscribed["agent_id"] == "carol"

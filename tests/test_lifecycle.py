@@ -55,7 +55,7 @@ def test_state_survives_a_restart(base: Path) -> None:
             "REGISTER_AGENT",
             {"agent_id": "keeper", "role": "r", "capabilities": "a,b", "metadata": {"m": 1}},
         )["agent"]
-        d.result("REGISTER_AGENT", {"agent_id": "leaver"})
+        d.result("REGISTER_AGENT", {"agent_id": "leaver", "role": "tester"})
         d.result("UNREGISTER_AGENT", {"agent_id": "leaver"})
         custom = [publish(d, "KEEP_ME", {"i": i}) for i in range(5)]
         # Fire-and-forget history writes right before the signal are flushed on the way out.
@@ -122,7 +122,7 @@ def test_acknowledged_writes_survive_sigkill(base: Path) -> None:
     d = DaemonProcess(base).start()
     try:
         d.result("SET_SHARED", {"key": "durable", "value": [1, 2, 3]})
-        d.result("REGISTER_AGENT", {"agent_id": "durable-agent"})
+        d.result("REGISTER_AGENT", {"agent_id": "durable-agent", "role": "tester"})
         old_pid = d.pid
         assert d.stop(signal.SIGKILL) == -signal.SIGKILL
         # A crash leaves the socket and pid file behind ...

@@ -96,7 +96,7 @@ async def test_registered_agents_turns_get_the_tools_others_do_not(
 ) -> None:
     d = face_daemon
     async with AsyncClient.connect(d.socket) as c:
-        await c.call("REGISTER_AGENT", {"agent_id": "tooled"})
+        await c.call("REGISTER_AGENT", {"agent_id": "tooled", "role": "assistant"})
         plain = await c.call("SPAWN", {"prompt": "plain", "cwd": str(d.work)})
         agent = await c.call("SPAWN", {"prompt": "agent", "cwd": str(d.work), "agent_id": "tooled"})
         off = await c.call(
@@ -126,8 +126,11 @@ async def test_registered_agents_turns_get_the_tools_others_do_not(
 
 async def test_tools_act_as_the_turn_and_errors_are_typed(face_daemon: DaemonProcess) -> None:
     d = face_daemon
-    async with AsyncClient.connect(d.socket) as c, AsyncClient.connect(d.socket) as watcher:
-        await c.call("REGISTER_AGENT", {"agent_id": "caller"})
+    async with (
+        AsyncClient.connect(d.socket) as c,
+        AsyncClient.connect(d.socket, agent_id="listener") as watcher,
+    ):
+        await c.call("REGISTER_AGENT", {"agent_id": "caller", "role": "assistant"})
         await watcher.subscribe(["FACE_*", "DIRECT_MESSAGE"], agent_id="listener")
         turn = await running_turn(c, d, agent_id="caller")
         server = config_of(d, turn["session_id"])

@@ -87,11 +87,14 @@ async def test_a_routed_task_is_answered_by_the_best_agent(
     make_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = make_daemon()
-    d.result("REGISTER_AGENT", {"agent_id": "drawer", "capabilities": ["drawing"]})
+    d.result(
+        "REGISTER_AGENT", {"agent_id": "drawer", "role": "illustrator", "capabilities": ["drawing"]}
+    )
     d.result(
         "REGISTER_AGENT",
         {
             "agent_id": "tester",
+            "role": "tester",
             "capabilities": ["testing", "validation"],
             "respond_to_messages": True,
         },
@@ -116,7 +119,7 @@ async def test_a_task_for_an_agent_that_is_away_waits_for_it(
     make_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = make_daemon()
-    d.result("REGISTER_AGENT", {"agent_id": "night", "capabilities": ["ops"]})
+    d.result("REGISTER_AGENT", {"agent_id": "night", "role": "operator", "capabilities": ["ops"]})
     routed = d.result("ROUTE_TASK", {"task": "rotate logs", "required_capabilities": ["ops"]})
     assert routed["delivery"]["status"] == "queued"
     async with AsyncClient.connect(d.socket, agent_id="night") as night:

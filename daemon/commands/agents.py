@@ -15,7 +15,9 @@ AgentId = Field(min_length=1, max_length=256)
 
 class RegisterParams(Params):
     agent_id: str = AgentId
-    role: str | None = Field(default=None, max_length=256)
+    role: str = Field(
+        min_length=1, max_length=256, description="its role, e.g. researcher (required, as in KSI)"
+    )
     capabilities: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
     profile: AgentProfile | None = Field(
@@ -38,7 +40,7 @@ class RegisterResult(Result):
     agent: AgentInfo
     # KSI's reply named these at the top level.
     agent_id: str
-    role: str | None = None
+    role: str
     capabilities: list[str] = Field(default_factory=list)
 
 
@@ -82,8 +84,8 @@ class TreeResult(Result):
 def register(r: Registry) -> None:
     @r.command("REGISTER_AGENT", params=RegisterParams, result=RegisterResult)
     async def register_agent(ctx: Context, p: RegisterParams) -> RegisterResult:
-        """Register (or update) an agent with a role, capabilities and free-form metadata.
-        Publishes AGENT_REGISTERED. STORAGE_FULL or STORAGE_ERROR if it could not be
+        """Register (or update) an agent with a role (required), capabilities and free-form
+        metadata. Publishes AGENT_REGISTERED. STORAGE_FULL or STORAGE_ERROR if it could not be
         persisted (the registry is unchanged)."""
         info = await ctx.services.state.register_agent(
             p.agent_id,
@@ -106,7 +108,7 @@ def register(r: Registry) -> None:
             status="registered",
             agent=info,
             agent_id=info.agent_id,
-            role=info.role,
+            role=p.role,
             capabilities=info.capabilities,
         )
 

@@ -137,7 +137,10 @@ def register(r: Registry) -> None:
         may be globs (``PROCESS_*``, ``*``). With ``since_seq``, the events after it are
         replayed from the history first. A subscriber that falls more than the queue limit
         (events or bytes) behind gets SUBSCRIBER_DROPPED (with ``last_seq``, to resubscribe
-        with ``since_seq``) and is disconnected."""
+        with ``since_seq``) and is disconnected. ``agent_id`` must be this connection's own
+        agent (CONNECT / AGENT_CONNECTION connect with it, or an earlier SUBSCRIBE); a
+        connection without one is bound to it if that agent is registered (REGISTER_AGENT)
+        or connected on another connection. Otherwise AGENT_NOT_CONNECTED, as in KSI."""
         if ctx.conn is None:
             raise InvalidParameters(
                 "SUBSCRIBE needs a socket connection; observers get all events already"

@@ -29,7 +29,9 @@ class SpawnAgentParams(Params):
         description="a registered agent whose profile the new one starts from",
     )
     context: str = Field(default="", max_length=1_000_000, description="added to the task")
-    role: str | None = Field(default=None, max_length=256)
+    role: str | None = Field(
+        default=None, max_length=256, description="default: the profile's, or assistant"
+    )
     capabilities: list[str] = Field(default_factory=list)
     model: str | None = Field(default=None, description="default: the profile's, or sonnet")
 
@@ -41,7 +43,7 @@ class SpawnedAgent(Result):
     process_id: str
     session_id: str | None = None
     composition: str | None = Field(description="the profile it started from, if any")
-    role: str | None = None
+    role: str
     capabilities: list[str]
     status: Literal["active"]
     task: str
@@ -133,7 +135,8 @@ def register(r: Registry) -> None:
             update={"model": p.model or (base.model if base else None) or "sonnet"}
         )
         agent_id = p.agent_id or f"{(p.role or 'agent').replace(' ', '_')}_{uuid.uuid4().hex[:8]}"
-        role = p.role or (template.role if template else None)
+        # REGISTER_AGENT needs a role: KSI's SPAWN_AGENT defaulted it to "assistant" too.
+        role = p.role or (template.role if template else None) or "assistant"
         capabilities = p.capabilities or (list(template.capabilities) if template else [])
         await services.registry.call(
             ctx,

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import structlog
 
 from daemon.commands.registry import Context
-from daemon.errors import DaemonError, ErrorCode, InvalidParameters, ProtocolError
+from daemon.errors import Conflict, DaemonError, ErrorCode, InvalidParameters, ProtocolError
 from daemon.events.subscriber import Subscriber
 from daemon.framing import Line, LineSplitter, Refused
 from daemon.protocol import Request, encode_error, parse_request
@@ -484,7 +484,10 @@ class Connection(asyncio.Protocol):
     def subscribe(
         self, patterns: list[str], agent_id: str | None, since_seq: int | None = None
     ) -> Subscriber:
-        """Subscribe (or add patterns). ``since_seq``: first replay the history after it."""
+        """Subscribe (or add patterns). ``since_seq``: first replay the history after it.
+        ``agent_id``: this connection's own agent (see :meth:`check_agent`)."""
+        if agent_id:
+            self.check_agent(agent_id)
         subscription = self.subscription
         live = subscription is not None and not subscription.subscriber.dropped
         if since_seq is not None and subscription is not None and live:
@@ -510,6 +513,39 @@ class Connection(asyncio.Protocol):
         # Direct messages kept while this agent was away come first (daemon/agents).
         self.services.agents.on_subscribed(subscription.subscriber, since_seq)
         return subscription.subscriber
+
+    def check_agent(self, agent_id: str) -> None:
+        """SUBSCRIBE may name only this connection's own agent (set by CONNECT,
+        AGENT_CONNECTION connect or an earlier SUBSCRIBE); a connection without one is bound
+        to ``agent_id`` if that agent is registered or connected on another connection.
+        Otherwise AGENT_NOT_CONNECTED, as KSI answered a SUBSCRIBE for an agent that had not
+        connected."""
+        if agent_id == self.agent_id:
+            return
+        if self.agent_id is not None:
+            raise Conflict(
+                f"this connection is agent {self.agent_id!r}'s, not {agent_id!r}: CONNECT as "
+                f"{agent_id!r} on a connection of its own to subscribe as it",
+                code=ErrorCode.AGENT_NOT_CONNECTED,
+                details={"agent_id": agent_id, "connection_agent_id": self.agent_id},
+            )
+        if agent_id in self.services.state.agents:
+            return
+        connected = sorted(
+            {
+                c.agent_id
+                for c in self.server.connections.values()
+                if c.agent_id is not None and not c.closed
+            }
+        )
+        if agent_id in connected:
+            return
+        raise Conflict(
+            f"agent {agent_id!r} is not connected: CONNECT (or AGENT_CONNECTION connect) "
+            f"with agent_id {agent_id!r} on this connection first, or REGISTER_AGENT it",
+            code=ErrorCode.AGENT_NOT_CONNECTED,
+            details={"agent_id": agent_id, "connected_agents": connected[:50]},
+        )
 
     def stream_progress(self, req: Request) -> ProgressStream:
         """Where a sync SPAWN with ``stream: true`` writes its progress: this connection,
