@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 
 import daemon
+from daemon.acp.server import main as acp_main
 from daemon.app import main as daemon_main
 from daemon.cli import main as cli_main
 
@@ -27,6 +28,11 @@ def test_dependencies_are_requirements_txt() -> None:
 def test_version_and_console_scripts() -> None:
     meta = project()
     assert meta["version"] == daemon.__version__
-    assert meta["scripts"] == {"ksi-daemon": "daemon.app:main", "ksi": "daemon.cli:main"}
+    assert meta["scripts"] == {
+        "ksi-daemon": "daemon.app:main",
+        "ksi": "daemon.cli:main",
+        "ksi-acp": "daemon.acp.server:main",  # fixed: editors' configs name it
+    }
     assert callable(daemon_main)
     assert callable(cli_main)
+    assert callable(acp_main)

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from daemon.claude.mcp_servers import McpConfigFiles, StdioServer
-from tests.helpers import DaemonProcess, PublishedSchemas, error_of, spawn
+from tests.helpers import DaemonProcess, PublishedSchemas, error_of, spawn, wait_for
 from tests.test_spawn import fake_invocations
 
 
@@ -119,7 +119,8 @@ def test_session_history_is_the_conversation_from_the_log(make_daemon: Any) -> N
         ("assistant", "echo: two (turn 2)"),
     ]
     assert roles[4] == ("user", "[[error:500]] three")
-    assert roles[5][0] == "error" and roles[5][1]
+    assert roles[5][0] == "error"
+    assert roles[5][1]  # the failure's message
     assert history["entries"][0]["agent_id"] == "a1"
     assert history["total"] == 6
     newest = d.result("GET_SESSION_HISTORY", {"session_id": sid, "limit": 2})
@@ -160,3 +161,33 @@ def test_a_named_session_runs_warm_or_cold(make_daemon: Any, warm: bool) -> None
     r = spawn(d, prompt="one", new_session_id=sid, warm=warm)["result"]
     assert r["session_id"] == sid
     assert spawn(d, prompt="two", session_id=sid, warm=warm)["result"]["text"].endswith("(turn 2)")
+
+
+def test_a_session_whose_first_turn_was_cancelled_before_the_cli_wrote_begins_again(
+    make_daemon: Any,
+) -> None:
+    # The CLI takes 2 s to start, so the cancel comes before it has kept anything.
+    d: DaemonProcess = make_daemon(env={"FAKE_CLAUDE_START_DELAY": "2"})
+    sid = str(uuid.uuid4())
+    accepted = spawn(d, prompt="[[sleep:30]] one", new_session_id=sid, mode="async")["result"]
+    pid = accepted["process_id"]
+    wait_for(lambda: _status(d, pid) == "running", timeout=10)
+    d.result("CANCEL_PROCESS", {"process_id": pid})
+    wait_for(lambda: d.call("GET_SESSION", {"session_id": sid})["status"] == "success")
+    # Nothing to resume: the next turn is the session's first, under the same id.
+    again = spawn(d, prompt="two", session_id=sid)["result"]
+    assert again["session_id"] == sid
+    assert again["text"] == "echo: two (turn 1)"
+    argv = fake_invocations(d)[-1]["argv"]
+    assert argv[argv.index("--session-id") + 1] == sid
+    # From then on it resumes as any session does.
+    third = spawn(d, prompt="three", session_id=sid)["result"]
+    assert third["text"] == "echo: three (turn 2)"
+
+
+def _status(d: DaemonProcess, process_id: str) -> str | None:
+    for p in d.result("GET_PROCESSES")["processes"]:
+        if p["process_id"] == process_id:
+            status: str = p["status"]
+            return status
+    return None

@@ -207,12 +207,10 @@ class TurnScheduler:
         """The turn's session id and cwd, fixed now (the engine's policy): a mismatch is the
         client's error before anything is queued, and a warm first turn may take a
         pre-warmed CLI, whose own id then is the session's from the first event on."""
-        opts = ClaudeOptions.of(
-            req.options,
-            session_id=req.session_id,
-            new_session_id=req.new_session_id,
-            **self._permission_defaults(req),
-        )
+        ids = {"session_id": req.session_id, "new_session_id": req.new_session_id}
+        if req.session_id is not None and await self._never_began(req.session_id):
+            ids = {"session_id": None, "new_session_id": req.session_id}
+        opts = ClaudeOptions.of(req.options, **ids, **self._permission_defaults(req))
         if req.ksi_tools:
             # Its own session id now (never a pooled CLI's: that one runs without the
             # face's flags), so that the session's config file is part of its plan.
@@ -223,6 +221,21 @@ class TurnScheduler:
             return await self.engine.plan_turn(opts, cli_model(req.model))
         except TurnRejected as exc:
             raise InvalidParameters(exc.message, details=exc.details or None) from None
+
+    async def _never_began(self, session_id: str) -> bool:
+        """A session the daemon knows whose CLI never kept a conversation (its first turn
+        was cancelled, or failed, before the CLI wrote anything): there is nothing to
+        resume, and ``--resume`` would fail with "no conversation found", so its next turn
+        is its first, under the same id. Not while another of its turns is queued or
+        running (that one begins it)."""
+        if any(t.session_id == session_id for t in self.turns.values()):
+            return False
+        record = await self.state.session(session_id)
+        return (
+            record is not None
+            and record.turns == 0
+            and self.engine.transcript_mark(session_id, record.cwd) is None
+        )
 
     async def _with_ksi_tools(self, opts: ClaudeOptions) -> ClaudeOptions:
         session_id = opts.session_id or opts.new_session_id
