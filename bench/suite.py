@@ -6,11 +6,12 @@ To add benchmarks (e.g. the warm-session set of issue 6), write a module that us
 
 from __future__ import annotations
 
-from bench import live, mcp_face, permissions, realcli, sockets, spawn, startup, warm
+from bench import acp, live, mcp_face, permissions, realcli, sockets, spawn, startup, warm
 from bench.core import REGISTRY
 
 __all__ = [
     "REGISTRY",
+    "acp",
     "live",
     "mcp_face",
     "permissions",
