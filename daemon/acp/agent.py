@@ -172,16 +172,9 @@ def _same_dir(a: str, b: str) -> bool:
 class DaemonAgent:
     """An ACP agent whose sessions are daemon sessions (see the package docstring)."""
 
-    def __init__(
-        self,
-        socket: Path,
-        *,
-        agent_id: str | None = None,
-        connect: Any = None,
-    ) -> None:
+    def __init__(self, socket: Path, *, agent_id: str | None = None) -> None:
         self.socket = socket
         self.agent_id = agent_id
-        self._open = connect or AsyncClient.open  # (socket, agent_id=...) -> AsyncClient
         self._editor: Client | None = None
         self._daemon: AsyncClient | None = None
         self._connecting: asyncio.Lock = asyncio.Lock()
@@ -196,7 +189,7 @@ class DaemonAgent:
         async with self._connecting:
             if self._daemon is None or self._daemon.closed:
                 try:
-                    client: AsyncClient = await self._open(self.socket, agent_id=self.agent_id)
+                    client = await AsyncClient.open(self.socket, agent_id=self.agent_id)
                 except (OSError, CommandError) as exc:
                     raise RequestError.internal_error(
                         {"daemon": f"no daemon answers on {self.socket}: {exc}"}

@@ -47,7 +47,7 @@ async def test_a_turn_publishes_sets_shared_state_and_its_token_dies_with_it(
 ) -> None:
     d = mcp_daemon
     async with AsyncClient.connect(d.socket) as c, AsyncClient.connect(d.socket) as watcher:
-        await c.call("REGISTER_AGENT", {"agent_id": "writer"})
+        await c.call("REGISTER_AGENT", {"agent_id": "writer", "role": "writer"})
         await watcher.subscribe(["TURN_NEWS", "SHARED_STATE_CHANGED"])
         # A registered agent's turn has the tools without asking (cold: warm is next).
         published = await _spawn(
